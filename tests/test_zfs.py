@@ -1,0 +1,410 @@
+"""Section 7, the ZFS adapter: pure parts with plain data, every method against real ZFS."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import REPO, hold, make_tree, release, snap, state, zfs
+
+sys.path.insert(0, str(REPO))
+import zrepl  # noqa: E402
+
+
+# --- the classifier: exact texts from zfs-fuse.md §3.5 and OpenZFS -------------------------
+
+CLASSIFY_CASES = [
+    # (stderr, rc, kind, temporary, local_to_fs)
+    ("connect: No such file or directory\nPlease make sure that the zfs-fuse daemon is "
+     "running.\ninternal error: failed to initialize ZFS library\n", 1, "zfs-unavailable",
+     False, False),
+    ("The ZFS modules are not loaded.\nTry running '/sbin/modprobe zfs' as root to load them."
+     "\n/dev/zfs and /proc/self/mounts are required.\n", 1, "zfs-unavailable", False, False),
+    ("connect: Permission denied\ninternal error: failed to initialize ZFS library\n", 1,
+     "permission", False, False),
+    ("invalid option 'p'\nusage:\n\tlist [-rH]...\n", 2, "unsupported", False, False),
+    ("too many arguments\nusage:\n\tsnapshot [-r] ...\n", 2, "unsupported", False, False),
+    ("cannot open 'zfa/nonexist': dataset does not exist\n", 1, "missing", False, True),
+    ("could not find any snapshots to destroy; check snapshot names.\n", 1, "missing", False,
+     True),
+    ("cannot hold 'zfa/x@s': tag already exists on this dataset\n", 1, "hold-exists", False,
+     True),
+    ("cannot release 't' from 'zfa/x@s': no such tag on this dataset\n", 1, "no-such-tag",
+     False, True),
+    ("cannot destroy 'zfa/data@s2': dataset is busy\n", 1, "busy", True, True),
+    ("cannot destroy snapshot zfa/x@s: it's being held. Run 'zfs holds -r zfa/x@s' to see "
+     "holders.\n", 1, "held", True, True),
+    ("cannot destroy 'zfa/p4@1': snapshot has dependent clones\nuse '-R' to destroy the "
+     "following datasets:\nzfa/cl\n", 1, "has-clones", False, True),
+    ("cannot receive incremental stream: most recent snapshot of zfb/dg does not\nmatch "
+     "incremental source\n", 1, "diverged", False, True),
+    ("cannot receive incremental stream: destination zfb/dm has been modified\nsince most "
+     "recent snapshot\n", 1, "receiver-modified", False, True),
+    ("cannot receive new filesystem stream: destination has snapshots (eg. zfb/data@s1)\n"
+     "must destroy them to overwrite it\n", 1, "receiver-has-snapshots", False, True),
+    ("cannot receive new filesystem stream: destination 'zfb/data' exists\nmust specify -F "
+     "to overwrite it\n", 1, "receiver-exists", False, True),
+    ("cannot restore to zfb/same: destination already exists\n", 1, "busy", True, True),
+    ("cannot receive new filesystem stream: out of space\n", 1, "no-space", False, True),
+    ("cannot receive new filesystem stream: invalid backup stream\n", 1, "stream-broken",
+     True, True),
+    ("cannot receive: failed to read from stream\n", 1, "stream-broken", True, True),
+    ("cannot receive: invalid stream (bad magic number)\n", 1, "stream-broken", True, True),
+    ("cannot snapshot 'zfa/data@a+b': invalid character '+' in name\n", 1, "invalid-name",
+     False, True),
+    ("cannot create snapshot 'zfa/data@s1': dataset already exists\n", 1, "exists", False,
+     True),
+    ("cannot receive resume stream: destination zfb/x contains partially-complete state from "
+     "\"zfs receive -s\".\n", 1, "partial-state", True, True),
+    ("something nobody has seen before\n", 1, "zfs-error", False, True),
+]
+
+
+@pytest.mark.parametrize("stderr,rc,kind,temporary,local", CLASSIFY_CASES,
+                         ids=[c[2] + "-" + str(i) for i, c in enumerate(CLASSIFY_CASES)])
+def test_classify(stderr, rc, kind, temporary, local):
+    err = zrepl.classify(["zfs", "destroy", "zfa/x@s"], rc, stderr, fs="zfa/x")
+    assert (err.kind, err.temporary, err.local_to_fs) == (kind, temporary, local)
+    assert isinstance(err, zrepl.ZFSError)
+    assert err.error_class == ("temporary" if temporary else
+                               "local_to_fs" if local else "permanent")
+    # the message says what failed and why, but never carries a whole usage text
+    assert "zfs destroy" in str(err) and "\tlist" not in str(err)
+
+
+def test_classify_unknown_error_without_fs_is_not_local():
+    err = zrepl.classify(["zpool", "list"], 1, "weird\n")
+    assert (err.kind, err.local_to_fs) == ("zfs-error", False)
+
+
+def test_classify_timeout_and_signal():
+    t = zrepl.classify(["zfs", "list"], -15, "", killed_by_us=True)
+    assert (t.kind, t.temporary) == ("timeout", True)
+    k = zrepl.classify(["zfs", "list"], -9, "", signal_kill=True)
+    assert (k.kind, k.temporary) == ("killed", True) and "signal 9" in str(k)
+
+
+@pytest.mark.parametrize("rc,text,unsupported", [
+    (2, "invalid option 'p'\nusage: ...", True),
+    (2, "unrecognized command 'load-key'\nusage: zfs command args ...", True),
+    (2, "invalid type 'bookmark'", True),
+    (2, "bad property list: invalid property 'written'", True),
+    (2, "too many arguments\nusage:", True),
+    (255, "internal error: /usr/lib/zfs/pyzfs.py not found", True),
+    (1, "cannot open 'zreplpy-probe-1/x': dataset does not exist", False),
+    (1, "cannot receive: failed to read from stream", False),
+    (2, "cannot open 'x': dataset does not exist", False),
+    (255, "cannot resume send: resume token is corrupt", False),
+])
+def test_probe_says_unsupported(rc, text, unsupported):
+    assert zrepl.probe_says_unsupported(rc, text) is unsupported
+
+
+def test_chunk_names_limits_count_and_bytes():
+    names = ["p/fs@%04d" % i for i in range(250)]
+    chunks = list(zrepl.chunk_names(names))
+    assert [len(c) for c in chunks] == [100, 100, 50]
+    assert sum(chunks, []) == names
+    long_names = ["p/" + "x" * 200 + "@%d" % i for i in range(1000)]
+    for c in zrepl.chunk_names(long_names):
+        assert sum(len(n) + 1 for n in c) + 256 <= zrepl.ARGV_BYTES_LIMIT
+
+
+def test_parse_listing_groups_sorts_and_keeps_tabs_in_values():
+    text = textwrap.dedent("""\
+        p/a\ttype\tfilesystem\t-
+        p/a\tguid\t111\t-
+        p/a\tzrepl:placeholder\ton\tlocal
+        p/a@s2\ttype\tsnapshot\t-
+        p/a@s2\tguid\t18446744073709551615\t-
+        p/a@s2\tcreatetxg\t20\t-
+        p/a@s2\tcreation\t1700000100\t-
+        p/a@s2\tuserrefs\t1\t-
+        p/a@s2\tzrepl:holds\tzrepl_CURSOR_J_j\tlocal
+        p/a@s1\ttype\tsnapshot\t-
+        p/a@s1\tguid\t5\t-
+        p/a@s1\tcreatetxg\t10\t-
+        p/a@s1\tcreation\t1700000000\t-
+        p/a@s1\tuserrefs\t0\t-
+        p/a/b\ttype\tfilesystem\t-
+        p/a/b\tzrepl:placeholder\ton\tinherited from p/a
+        p/a/b\tnote:x\tvalue\twith\ttabs\tlocal
+        """)
+    ds = zrepl.parse_listing(text)
+    assert sorted(ds) == ["p/a", "p/a/b"]
+    a = ds["p/a"]
+    assert a.is_placeholder and not ds["p/a/b"].is_placeholder   # inherited does not count
+    assert [v.name for v in a.versions] == ["s1", "s2"]
+    s2 = a.versions[1]
+    assert (s2.guid, s2.createtxg, s2.creation, s2.userrefs) == (2**64 - 1, 20, 1700000100, 1)
+    assert s2.holds_record == ("zrepl_CURSOR_J_j",)
+    assert s2.full_name == "p/a@s2"
+
+
+def test_parse_listing_bookmark_sorts_before_snapshot_of_same_txg():
+    lines = ["p/a\ttype\tfilesystem\t-"]
+    for name, typ in (("p/a@s", "snapshot"), ("p/a#b", "bookmark")):
+        lines += ["%s\ttype\t%s\t-" % (name, typ), "%s\tguid\t7\t-" % name,
+                  "%s\tcreatetxg\t9\t-" % name, "%s\tcreation\t1\t-" % name]
+    ds = zrepl.parse_listing("\n".join(lines))
+    assert [(v.type, v.name) for v in ds["p/a"].versions] == [("bookmark", "b"),
+                                                               ("snapshot", "s")]
+
+
+# --- against real ZFS --------------------------------------------------------------------
+
+@pytest.fixture
+def adapter(zfs_available):
+    return zrepl.ZFS()
+
+
+def _is_zfs_fuse(adapter):
+    return adapter.capabilities().implementation == "zfs-fuse"
+
+
+def test_capabilities_are_probed_once_and_match_this_zfs(adapter):
+    caps = adapter.capabilities()
+    assert caps.available and set(caps.flags) == set(zrepl.CAPABILITY_NAMES)
+    calls = adapter.calls
+    assert adapter.capabilities() is caps and adapter.calls == calls   # cached
+    if caps.implementation == "zfs-fuse":
+        # zfs-fuse.md §2: what this old ZFS lacks and has
+        for name in ("list_p", "get_t", "bookmarks", "holds_list", "multi_snapshot",
+                     "comma_destroy", "resume", "recv_o", "recv_x", "send_w", "send_c",
+                     "send_L", "send_e", "send_estimate", "encryption"):
+            assert caps[name] is False, name
+        for name in ("recv_u", "send_p", "depth"):
+            assert caps[name] is True, name
+        assert caps.version == "pool-version 23"
+        assert all(f == {"bookmarks": False, "resume": False, "encryption": False}
+                   for f in caps.pools.values())
+
+
+def test_unavailable_zfs_is_reported_not_raised(tmp_path):
+    z = zrepl.ZFS()
+    z.env["PATH"] = str(tmp_path)          # no zfs anywhere on this PATH
+    caps = z.capabilities()
+    assert not caps.available and "no `zpool` command" in caps.error
+    with pytest.raises(zrepl.ZFSUnavailable):
+        z.run(["zfs", "list"])
+
+
+def test_listing_is_one_process_with_exact_numbers(adapter, pools):
+    root = pools.src + "/list"
+    make_tree(root, ["a", "a/b", "c"])
+    for fs in (root + "/a", root + "/a/b", root + "/c"):
+        snap(fs, "s1")
+        snap(fs, "s2")
+    zfs("set", "zrepl:placeholder=on", root + "/a")
+    zfs("set", "note:tab=has\ttab", root + "/c")
+    adapter.capabilities()
+    before = adapter.calls
+    datasets, missing = adapter.list_datasets([root])
+    assert adapter.calls == before + 1 and missing == []
+    assert sorted(datasets) == [root, root + "/a", root + "/a/b", root + "/c"]
+    truth = state(root)
+    for d in datasets.values():
+        assert d.guid == truth[d.name]["guid"]
+        for v in d.versions:
+            t = truth[v.full_name]
+            assert (v.guid, v.createtxg, v.userrefs) == (t["guid"], t["createtxg"],
+                                                         t["userrefs"])
+        assert [v.name for v in d.versions] == ([] if d.name == root else ["s1", "s2"])
+    assert datasets[root + "/a"].is_placeholder
+    assert not datasets[root + "/a/b"].is_placeholder      # inherited, not local
+
+
+def test_listing_reports_missing_roots_and_keeps_the_others(adapter, pools):
+    root = pools.src + "/partial"
+    make_tree(root, ["x"])
+    datasets, missing = adapter.list_datasets([root, pools.src + "/nope"])
+    assert missing == [pools.src + "/nope"]
+    assert root + "/x" in datasets
+
+
+def test_listing_without_snapshots(adapter, pools):
+    root = pools.src + "/fsonly"
+    make_tree(root, ["x"])
+    snap(root + "/x", "s")
+    datasets, _ = adapter.list_datasets([root], snapshots=False)
+    assert datasets[root + "/x"].versions == []
+
+
+def test_list_filesystems_and_pools(adapter, pools):
+    make_tree(pools.src + "/lf", ["y"])
+    names = adapter.list_filesystems()
+    assert pools.src + "/lf/y" in names and names == sorted(names)
+    assert {pools.src, pools.dst} <= set(adapter.list_pools())
+
+
+def test_snapshot_reports_each_filesystem(adapter, pools):
+    root = pools.src + "/snap"
+    make_tree(root, ["a", "b"])
+    snap(root + "/b", "n1")                      # b already has it: that fs fails, a does not
+    result = adapter.snapshot([root + "/a", root + "/b", root + "/gone"], "n1")
+    assert result[root + "/a"] is None
+    assert result[root + "/b"].kind == "exists"
+    assert result[root + "/gone"].kind == "missing"
+    assert result[root + "/gone"].local_to_fs
+    assert root + "/a@n1" in state(root)
+
+
+def test_snapshot_recursive_is_atomic(adapter, pools):
+    root = pools.src + "/snapr"
+    make_tree(root, ["a", "a/b"])
+    snap(root + "/a/b", "r1")
+    with pytest.raises(zrepl.ZFSError) as e:
+        adapter.snapshot_recursive(root, "r1")
+    assert e.value.kind == "exists"
+    assert root + "@r1" not in state(root)       # nothing of the failed -r was created
+    adapter.snapshot_recursive(root, "r2")
+    assert {root + "@r2", root + "/a@r2", root + "/a/b@r2"} <= set(state(root))
+
+
+def test_destroy_snapshots_batches_and_attributes_errors(adapter, pools):
+    fs = pools.src + "/destroy"
+    make_tree(fs, [])
+    for i in range(6):
+        snap(fs, "d%d" % i)
+    hold(fs + "@d2", "keepme")
+    result = adapter.destroy_snapshots(fs, ["d0", "d1", "d2", "d3", "never-existed"])
+    assert result["d0"] is None and result["d1"] is None and result["d3"] is None
+    assert result["never-existed"] is None        # already gone counts as destroyed
+    assert result["d2"].kind == "busy" and result["d2"].temporary   # held (zfs-fuse: busy)
+    assert sorted(n for n in state(fs) if "@" in n) == [fs + "@d2", fs + "@d4", fs + "@d5"]
+    release(fs + "@d2", "keepme")
+
+
+def test_destroy_calls_per_snapshot_without_comma_destroy(adapter, pools):
+    fs = pools.src + "/destroy2"
+    make_tree(fs, [])
+    for i in range(4):
+        snap(fs, "e%d" % i)
+    adapter.capabilities()
+    before = adapter.calls
+    adapter.destroy_snapshots(fs, ["e0", "e1", "e2"])
+    expected = 1 if adapter.capabilities()["comma_destroy"] else 3
+    assert adapter.calls - before == expected
+    assert [n for n in state(fs) if "@" in n] == [fs + "@e3"]
+
+
+def _version(adapter, full_name):
+    v = adapter.get_version(full_name)
+    assert v is not None, full_name
+    return v
+
+
+def test_get_version_matches_zfs(adapter, pools):
+    fs = pools.src + "/getv"
+    make_tree(fs, [])
+    snap(fs, "g")
+    v = _version(adapter, fs + "@g")
+    assert (v.fs, v.name, v.type) == (fs, "g", "snapshot")
+    assert v.guid == state(fs)[fs + "@g"]["guid"] and v.creation > 1e9
+    with pytest.raises(zrepl.ZFSError) as e:
+        adapter.get_version(fs + "@nope")
+    assert e.value.kind == "missing"
+
+
+def test_hold_and_release_are_idempotent_and_recorded(adapter, pools):
+    fs = pools.src + "/holds"
+    make_tree(fs, [])
+    snap(fs, "h")
+    v = _version(adapter, fs + "@h")
+    assert adapter.hold("zrepl_STEP_J_j", [v]) == {fs + "@h": None}
+    assert adapter.hold("zrepl_STEP_J_j", [v]) == {fs + "@h": None}   # tag exists: success
+    assert state(fs)[fs + "@h"]["userrefs"] == 1
+    record = not adapter.capabilities()["holds_list"]
+    if record:   # SPEC §3.4: the tag is findable again through the zrepl:holds record
+        assert adapter.get_local_property(fs + "@h", "zrepl:holds") == "zrepl_STEP_J_j"
+        fresh = adapter.list_datasets([fs])[0][fs].versions[0]
+        assert fresh.holds_record == ("zrepl_STEP_J_j",)
+        assert adapter.holds([fresh]) == {fs + "@h": ["zrepl_STEP_J_j"]}
+    adapter.hold("zrepl_CURSOR_J_j", [v])
+    assert state(fs)[fs + "@h"]["userrefs"] == 2
+    assert adapter.release("zrepl_STEP_J_j", [v]) == {fs + "@h": None}
+    assert adapter.release("zrepl_STEP_J_j", [v]) == {fs + "@h": None}  # no such tag: ok
+    assert state(fs)[fs + "@h"]["userrefs"] == 1
+    if record:
+        assert adapter.get_local_property(fs + "@h", "zrepl:holds") == "zrepl_CURSOR_J_j"
+    adapter.release("zrepl_CURSOR_J_j", [v])
+    assert state(fs)[fs + "@h"]["userrefs"] == 0
+    assert adapter.get_local_property(fs + "@h", "zrepl:holds") is None
+
+
+def test_hold_on_missing_snapshot_is_attributed(adapter, pools):
+    fs = pools.src + "/holds2"
+    make_tree(fs, [])
+    snap(fs, "ok")
+    ok = _version(adapter, fs + "@ok")
+    ghost = zrepl.Version("snapshot", fs, "ghost", 1, 1, 1, 0)
+    if not adapter.capabilities()["holds_list"]:
+        ghost.holds_record = ("zrepl_STEP_J_j",)   # skip the record write: test the hold
+    result = adapter.hold("zrepl_STEP_J_j", [ok, ghost])
+    assert result[fs + "@ok"] is None
+    assert result[fs + "@ghost"].kind == "missing"
+    assert state(fs)[fs + "@ok"]["userrefs"] == 1
+    adapter.release("zrepl_STEP_J_j", [ok])
+
+
+def test_create_placeholder_and_properties(adapter, pools):
+    name = pools.dst + "/ph"
+    adapter.create_placeholder(name)
+    assert adapter.get_local_property(name, "zrepl:placeholder") == "on"
+    got = zfs("get", "-H", "-o", "property,value,source", "mountpoint,canmount",
+              name).stdout.splitlines()
+    assert sorted(got) == ["canmount\toff\tlocal", "mountpoint\tnone\tlocal"]
+    datasets, _ = adapter.list_datasets([name])
+    assert datasets[name].is_placeholder
+    adapter.set_property(name, "zrepl:placeholder", "off")
+    assert not adapter.list_datasets([name])[0][name].is_placeholder
+    adapter.inherit_property(name, "zrepl:placeholder")
+    assert adapter.get_local_property(name, "zrepl:placeholder") is None
+    with pytest.raises(zrepl.ZFSError) as e:
+        adapter.create_placeholder(pools.dst + "/no/parent")
+    assert e.value.kind == "missing"
+
+
+def test_command_timeout_kills_and_reaps(adapter, pools):
+    # a tiny limit on a real listing: the process is terminated and reaped, kind `timeout`
+    z = zrepl.ZFS(timeout=0.0001)
+    with pytest.raises(zrepl.ZFSError) as e:
+        for _ in range(20):        # the listing may win the race once; it cannot win 20 times
+            z.run(["zfs", "get", "-Hp", "-r", "all", pools.src])
+    assert e.value.kind == "timeout" and e.value.temporary
+    time.sleep(0.2)
+    zombies = subprocess.run(["ps", "-o", "stat=,ppid=", "-e"], stdout=subprocess.PIPE,
+                             universal_newlines=True).stdout
+    mine = [ln for ln in zombies.splitlines()
+            if ln.split()[0].startswith("Z") and ln.split()[1] == str(os.getpid())]
+    assert mine == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None,
+                    reason="needs root and runuser to run the adapter as an unprivileged user")
+def test_permission_error_is_classified(zfs_available, tmp_path):
+    if not os.path.exists("/var/run/zfs/zfs_socket"):
+        pytest.skip("permission refusal is produced through zfs-fuse's root-only socket")
+    # the unprivileged user needs an interpreter and a copy of zrepl.py it may read
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("no system python3 that an unprivileged user may run")
+    shutil.copy(str(REPO / "zrepl.py"), str(tmp_path / "zrepl.py"))
+    script = tmp_path / "probe.py"
+    script.write_text("import sys; sys.path.insert(0, %r)\nimport zrepl\n"
+                      "try:\n    zrepl.ZFS().run(['zfs', 'list'])\n"
+                      "except zrepl.ZFSError as e:\n    print(e.kind, e.local_to_fs)\n"
+                      % str(tmp_path))
+    for path in (tmp_path, script, tmp_path / "zrepl.py"):
+        os.chmod(str(path), 0o755)
+    parent = tmp_path
+    while str(parent) != "/":      # pytest's tmp dirs are 0700: let nobody through
+        os.chmod(str(parent), os.stat(str(parent)).st_mode | 0o005)
+        parent = parent.parent
+    cp = subprocess.run(["runuser", "-u", "nobody", "--", python, str(script)],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        universal_newlines=True)
+    assert cp.stdout.split() == ["permission", "False"], cp.stderr

@@ -1,0 +1,3508 @@
+#!/usr/bin/env python3
+"""zrepl.py — zrepl, the ZFS snapshot and replication daemon, in one stdlib-only module.
+
+Copy this file (or the zipapp built from it, ``zrepl.pyz``) onto a FreeBSD, illumos or
+Linux host and run it with the configuration zrepl users already have::
+
+    python3 zrepl.pyz --config /etc/zrepl/zrepl.yml configcheck
+    python3 zrepl.pyz test filesystems --job J --all
+    python3 zrepl.pyz version --json
+
+The module reads like a book, dependencies first. Sections 1-6 only decide; from the ZFS
+adapter on (section 7) the code acts on the world: processes, sockets, threads, the clock.
+
+     1  Errors               the hierarchy; every error is temporary / local_to_fs / permanent
+     2  Utilities            durations, sizes, names, timestamp layouts, cron, atomic files
+     3  Config               YAML-subset reader (nodes carry line/col) -> schema -> typed config
+     4  Model and names      datasets, versions, filters, placeholders, zrepl's on-disk names
+     5  Keep rules           (the snap/prune issue)
+     6  Planner              (the replication issue)
+     7  ZFS adapter          the one place that runs zfs/zpool; capability probes; classify()
+     8-13                    endpoints, transport, replication, pruner/snapper, jobs, status
+    14  CLI                  argparse, one function per command, main(argv) -> exit code
+
+Exit codes: 0 success, 1 something failed (nothing lost), 2 usage or configuration error,
+3 a job lock is held, 4 --max-runtime reached, 130 interrupted.
+"""
+
+import argparse
+import bisect
+import dataclasses
+import errno
+import hashlib
+import ipaddress
+import json
+import os
+import platform
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+VERSION = "0.1.0"
+PROG = "zrepl.py"
+
+DEFAULT_RUNDIR = "/var/run/zrepl"
+DEFAULT_CONFIG_PATHS = ("/etc/zrepl/zrepl.yml", "/usr/local/etc/zrepl/zrepl.yml")
+
+
+###############################################################################
+# 1. Errors — every failure is one of these; each carries its class flags
+###############################################################################
+# The seed of zrepl: errors say whether retrying may help (temporary) and whether only
+# one filesystem is affected (local_to_fs). Callers decide on those flags and on `kind`,
+# never on message text.
+
+class ZreplError(Exception):
+    """Base of every error zrepl.py reports to a user; never shown as a traceback."""
+
+    kind = "error"
+    temporary = False
+    local_to_fs = False
+    exit_code = 1
+
+    def __init__(self, message, *, kind=None, temporary=None, local_to_fs=None,
+                 fs=None, hint=None):
+        super().__init__(message)
+        self.message = message
+        if kind is not None:
+            self.kind = kind
+        if temporary is not None:
+            self.temporary = temporary
+        if local_to_fs is not None:
+            self.local_to_fs = local_to_fs
+        self.fs = fs
+        self.hint = hint
+
+    @property
+    def error_class(self):
+        """The one class a report names: temporary, else local_to_fs, else permanent."""
+        if self.temporary:
+            return "temporary"
+        return "local_to_fs" if self.local_to_fs else "permanent"
+
+    def __str__(self):
+        return self.message + (f"; {self.hint}" if self.hint else "")
+
+    def to_json(self):
+        return {"class": self.error_class, "temporary": self.temporary,
+                "local_to_fs": self.local_to_fs, "kind": self.kind,
+                "message": self.message, "fs": self.fs, "hint": self.hint}
+
+
+class UsageError(ZreplError):
+    """Bad command line: exit 2, nothing was done."""
+    kind = "usage"
+    exit_code = 2
+
+
+@dataclass
+class Problem:
+    """One configuration finding at a position: an error, or a warning."""
+    file: str
+    line: int
+    col: int
+    message: str
+    warning: bool = False
+
+    def __str__(self):
+        return (f"{self.file}:{self.line}:{self.col}: "
+                f"{'warning: ' if self.warning else ''}{self.message}")
+
+
+class ConfigError(ZreplError):
+    """The configuration is invalid; carries every problem found, not only the first."""
+    kind = "config"
+    exit_code = 2
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class ZFSError(ZreplError):
+    """A zfs/zpool command failed; `kind` and the flags come from classify() (section 7)."""
+    kind = "zfs-error"
+
+    def __init__(self, message, *, argv=(), rc=None, stderr="", **kw):
+        super().__init__(message, **kw)
+        self.argv = list(argv)
+        self.rc = rc
+        self.stderr = stderr
+
+
+class ZFSUnavailable(ZFSError):
+    """No usable ZFS on this host (no zfs command, or its daemon is down)."""
+    kind = "zfs-unavailable"
+
+
+###############################################################################
+# 2. Utilities — values and names that several sections share (pure)
+###############################################################################
+
+_ZREPL_DURATION = re.compile(r"^\s*([+-]?\d+)\s*(s|m|h|d|w)?\s*$")
+_ZREPL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_zrepl_duration(text):
+    """zrepl's own duration syntax (`10m`, `1d`, `2w`) -> seconds; a bare number only for 0."""
+    m = _ZREPL_DURATION.match(text)
+    if not m:
+        raise ValueError(f"invalid duration {text!r}: expected a number with unit s, m, h, d or w"
+                         " (e.g. 10m)")
+    n, unit = int(m.group(1)), m.group(2)
+    if unit is None:
+        if n != 0:
+            raise ValueError(f"invalid duration {text!r}: a unit is required (s, m, h, d or w)")
+        return 0
+    return n * _ZREPL_UNITS[unit]
+
+
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_go_duration(text):
+    """Go's time.ParseDuration subset (`10s`, `1m30s`, `500ms`, `0`) -> seconds (float)."""
+    s = text.strip()
+    sign = 1
+    if s[:1] in "+-" and s:
+        sign, s = (-1 if s[0] == "-" else 1), s[1:]
+    if s == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    while pos < len(s):
+        m = _GO_DURATION_PART.match(s, pos)
+        if not m:
+            raise ValueError(f"invalid duration {text!r}: expected e.g. 10s, 1m30s or 500ms")
+        total += float(m.group(1)) * _GO_UNITS[m.group(2)]
+        pos = m.end()
+    if not s:
+        raise ValueError(f"invalid duration {text!r}: expected e.g. 10s, 1m30s or 500ms")
+    return sign * total
+
+
+_SIZE = re.compile(r"^([-0-9.]*)\s*(bit|(|K|Ki|M|Mi|G|Gi|T|Ti)([bB]))$")
+_SIZE_PREFIX = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def parse_size(text):
+    """zrepl's size syntax (`23.5 MiB`, `100 Mb`, `-1 B`) -> bytes (int, bits / 8)."""
+    m = _SIZE.match(text.strip())
+    if not m or m.group(1) in ("", "-", "."):
+        raise ValueError(f"invalid size {text!r}: expected a number and a unit such as B, KiB,"
+                         " MiB, GB or Mb (e.g. 50 MiB)")
+    number = m.group(1)
+    if m.group(2) == "bit":
+        if not re.match(r"^-?\d+$", number):
+            raise ValueError(f"invalid size {text!r}: bits must be a whole number")
+        return int(number) // 8
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"invalid size {text!r}: {number!r} is not a number") from None
+    value *= _SIZE_PREFIX[m.group(3)]
+    if m.group(4) == "b":
+        value /= 8
+    return int(value)
+
+
+def format_bytes(n):
+    """Binary units with one decimal; plain bytes without decimals (SPEC §1.7)."""
+    if n is None:
+        return "-"
+    if abs(n) < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024.0
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def format_duration(seconds):
+    """Go-style `1h2m3s` for status output."""
+    seconds = int(round(seconds))
+    if seconds == 0:
+        return "0s"
+    sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    out = (f"{h}h" if h else "") + (f"{m}m" if h or m else "") + f"{s}s"
+    return sign + out
+
+
+def rfc3339(epoch):
+    """Seconds since the epoch -> `2026-11-25T10:00:00Z`."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+# --- names ------------------------------------------------------------------------------
+
+_COMPONENT = re.compile(r"^[A-Za-z0-9_\-.: ]+$")
+
+
+def component_problem(name):
+    """Why `name` is not a valid dataset-name component, or None."""
+    if not name:
+        return "empty name component"
+    if name in (".", ".."):
+        return f"{name!r} is not a valid name component"
+    if not _COMPONENT.match(name):
+        bad = next(ch for ch in name if not _COMPONENT.match(ch))
+        return (f"invalid character {bad!r} in {name!r} (allowed: letters, digits, "
+                "and _ - . : space)")
+    return None
+
+
+def dataset_name_problem(name):
+    """Why `name` is not a valid dataset (filesystem or volume) name, or None."""
+    if not name:
+        return "empty dataset name"
+    if len(name.encode("utf-8", "replace")) > 255:
+        return f"dataset name {name!r} is longer than 255 bytes"
+    if name.startswith("/") or name.endswith("/"):
+        return f"dataset name {name!r} must not start or end with '/'"
+    for part in name.split("/"):
+        why = component_problem(part)
+        if why:
+            return f"invalid dataset name {name!r}: {why}"
+    if not name[0].isalpha():
+        return f"invalid dataset name {name!r}: the pool name must start with a letter"
+    return None
+
+
+def job_name_problem(name):
+    """Why `name` is not a valid job name, or None (SPEC §2.3)."""
+    if not name:
+        return "job name must not be empty"
+    if name.startswith("_"):
+        return f"job name {name!r} must not start with '_' (reserved)"
+    for ch in "/@#%,":
+        if ch in name:
+            return f"job name {name!r} must not contain {ch!r}"
+    if len(name.encode("utf-8", "replace")) > 200:
+        return f"job name {name!r} is longer than 200 bytes"
+    why = component_problem(name)
+    return f"invalid job name: {why}" if why else None
+
+
+_NATIVE_PROPERTY = re.compile(r"^[a-z][a-z0-9_]*$")
+_USER_PROPERTY = re.compile(r"^[a-z0-9:._-]+$")
+
+
+def property_name_problem(name):
+    if len(name) > 255:
+        return f"property name {name!r} is longer than 255 bytes"
+    if _NATIVE_PROPERTY.match(name) or (":" in name and _USER_PROPERTY.match(name)):
+        return None
+    return (f"invalid property name {name!r} (native: lowercase letters, digits, _; user "
+            "properties contain ':')")
+
+
+def parse_hostport(text, *, host_required):
+    """`host:port`, `[v6]:port` or `:port` -> (host, port); raises ValueError."""
+    m = re.match(r"^\[([^\]]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]*):(\d+)$", text)
+    if not m:
+        raise ValueError(f"invalid address {text!r}: expected host:port, [v6addr]:port or :port")
+    host, port = m.group(1), int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"invalid port {port} in {text!r}: expected 1-65535")
+    if host_required and not host:
+        raise ValueError(f"address {text!r} needs a host")
+    return host, port
+
+
+# --- timestamps: Go layouts as zrepl formats snapshot names (SPEC §3.1) --------------------
+
+TIMESTAMP_FORMATS = {  # name -> (Go layout or None for unix seconds, UTC only)
+    "dense": ("20060102_150405_000", True),
+    "human": ("2006-01-02_15:04:05", True),
+    "iso-8601": ("2006-01-02T15:04:05.000Z0700", False),
+    "unix-seconds": (None, True),
+}
+
+# Longest tokens first, so `2006` wins over `2`, `January` over `Jan`, `-07:00:00` over `-07`.
+_GO_TOKENS = sorted([
+    "2006", "06", "01", "1", "January", "Jan", "02", "2", "_2", "002", "__2", "15", "03",
+    "3", "04", "4", "05", "5", "PM", "pm", "Monday", "Mon", "MST",
+    "-0700", "-07:00", "-07", "-070000", "-07:00:00",
+    "Z0700", "Z07:00", "Z07", "Z070000", "Z07:00:00"], key=len, reverse=True)
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
+           "September", "October", "November", "December"]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def _go_fraction(layout, i):
+    """Match `.000`/`,000`/`.999` at layout[i]; (digits, trim zeros, length) or None."""
+    if layout[i] not in ".," or i + 1 >= len(layout) or layout[i + 1] not in "09":
+        return None
+    digit, j = layout[i + 1], i + 1
+    while j < len(layout) and layout[j] == digit:
+        j += 1
+    if j < len(layout) and layout[j].isdigit():
+        return None
+    return j - i - 1, digit == "9", j - i
+
+
+def format_go_layout(layout, tm, offset_s, zone_abbr, nanos=0):
+    """Format a time.struct_time-like `tm` (local to the zone) with a Go layout string."""
+    out, i = [], 0
+    while i < len(layout):
+        frac = _go_fraction(layout, i)
+        if frac:
+            digits, trim, length = frac
+            text = f"{nanos:09d}"[:digits]
+            if trim:
+                text = text.rstrip("0")
+                out.append(layout[i] + text if text else "")
+            else:
+                out.append(layout[i] + text)
+            i += length
+            continue
+        tok = next((t for t in _GO_TOKENS if layout.startswith(t, i)), None)
+        if tok is None:
+            out.append(layout[i])
+            i += 1
+            continue
+        out.append(_format_go_token(tok, tm, offset_s, zone_abbr))
+        i += len(tok)
+    return "".join(out)
+
+
+def _format_go_token(tok, tm, offset_s, zone_abbr):
+    year, month, day, hour, minute, sec, wday, yday = (
+        tm.tm_year, tm.tm_mon, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, tm.tm_wday,
+        tm.tm_yday)
+    hour12 = hour % 12 or 12
+    simple = {
+        "2006": f"{year:04d}", "06": f"{year % 100:02d}", "01": f"{month:02d}", "1": str(month),
+        "January": _MONTHS[month - 1], "Jan": _MONTHS[month - 1][:3], "02": f"{day:02d}",
+        "2": str(day), "_2": f"{day:2d}", "002": f"{yday:03d}", "__2": f"{yday:3d}",
+        "15": f"{hour:02d}", "03": f"{hour12:02d}", "3": str(hour12), "04": f"{minute:02d}",
+        "4": str(minute), "05": f"{sec:02d}", "5": str(sec),
+        "PM": "PM" if hour >= 12 else "AM", "pm": "pm" if hour >= 12 else "am",
+        "Monday": _DAYS[wday], "Mon": _DAYS[wday][:3], "MST": zone_abbr,
+    }
+    if tok in simple:
+        return simple[tok]
+    # zone offsets: `Z` prefix prints Z at UTC instead of +00...
+    if tok.startswith("Z") and offset_s == 0:
+        return "Z"
+    sign = "-" if offset_s < 0 else "+"
+    off = abs(offset_s)
+    hh, mm, ss = off // 3600, (off % 3600) // 60, off % 60
+    shape = tok.lstrip("Z-")
+    return sign + {
+        "0700": f"{hh:02d}{mm:02d}", "07:00": f"{hh:02d}:{mm:02d}", "07": f"{hh:02d}",
+        "070000": f"{hh:02d}{mm:02d}{ss:02d}", "07:00:00": f"{hh:02d}:{mm:02d}:{ss:02d}",
+    }[shape]
+
+
+# --- time zones: zoneinfo where present (3.9+), a small TZif reader on 3.8 ---------------
+
+TZ_DIRS = ("/usr/share/zoneinfo", "/usr/share/lib/zoneinfo", "/usr/local/share/zoneinfo")
+
+
+class TimeZone:
+    """A zone that answers (offset seconds, abbreviation) for an instant: UTC, Local or IANA."""
+
+    def __init__(self, name, transitions=None, fixed=None):
+        self.name = name
+        self._transitions = transitions  # sorted [(epoch, offset, abbr)] or None
+        self._fixed = fixed              # (offset, abbr) or None ("Local": the C library)
+
+    def offset_at(self, epoch):
+        if self._fixed is not None:
+            return self._fixed
+        if self._transitions is None:  # Local: let the C library decide
+            tm = time.localtime(epoch)
+            return tm.tm_gmtoff or 0, tm.tm_zone or ""
+        idx = bisect.bisect_right([t[0] for t in self._transitions], epoch) - 1
+        _, off, abbr = self._transitions[max(idx, 0)]
+        return off, abbr
+
+    def format(self, layout, epoch):
+        off, abbr = self.offset_at(epoch)
+        tm = time.gmtime(int(epoch) + off)
+        nanos = int(round((epoch - int(epoch)) * 1e9))
+        return format_go_layout(layout, tm, off, abbr, nanos)
+
+
+def _read_tzif(data):
+    """Transitions from a TZif file (v1 section; enough for 1901-2037) -> list or ValueError."""
+    if data[:4] != b"TZif":
+        raise ValueError("not a TZif file")
+    import struct
+    counts = struct.unpack(">6l", data[20:44])
+    isutc, isstd, leap, timecnt, typecnt, charcnt = counts
+    pos = 44
+    times = struct.unpack(f">{timecnt}l", data[pos:pos + 4 * timecnt])
+    pos += 4 * timecnt
+    idxs = data[pos:pos + timecnt]
+    pos += timecnt
+    types = []
+    for _ in range(typecnt):
+        off, isdst, abbrind = struct.unpack(">lBB", data[pos:pos + 6])
+        types.append((off, abbrind))
+        pos += 6
+    chars = data[pos:pos + charcnt]
+
+    def abbr(i):
+        end = chars.find(b"\0", i)
+        return chars[i:end if end >= 0 else None].decode("ascii", "replace")
+    first = types[0] if types else (0, 0)
+    out = [(-2**63, first[0], abbr(first[1]))]
+    for t, i in zip(times, idxs):
+        off, ai = types[i]
+        out.append((t, off, abbr(ai)))
+    return out
+
+
+def load_timezone(name):
+    """`UTC`, `Local` or an IANA name -> TimeZone; ValueError if the host cannot resolve it."""
+    if name == "UTC":
+        return TimeZone("UTC", fixed=(0, "UTC"))
+    if name == "Local":
+        return TimeZone("Local")
+    if not re.match(r"^[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*$", name):
+        raise ValueError(f"invalid time zone name {name!r}")
+    dirs = [os.environ["TZDIR"]] if os.environ.get("TZDIR") else []
+    for d in dirs + list(TZ_DIRS):
+        path = os.path.join(d, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                return TimeZone(name, transitions=_read_tzif(f.read()))
+    raise ValueError(f"time zone {name!r} not found in {', '.join(dirs + list(TZ_DIRS))}")
+
+
+def format_snapshot_timestamp(fmt, zone, epoch):
+    """The timestamp part of a zrepl snapshot name (SPEC §3.1), `+` in an offset made `_`."""
+    known = TIMESTAMP_FORMATS.get(fmt.lower())
+    if known and known[0] is None:
+        return str(int(epoch))
+    layout = known[0] if known else fmt
+    text = zone.format(layout, epoch)
+    if zone.offset_at(epoch)[0] > 0:
+        text = text.replace("+", "_", 1)
+    return text
+
+
+# --- cron (SPEC §6.3) -------------------------------------------------------------------
+
+_CRON_FIELDS = (  # name, lo, hi, names
+    ("second", 0, 59, None), ("minute", 0, 59, None), ("hour", 0, 23, None),
+    ("day-of-month", 1, 31, None),
+    ("month", 1, 12, ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT",
+                      "NOV", "DEC"]),
+    ("day-of-week", 0, 6, ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"]),
+)
+
+
+@dataclass(frozen=True)
+class CronSpec:
+    """A parsed cron line: one set of allowed values per field (seconds first)."""
+    text: str
+    seconds: frozenset
+    minutes: frozenset
+    hours: frozenset
+    days: frozenset
+    months: frozenset
+    weekdays: frozenset
+    days_restricted: bool
+    weekdays_restricted: bool
+
+
+def _cron_value(text, lo, names):
+    if names and text.upper() in names:
+        return names.index(text.upper()) + lo
+    if not re.match(r"^\d+$", text):
+        raise ValueError(f"{text!r} is not a number")
+    return int(text)
+
+
+def _cron_field(text, name, lo, hi, names):
+    values = set()
+    for part in text.split(","):
+        step = 1
+        if "/" in part:
+            part, _, step_text = part.partition("/")
+            if not re.match(r"^\d+$", step_text) or int(step_text) == 0:
+                raise ValueError(f"{name}: invalid step {step_text!r}")
+            step = int(step_text)
+        if part in ("*", "?"):
+            a, b = lo, hi
+        elif "-" in part:
+            a_text, _, b_text = part.partition("-")
+            a, b = _cron_value(a_text, lo, names), _cron_value(b_text, lo, names)
+        else:
+            a = _cron_value(part, lo, names)
+            b = hi if step != 1 or "/" in text else a
+        if not (lo <= a <= hi and lo <= b <= hi) or a > b:
+            raise ValueError(f"{name}: {part!r} is outside {lo}-{hi}")
+        values.update(range(a, b + 1, step))
+    return frozenset(values)
+
+
+def parse_cron(text):
+    """5 or 6 field cron line -> CronSpec; ValueError says which field is wrong."""
+    fields = text.split()
+    if text.strip().startswith("@") or "CRON_TZ" in text or "TZ=" in text:
+        raise ValueError(f"invalid cron spec {text!r}: descriptors (@daily) and time zone "
+                         "prefixes are not supported; write 5 fields")
+    if len(fields) == 5:
+        fields = ["0"] + fields
+    if len(fields) != 6:
+        raise ValueError(f"invalid cron spec {text!r}: expected 5 fields (minute hour "
+                         "day-of-month month day-of-week) or 6 with a leading second")
+    sets = []
+    for f, (name, lo, hi, names) in zip(fields, _CRON_FIELDS):
+        try:
+            sets.append(_cron_field(f, name, lo, hi, names))
+        except ValueError as e:
+            raise ValueError(f"invalid cron spec {text!r}: {e}") from None
+    return CronSpec(text, *sets, days_restricted=fields[3] not in ("*", "?"),
+                    weekdays_restricted=fields[5] not in ("*", "?"))
+
+
+# --- files ------------------------------------------------------------------------------
+
+def atomic_write(path, data, mode=0o644):
+    """Write `data` (bytes or str) to `path` via a temp file in the same directory + rename."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+###############################################################################
+# 3. Config — YAML-subset reader (nodes keep line/col), schema, typed config
+###############################################################################
+# zrepl configs use a small part of YAML. A hand-written reader keeps every node's
+# position so that each error can say FILE:LINE:COLUMN, and rejects what it does not
+# support instead of guessing. Scalars stay text: the schema types them (SPEC §2.1).
+
+@dataclass
+class Node:
+    line: int
+    col: int
+
+
+@dataclass
+class Scalar(Node):
+    text: str
+    style: str = "plain"          # plain | single | double | block
+
+    @property
+    def is_null(self):
+        return self.style == "plain" and self.text in ("", "~", "null", "Null", "NULL")
+
+
+@dataclass
+class Mapping(Node):
+    items: list = field(default_factory=list)    # [(Scalar key, Node value)]
+
+    def get(self, key):
+        for k, v in self.items:
+            if k.text == key:
+                return v
+        return None
+
+
+@dataclass
+class Sequence(Node):
+    items: list = field(default_factory=list)
+
+
+class _YAMLError(Exception):
+    def __init__(self, pos, message):
+        super().__init__(message)
+        self.pos = pos
+        self.message = message
+
+
+_FLOW_END = ",[]{}"
+
+
+class YAMLReader:
+    """Reads one document of the YAML subset into Nodes; raises ConfigError at the first error.
+
+    The reader works on character positions; `_here(pos)` turns one into (line, col).
+    """
+
+    def __init__(self, text, filename):
+        self.s = text.replace("\r\n", "\n")
+        self.filename = filename
+        self.starts = [0] + [i + 1 for i, ch in enumerate(self.s) if ch == "\n"]
+
+    # -- positions and errors --
+    def _here(self, pos):
+        line = bisect.bisect_right(self.starts, pos) - 1
+        return line + 1, pos - self.starts[line] + 1
+
+    def _col(self, pos):
+        return self._here(pos)[1] - 1   # 0-based indentation column
+
+    def _fail(self, pos, message):
+        raise _YAMLError(pos, message)
+
+    def read(self):
+        try:
+            return self._document()
+        except _YAMLError as e:
+            line, col = self._here(min(e.pos, len(self.s)))
+            raise ConfigError([Problem(self.filename, line, col, e.message)]) from None
+
+    # -- low-level scanning --
+    def _peek(self, pos, n=1):
+        return self.s[pos:pos + n]
+
+    def _skip_inline_space(self, pos):
+        while pos < len(self.s) and self.s[pos] == " ":
+            pos += 1
+        return pos
+
+    def _at_comment(self, pos):
+        return self._peek(pos) == "#" and (pos == 0 or self.s[pos - 1] in " \n\t")
+
+    def _skip_to_eol(self, pos):
+        end = self.s.find("\n", pos)
+        return len(self.s) if end < 0 else end
+
+    def _skip_blank(self, pos):
+        """Skip spaces, comments and line breaks; check indentation for tabs on the way."""
+        while pos < len(self.s):
+            ch = self.s[pos]
+            if ch == " ":
+                pos += 1
+            elif ch == "\n":
+                pos += 1
+            elif ch == "\t":
+                line_start = self.starts[self._here(pos)[0] - 1]
+                if self.s[line_start:pos].strip(" ") == "":
+                    self._fail(pos, "tab character in indentation; indent with spaces")
+                pos += 1
+            elif self._at_comment(pos):
+                pos = self._skip_to_eol(pos)
+            else:
+                break
+        return pos
+
+    def _at_eol(self, pos):
+        """True if only spaces and an optional comment remain on this line."""
+        pos = self._skip_inline_space(pos)
+        return pos >= len(self.s) or self.s[pos] == "\n" or self._at_comment(pos)
+
+    def _is_seq_entry(self, pos):
+        return self._peek(pos) == "-" and self._peek(pos + 1) in ("", " ", "\n")
+
+    # -- document --
+    def _document(self):
+        pos = self._skip_blank(0)
+        if self._peek(pos) == "%":
+            self._fail(pos, "YAML directives (%) are not supported")
+        if self.s.startswith("---", pos) and self._peek(pos + 3) in ("", " ", "\n"):
+            pos = self._skip_blank(pos + 3)
+        if pos >= len(self.s):
+            return Mapping(1, 1)
+        node, pos = self._block(pos, -1)
+        pos = self._skip_blank(pos)
+        if pos < len(self.s):
+            if self._at_document_marker(pos):
+                self._fail(pos, "multiple YAML documents are not supported; use one document"
+                                " per file (or `include`)")
+            self._fail(pos, "inconsistent indentation: this line does not continue the "
+                            "structure above it")
+        if not isinstance(node, Mapping):
+            self._fail(0, "the top level of a configuration must be a mapping (global:, "
+                          "jobs:, include:)")
+        return node
+
+    def _check_node_start(self, pos):
+        ch = self._peek(pos)
+        if ch == "&":
+            self._fail(pos, "anchors (&name) are not supported by zrepl.py's config reader")
+        if ch == "*":
+            self._fail(pos, "aliases (*name) are not supported by zrepl.py's config reader")
+        if ch == "!":
+            self._fail(pos, "tags (!tag) are not supported by zrepl.py's config reader")
+        if ch == "?" and self._peek(pos + 1) in (" ", "\n", ""):
+            self._fail(pos, "complex keys (? key) are not supported")
+        if ch == "%" and self._col(pos) == 0:
+            self._fail(pos, "YAML directives (%) are not supported")
+        if ch in "|>" and self._col(pos) == 0:
+            pass
+
+    def _block(self, pos, parent_indent, seq_at_parent=False):
+        """A node starting at pos (already on content). Returns (node, pos after it)."""
+        col = self._col(pos)
+        self._check_node_start(pos)
+        if self._is_seq_entry(pos):
+            return self._block_seq(pos, col)
+        if self._looks_like_key(pos):
+            return self._block_map(pos, col)
+        return self._inline_value(pos, parent_indent)
+
+    def _looks_like_key(self, pos):
+        """Is there `key:` (plain or quoted key) starting at pos on this line?"""
+        ch = self._peek(pos)
+        if ch in "\"'":
+            try:
+                _, end = self._quoted(pos)
+            except _YAMLError:
+                return False
+            end = self._skip_inline_space(end)
+            return self._peek(end) == ":" and self._peek(end + 1) in ("", " ", "\n")
+        if ch in "[{":
+            return False
+        end = self._skip_to_eol(pos)
+        i = pos
+        while i < end:
+            if self.s[i] == ":" and (i + 1 >= len(self.s) or self.s[i + 1] in " \n"):
+                return True
+            if self.s[i] == "#" and self.s[i - 1] == " ":
+                return False
+            i += 1
+        return False
+
+    def _block_seq(self, pos, col):
+        node = Sequence(*self._here(pos))
+        while True:
+            pos += 1  # the dash
+            if self._at_eol(pos):
+                nxt = self._skip_blank(pos)
+                if nxt < len(self.s) and self._col(nxt) > col:
+                    item, pos = self._block(nxt, col)
+                else:
+                    item = Scalar(*self._here(pos), text="")
+            else:
+                item_pos = self._skip_inline_space(pos)
+                item, pos = self._block(item_pos, col)
+            node.items.append(item)
+            nxt = self._skip_blank(pos)
+            if nxt >= len(self.s):
+                return node, nxt
+            c = self._col(nxt)
+            if c == col and self._is_seq_entry(nxt):
+                pos = nxt
+                continue
+            if c > col:
+                self._bad_continuation(nxt, item)
+            return node, pos
+
+    def _bad_continuation(self, pos, previous):
+        if isinstance(previous, Scalar) and previous.style == "plain" and previous.text:
+            self._fail(pos, "multi-line plain scalars are not supported; quote this value "
+                            "on one line")
+        self._fail(pos, "inconsistent indentation: this line is indented deeper than the "
+                        "entries before it")
+
+    def _key(self, pos):
+        """A mapping key at pos -> (Scalar, pos of the ':')."""
+        line, col = self._here(pos)
+        if self._peek(pos) in "\"'":
+            text, end = self._quoted(pos)
+            key = Scalar(line, col, text, "double" if self._peek(pos) == '"' else "single")
+            end = self._skip_inline_space(end)
+        else:
+            end = pos
+            while not (self.s[end] == ":" and self._peek(end + 1) in ("", " ", "\n")):
+                end += 1
+            key = Scalar(line, col, self.s[pos:end].rstrip(" "))
+        if key.style == "plain" and key.text == "<<":
+            self._fail(pos, "merge keys (<<) are not supported")
+        if key.style == "plain" and key.text[:1] in ("&", "*", "!"):
+            self._check_node_start(pos)
+        return key, end
+
+    def _block_map(self, pos, col):
+        node = Mapping(*self._here(pos))
+        seen = {}
+        while True:
+            self._check_node_start(pos)
+            if self._is_seq_entry(pos):
+                self._fail(pos, "expected a 'key: value' entry here, found a sequence entry "
+                                "'- ' (check the indentation)")
+            if not self._looks_like_key(pos):
+                self._fail(pos, "expected a 'key: value' entry (is a ':' missing, or the "
+                                "indentation wrong?)")
+            key, colon = self._key(pos)
+            if key.text in seen:
+                self._fail(pos, f"duplicate key {key.text!r} (first defined at line "
+                                f"{seen[key.text]})")
+            seen[key.text] = key.line
+            pos = colon + 1
+            if self._at_eol(pos):
+                nxt = self._skip_blank(pos)
+                if nxt < len(self.s) and (self._col(nxt) > col or
+                                          (self._col(nxt) == col and self._is_seq_entry(nxt))):
+                    value, pos = self._block(nxt, col)
+                else:
+                    value = Scalar(*self._here(self._skip_inline_space(pos)), text="")
+            else:
+                value, pos = self._inline_value(self._skip_inline_space(pos), col)
+            node.items.append((key, value))
+            nxt = self._skip_blank(pos)
+            if nxt >= len(self.s):
+                return node, nxt
+            c = self._col(nxt)
+            if c == col and not self._at_document_marker(nxt):
+                pos = nxt
+                continue
+            if c > col:
+                self._bad_continuation(nxt, value)
+            return node, pos
+
+    def _at_document_marker(self, pos):
+        return self._col(pos) == 0 and self.s[pos:pos + 3] in ("---", "...") \
+            and self._peek(pos + 3) in ("", " ", "\n")
+
+    def _inline_value(self, pos, owner_indent):
+        """A value that starts on the current line: flow, quoted, block scalar or plain."""
+        self._check_node_start(pos)
+        ch = self._peek(pos)
+        line, col = self._here(pos)
+        if ch in "[{":
+            node, pos = self._flow(pos, owner_indent)
+        elif ch in "\"'":
+            text, pos = self._quoted(pos)
+            node = Scalar(line, col, text, "double" if ch == '"' else "single")
+        elif ch in "|>":
+            return self._block_scalar(pos, owner_indent)
+        elif self._is_seq_entry(pos):
+            self._fail(pos, "a sequence cannot start on the same line as its key; put '- "
+                            "item' on the next line")
+        else:
+            end = self._skip_to_eol(pos)
+            i = pos
+            while i < end and not (self.s[i] == "#" and self.s[i - 1] == " "):
+                if self.s[i] == ":" and self._peek(i + 1) in (" ", "\n", ""):
+                    self._fail(i, "unexpected ':' in a plain value; quote the value")
+                i += 1
+            node = Scalar(line, col, self.s[pos:i].rstrip(" "))
+            pos = i
+        if not self._at_eol(pos):
+            self._fail(self._skip_inline_space(pos), "unexpected text after the value")
+        return node, pos
+
+    def _quoted(self, pos):
+        """A single- or double-quoted scalar at pos -> (text, pos after the closing quote)."""
+        quote = self.s[pos]
+        i, out = pos + 1, []
+        while True:
+            if i >= len(self.s):
+                self._fail(pos, f"unterminated quoted string (missing closing {quote})")
+            ch = self.s[i]
+            if ch == quote:
+                if quote == "'" and self._peek(i + 1) == "'":
+                    out.append("'")
+                    i += 2
+                    continue
+                return "".join(out), i + 1
+            if ch == "\n":
+                # a line break folds to one space; blank lines become newlines
+                while out and out[-1] in (" ", "\t"):
+                    out.pop()
+                j = i + 1
+                breaks = 0
+                while j < len(self.s) and self.s[j] in " \t\n":
+                    if self.s[j] == "\n":
+                        breaks += 1
+                    j += 1
+                out.append("\n" * breaks if breaks else " ")
+                i = j
+                continue
+            if quote == '"' and ch == "\\":
+                text, i = self._escape(i)
+                out.append(text)
+                continue
+            out.append(ch)
+            i += 1
+
+    _ESCAPES = {"\\": "\\", '"': '"', "/": "/", "0": "\0", "a": "\a", "b": "\b", "t": "\t",
+                "\t": "\t", "n": "\n", "v": "\v", "f": "\f", "r": "\r", "e": "\x1b",
+                " ": " ", "N": "\x85", "_": "\xa0", "L": "\u2028", "P": "\u2029"}
+
+    def _escape(self, i):
+        ch = self._peek(i + 1)
+        if ch in self._ESCAPES and ch:
+            return self._ESCAPES[ch], i + 2
+        width = {"x": 2, "u": 4, "U": 8}.get(ch)
+        if width:
+            digits = self.s[i + 2:i + 2 + width]
+            if len(digits) == width and re.match(r"^[0-9A-Fa-f]+$", digits):
+                return chr(int(digits, 16)), i + 2 + width
+        if ch == "\n":  # escaped line break: joins lines without a space
+            j = i + 2
+            while j < len(self.s) and self.s[j] in " \t":
+                j += 1
+            return "", j
+        self._fail(i, f"invalid escape sequence \\{ch} in double-quoted string")
+
+    def _block_scalar(self, pos, owner_indent):
+        line, col = self._here(pos)
+        style = self.s[pos]
+        header_end = self._skip_to_eol(pos)
+        header = self.s[pos + 1:header_end].split(" #")[0].strip()
+        if header not in ("", "-", "+"):
+            self._fail(pos + 1, f"unsupported block scalar header {header!r}; use |, |-, > or >-")
+        lines, i = [], header_end + 1
+        indent = None
+        while i <= len(self.s):
+            end = self.s.find("\n", i)
+            end = len(self.s) if end < 0 else end
+            raw = self.s[i:end]
+            if raw.strip(" ") == "":
+                lines.append("")
+            else:
+                ind = len(raw) - len(raw.lstrip(" "))
+                if indent is None:
+                    if ind <= owner_indent:
+                        break
+                    indent = ind
+                if ind < indent:
+                    break
+                lines.append(raw[indent:])
+            if end >= len(self.s):
+                i = end + 1
+                break
+            i = end + 1
+        # trailing blank lines belong to chomping, not to the following structure
+        while lines and lines[-1] == "":
+            lines.pop()
+        if style == "|":
+            text = "\n".join(lines)
+        else:
+            text, prev_blank = "", True
+            for ln in lines:
+                if ln == "":
+                    text += "\n"
+                    prev_blank = True
+                elif ln.startswith(" "):
+                    text += ("\n" if text and not text.endswith("\n") else "") + ln
+                    prev_blank = True
+                else:
+                    text += ("" if prev_blank else " ") + ln
+                    prev_blank = False
+        if header != "-" and text:
+            text += "\n"
+        stop = min(i, len(self.s))
+        # leave pos at the end of the last consumed content line
+        stop = self.s.rfind("\n", 0, stop) if stop < len(self.s) else stop
+        return Scalar(line, col, text, "block"), max(stop, header_end)
+
+    def _flow(self, pos, owner_indent):
+        open_pos = pos
+        closing = "]" if self.s[pos] == "[" else "}"
+        node = (Sequence if closing == "]" else Mapping)(*self._here(pos))
+        seen = {}
+        pos += 1
+        while True:
+            pos = self._flow_blank(pos, open_pos, owner_indent, closing)
+            if self._peek(pos) == closing:
+                return node, pos + 1
+            self._check_node_start(pos)
+            if closing == "}":
+                key, pos = self._flow_scalar(pos, key=True)
+                pos = self._flow_blank(pos, open_pos, owner_indent, closing)
+                if key.text in seen:
+                    self._fail(self._pos_of(key), f"duplicate key {key.text!r} (first "
+                                                  f"defined at line {seen[key.text]})")
+                seen[key.text] = key.line
+                if self._peek(pos) == ":":
+                    pos = self._flow_blank(pos + 1, open_pos, owner_indent, closing)
+                    if self._peek(pos) in (",", "}"):
+                        value = Scalar(*self._here(pos), text="")
+                    else:
+                        value, pos = self._flow_item(pos, owner_indent)
+                else:
+                    value = Scalar(*self._here(pos), text="")
+                node.items.append((key, value))
+            else:
+                item, pos = self._flow_item(pos, owner_indent)
+                node.items.append(item)
+            pos = self._flow_blank(pos, open_pos, owner_indent, closing)
+            ch = self._peek(pos)
+            if ch == ",":
+                pos += 1
+            elif ch != closing:
+                if ch == "":
+                    self._fail(open_pos, f"unclosed flow collection (missing {closing!r})")
+                self._fail(pos, f"expected ',' or {closing!r} in flow collection")
+
+    def _pos_of(self, node):
+        return self.starts[node.line - 1] + node.col - 1
+
+    def _flow_blank(self, pos, open_pos, owner_indent, closing):
+        """Skip blanks inside a flow collection; a line indented no deeper than the owner
+        key (other than one that closes the collection) means it was never closed."""
+        start_line = self._here(pos)[0]
+        pos = self._skip_blank(pos)
+        if pos >= len(self.s):
+            self._fail(open_pos, f"unclosed flow collection (missing {closing!r})")
+        if self._here(pos)[0] != start_line and self._col(pos) <= owner_indent \
+                and self.s[pos] not in "]}":
+            self._fail(open_pos, f"unclosed flow collection (missing {closing!r})")
+        return pos
+
+    def _flow_item(self, pos, owner_indent):
+        if self._peek(pos) in "[{":
+            return self._flow(pos, owner_indent)
+        return self._flow_scalar(pos)
+
+    def _flow_scalar(self, pos, key=False):
+        line, col = self._here(pos)
+        ch = self._peek(pos)
+        if ch in "\"'":
+            text, pos = self._quoted(pos)
+            return Scalar(line, col, text, "double" if ch == '"' else "single"), pos
+        i = pos
+        while i < len(self.s):
+            c = self.s[i]
+            if c in _FLOW_END or c == "\n" or (c == "#" and self.s[i - 1] == " "):
+                break
+            if c == ":" and (self._peek(i + 1) in (" ", "\n", "") or
+                             self._peek(i + 1) in _FLOW_END):
+                break
+            i += 1
+        text = self.s[pos:i].rstrip(" ")
+        if not text and not key:
+            self._fail(pos, "expected a value")
+        return Scalar(line, col, text), i
+
+
+# --- the typed configuration -------------------------------------------------------------
+# Every config object keeps `pos`: key -> (file, line, col), so checks made later (host
+# capabilities, cross-job checks) can still point at the line that asked for the thing.
+
+Pos = Tuple[str, int, int]
+
+
+@dataclass
+class LogOutlet:
+    type: str
+    level: str
+    format: str
+    time: bool = True
+    color: bool = True
+    facility: str = "local0"
+    retry_interval: float = 10.0
+    address: Optional[str] = None
+    net: str = "tcp"
+    tls: Optional[dict] = None
+    path: Optional[str] = None
+    pos: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Monitoring:
+    type: str
+    listen: Optional[str] = None
+    listen_freebind: bool = False
+    path: Optional[str] = None
+    pos: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class GlobalConfig:
+    logging: list
+    monitoring: list
+    rundir: str = DEFAULT_RUNDIR
+    control_sockpath: Optional[str] = None       # default <rundir>/control
+    stdinserver_sockdir: Optional[str] = None    # default <rundir>/stdinserver
+
+    def __post_init__(self):
+        self.control_sockpath = self.control_sockpath or os.path.join(self.rundir, "control")
+        self.stdinserver_sockdir = (self.stdinserver_sockdir or
+                                    os.path.join(self.rundir, "stdinserver"))
+
+
+@dataclass
+class Connect:
+    """The active side's transport (`connect:`)."""
+    type: str                       # tcp | tls | ssh+stdinserver | local
+    address: Optional[str] = None
+    dial_timeout: float = 10.0
+    ca: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+    server_cn: Optional[str] = None
+    host: Optional[str] = None
+    user: Optional[str] = None
+    port: Optional[int] = None
+    identity_file: Optional[str] = None
+    options: list = field(default_factory=list)
+    listener_name: Optional[str] = None
+    client_identity: Optional[str] = None
+    pos: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Serve:
+    """The passive side's transport (`serve:`)."""
+    type: str                       # tcp | tls | stdinserver | local
+    listen: Optional[str] = None
+    listen_freebind: bool = False
+    clients: dict = field(default_factory=dict)      # IP or CIDR -> identity (tcp)
+    ca: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+    client_cns: list = field(default_factory=list)
+    handshake_timeout: float = 10.0
+    client_identities: list = field(default_factory=list)
+    listener_name: Optional[str] = None
+    pos: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Hook:
+    path: str
+    timeout: float = 30.0
+    err_is_fatal: bool = False
+    filesystems: tuple = (("<", True),)
+    type: str = "command"
+    pos: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Snapshotting:
+    type: str                       # periodic | cron | manual
+    prefix: Optional[str] = None
+    interval: Optional[int] = None  # seconds (periodic)
+    cron: Optional[CronSpec] = None
+    timestamp_format: str = "dense"
+    timestamp_location: str = "UTC"
+    hooks: list = field(default_factory=list)
+    pos: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class KeepRule:
+    type: str                       # grid | last_n | regex | not_replicated
+    regex: Optional[str] = None
+    count: Optional[int] = None
+    negate: bool = False
+    grid: Optional[str] = None      # the spec as written
+    buckets: tuple = ()             # ((seconds, keep or None=all), ...) for grid
+    keep_snapshot_at_cursor: bool = True
+    pos: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class BandwidthLimit:
+    max: int = -1                   # bytes per second; -1 = unlimited
+    bucket_capacity: int = 128 * 1024
+
+
+@dataclass
+class SendOptions:
+    encrypted: bool = False
+    raw: bool = False
+    send_properties: bool = False
+    backup_properties: bool = False
+    large_blocks: bool = False
+    compressed: bool = False
+    embedded_data: bool = False
+    saved: bool = False
+    bandwidth_limit: BandwidthLimit = field(default_factory=BandwidthLimit)
+    pos: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class RecvOptions:
+    properties_inherit: list = field(default_factory=list)
+    properties_override: dict = field(default_factory=dict)
+    placeholder_encryption: str = "unspecified"
+    bandwidth_limit: BandwidthLimit = field(default_factory=BandwidthLimit)
+    pos: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class ReplicationOptions:
+    protection_initial: str = "guarantee_resumability"
+    protection_incremental: str = "guarantee_resumability"
+    concurrency_steps: int = 1
+    concurrency_size_estimates: int = 4
+    timeout: int = 600
+    batch_incrementals: bool = True
+
+
+@dataclass
+class Job:
+    """One job of any type; fields a type does not use stay None."""
+    name: str
+    type: str                       # push | pull | sink | source | snap
+    connect: Optional[Connect] = None
+    serve: Optional[Serve] = None
+    filesystems: Optional[tuple] = None          # ((pattern, accept), ...)
+    root_fs: Optional[str] = None
+    interval: Optional[int] = None               # pull: seconds, None = manual
+    snapshotting: Optional[Snapshotting] = None
+    keep_sender: Optional[list] = None
+    keep_receiver: Optional[list] = None
+    keep: Optional[list] = None
+    send: Optional[SendOptions] = None
+    recv: Optional[RecvOptions] = None
+    replication: Optional[ReplicationOptions] = None
+    initial_replication: Optional[str] = None
+    pos: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def is_active(self):
+        return self.type in ("push", "pull")
+
+
+@dataclass
+class Config:
+    path: str
+    global_: GlobalConfig
+    jobs: list
+    warnings: list = field(default_factory=list)
+
+    def job(self, name):
+        return next((j for j in self.jobs if j.name == name), None)
+
+
+def to_plain(obj):
+    """Dataclasses -> JSON-able dicts for `configcheck --format`, dropping positions."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            if f.name == "pos":
+                continue
+            value = getattr(obj, f.name)
+            if isinstance(obj, CronSpec):
+                return obj.text
+            out[f.name.rstrip("_")] = to_plain(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+# --- the schema ---------------------------------------------------------------------------
+
+_BAD = object()   # a value that was already reported as a problem
+
+YAML_TRUE = ("y", "Y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON")
+YAML_FALSE = ("n", "N", "no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+SYSLOG_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news",
+                     "uucp", "cron", "authpriv", "ftp") + tuple(f"local{i}" for i in range(8))
+PROTECTION_KINDS = ("guarantee_resumability", "guarantee_incremental", "guarantee_nothing")
+JOB_KEYS = {  # type -> (required, optional), SPEC §2.5
+    "push": (("connect", "filesystems", "snapshotting", "pruning"),
+             ("send", "replication", "conflict_resolution")),
+    "pull": (("connect", "root_fs", "interval", "pruning"),
+             ("recv", "replication", "conflict_resolution")),
+    "sink": (("serve", "root_fs"), ("recv",)),
+    "source": (("serve", "filesystems", "snapshotting"), ("send",)),
+    "snap": (("filesystems", "snapshotting", "pruning"), ()),
+}
+
+
+def _describe(node):
+    if isinstance(node, Mapping):
+        return "a mapping"
+    if isinstance(node, Sequence):
+        return "a list"
+    return f"{node.text!r}" if node.text else "nothing"
+
+
+class _Checker:
+    """Validates one file's nodes and collects every problem instead of stopping."""
+
+    def __init__(self, filename, problems):
+        self.file = filename
+        self.problems = problems
+
+    def pos(self, node):
+        return (self.file, node.line, node.col)
+
+    def error(self, node, message):
+        self.problems.append(Problem(self.file, node.line, node.col, message))
+        return _BAD
+
+    def warn(self, node, message):
+        self.problems.append(Problem(self.file, node.line, node.col, message, warning=True))
+
+    # -- structure --
+    def mapping(self, node, what, required=(), optional=()):
+        """-> {key: value node} for the non-null entries, or None if not a mapping."""
+        if not isinstance(node, Mapping):
+            self.error(node, f"{what} must be a mapping, got {_describe(node)}")
+            return None
+        allowed = tuple(required) + tuple(optional)
+        out = {}
+        for k, v in node.items:
+            if k.text not in allowed:
+                self.error(k, f"unknown key {k.text!r} in {what}; valid keys: "
+                              f"{', '.join(allowed) or '(none)'}")
+                continue
+            if not (isinstance(v, Scalar) and v.is_null):
+                out[k.text] = v
+        for key in required:
+            if key not in out:
+                self.error(node, f"{what}: {key!r} is required")
+        return out
+
+    def sequence(self, node, what):
+        if not isinstance(node, Sequence):
+            self.error(node, f"{what} must be a list, got {_describe(node)}")
+            return []
+        return node.items
+
+    def scalar(self, node, what):
+        if not isinstance(node, Scalar):
+            self.error(node, f"{what} must be a single value, got {_describe(node)}")
+            return None
+        return node
+
+    # -- typed scalars --
+    def string(self, node, what, nonempty=True):
+        n = self.scalar(node, what)
+        if n is None:
+            return _BAD
+        if nonempty and not n.text:
+            return self.error(n, f"{what} must not be empty")
+        return n.text
+
+    def boolean(self, node, what):
+        n = self.scalar(node, what)
+        if n is None:
+            return _BAD
+        if n.style == "plain" and n.text in YAML_TRUE:
+            return True
+        if n.style == "plain" and n.text in YAML_FALSE:
+            return False
+        return self.error(n, f"{what} must be a boolean (true or false), got {_describe(n)}")
+
+    def integer(self, node, what, minimum=None):
+        n = self.scalar(node, what)
+        if n is None:
+            return _BAD
+        if n.style != "plain" or not re.match(r"^[+-]?\d+$", n.text):
+            return self.error(n, f"{what} must be a whole number, got {_describe(n)}")
+        value = int(n.text)
+        if minimum is not None and value < minimum:
+            return self.error(n, f"{what} must be at least {minimum}, got {value}")
+        return value
+
+    def enum(self, node, what, values):
+        text = self.string(node, what)
+        if text is _BAD:
+            return _BAD
+        if text not in values:
+            return self.error(node, f"{what} must be one of {', '.join(values)}; got {text!r}")
+        return text
+
+    def parsed(self, node, what, parse, check=None):
+        """A string value run through `parse` (which raises ValueError with the reason)."""
+        text = self.string(node, what)
+        if text is _BAD:
+            return _BAD
+        try:
+            value = parse(text)
+        except ValueError as e:
+            return self.error(node, f"{what}: {e}")
+        if check:
+            why = check(value)
+            if why:
+                return self.error(node, f"{what}: {why}")
+        return value
+
+    def zrepl_duration(self, node, what, positive=True):
+        return self.parsed(node, what, parse_zrepl_duration,
+                           lambda v: "must be positive" if positive and v <= 0 else None)
+
+    def go_duration(self, node, what, positive=True):
+        return self.parsed(node, what, parse_go_duration,
+                           lambda v: ("must be positive" if positive and v <= 0 else
+                                      "must not be negative" if v < 0 else None))
+
+    def abspath(self, node, what):
+        return self.parsed(node, what, str,
+                           lambda v: None if v.startswith("/") else
+                           f"must be an absolute path, got {v!r}")
+
+    def name(self, node, what, problem):
+        return self.parsed(node, what, str, problem)
+
+    def regex(self, node, what):
+        def compile_(text):
+            try:
+                return re.compile(text) and text
+            except re.error as e:
+                raise ValueError(f"invalid regular expression {text!r}: {e} (zrepl.py uses "
+                                 "Python's re syntax; rewrite RE2-only syntax)") from None
+        return self.parsed(node, what, compile_)
+
+    def string_list(self, node, what, item_check=None, unique=False):
+        out, seen = [], {}
+        for item in self.sequence(node, what):
+            text = self.string(item, f"{what} entry")
+            if text is _BAD:
+                continue
+            if item_check:
+                why = item_check(text)
+                if why:
+                    self.error(item, f"{what}: {why}")
+                    continue
+            if unique and text in seen:
+                self.error(item, f"{what}: {text!r} is listed twice (first at line "
+                                 f"{seen[text]})")
+                continue
+            seen[text] = item.line
+            out.append(text)
+        return out
+
+
+_GRID_INTERVAL = re.compile(r"^\s*(-?\d+)\s*x\s*([^(]+?)\s*(?:\((.*)\))?\s*$")
+
+
+def parse_grid_spec(text):
+    """`1x1h(keep=all) | 24x1h | 30x1d` -> ((seconds, keep or None for all), ...) (SPEC §7.3)."""
+    buckets = []
+    for part in text.split("|"):
+        m = _GRID_INTERVAL.match(part)
+        if not m:
+            raise ValueError(f"invalid grid interval {part.strip()!r}: expected N x DURATION"
+                             " [(keep=K|all)], e.g. 24x1h")
+        count = int(m.group(1))
+        if count < 1:
+            raise ValueError(f"grid interval {part.strip()!r}: the repeat count must be at "
+                             "least 1")
+        length = parse_zrepl_duration(m.group(2))
+        if length <= 0:
+            raise ValueError(f"grid interval {part.strip()!r}: the duration must be positive")
+        keep = 1
+        if m.group(3) is not None:
+            param = m.group(3).replace(" ", "")
+            km = re.match(r"^keep=(all|-?\d+)$", param)
+            if not km:
+                raise ValueError(f"grid interval {part.strip()!r}: unknown parameter "
+                                 f"{m.group(3)!r}; only (keep=K) or (keep=all) is allowed")
+            if km.group(1) == "all":
+                keep = None
+            else:
+                keep = int(km.group(1))
+                if keep < 1:
+                    raise ValueError(f"grid interval {part.strip()!r}: keep must be at least 1"
+                                     " or all")
+        buckets.extend([(length, keep)] * count)
+    all_keep_all = True
+    for i in range(1, len(buckets)):
+        all_keep_all = all_keep_all and buckets[i - 1][1] is None
+        if buckets[i][0] < buckets[i - 1][0] and not all_keep_all:
+            raise ValueError("grid bucket lengths must not decrease (a shorter bucket may only "
+                             "follow keep=all buckets)")
+    return tuple(buckets)
+
+
+def _transport_keys(kind, ttype):
+    """(required, optional) keys of a connect/serve block of type ttype, or None."""
+    table = {
+        ("connect", "tcp"): (("address",), ("dial_timeout",)),
+        ("connect", "tls"): (("address", "ca", "cert", "key", "server_cn"), ("dial_timeout",)),
+        ("connect", "ssh+stdinserver"): (("host", "user", "port", "identity_file"),
+                                         ("options", "dial_timeout", "transport_open_command",
+                                          "ssh_command")),
+        ("connect", "local"): (("listener_name", "client_identity"), ("dial_timeout",)),
+        ("serve", "tcp"): (("listen", "clients"), ("listen_freebind",)),
+        ("serve", "tls"): (("listen", "ca", "cert", "key", "client_cns"),
+                           ("listen_freebind", "handshake_timeout")),
+        ("serve", "stdinserver"): (("client_identities",), ()),
+        ("serve", "local"): (("listener_name",), ()),
+    }
+    return table.get((kind, ttype))
+
+
+class _Schema(_Checker):
+    """SPEC §2: nodes of one file -> typed objects, problems collected on the way."""
+
+    def __init__(self, filename, problems, skip_cert_check):
+        super().__init__(filename, problems)
+        self.skip_cert_check = skip_cert_check
+
+    # -- global --
+    def global_(self, node):
+        m = self.mapping(node, "global", optional=("logging", "monitoring", "control", "serve",
+                                                   "rundir")) or {}
+        rundir = DEFAULT_RUNDIR
+        if "rundir" in m:
+            value = self.abspath(m["rundir"], "global.rundir")
+            rundir = value if value is not _BAD else rundir
+        sockpath = sockdir = None
+        if "control" in m:
+            c = self.mapping(m["control"], "global.control", optional=("sockpath",)) or {}
+            if "sockpath" in c:
+                v = self.abspath(c["sockpath"], "global.control.sockpath")
+                sockpath = v if v is not _BAD else None
+        if "serve" in m:
+            s = self.mapping(m["serve"], "global.serve", optional=("stdinserver",)) or {}
+            if "stdinserver" in s:
+                si = self.mapping(s["stdinserver"], "global.serve.stdinserver",
+                                  optional=("sockdir",)) or {}
+                if "sockdir" in si:
+                    v = self.abspath(si["sockdir"], "global.serve.stdinserver.sockdir")
+                    sockdir = v if v is not _BAD else None
+        logging = ([LogOutlet("stdout", "warn", "human")] if "logging" not in m
+                   else self.logging(m["logging"]))
+        monitoring = self.monitoring(m["monitoring"]) if "monitoring" in m else []
+        return GlobalConfig(logging, monitoring, rundir, sockpath, sockdir)
+
+    def logging(self, node):
+        outlets, stdout_seen = [], None
+        for item in self.sequence(node, "global.logging"):
+            kinds = {"stdout": ("time", "color"), "syslog": ("facility", "retry_interval"),
+                     "tcp": ("address", "net", "retry_interval", "tls"),
+                     "file": ("path", "time")}
+            t = self._type(item, "logging outlet", kinds)
+            if t is None:
+                continue
+            required = ("type", "level", "format") + (("address",) if t == "tcp" else
+                                                       ("path",) if t == "file" else ())
+            m = self.mapping(item, f"logging outlet ({t})", required,
+                             tuple(k for k in kinds[t] if k not in required))
+            if m is None:
+                continue
+            o = LogOutlet(t, "warn", "human", pos={"type": self.pos(item)})
+            for key, what, func in (("level", "level", lambda n, w: self.enum(n, w, LOG_LEVELS)),
+                                    ("format", "format", lambda n, w: self.enum(
+                                        n, w, ("human", "logfmt", "json"))),
+                                    ("time", "time", self.boolean),
+                                    ("color", "color", self.boolean),
+                                    ("facility", "facility", lambda n, w: self.enum(
+                                        n, w, SYSLOG_FACILITIES)),
+                                    ("retry_interval", "retry_interval", self.go_duration),
+                                    ("net", "net", lambda n, w: self.enum(
+                                        n, w, ("tcp", "tcp4", "tcp6"))),
+                                    ("path", "path", self.abspath),
+                                    ("address", "address", lambda n, w: self.parsed(
+                                        n, w, lambda v: parse_hostport(v, host_required=True)
+                                        and v))):
+                if key in m:
+                    v = func(m[key], f"logging outlet ({t}) {what}")
+                    if v is not _BAD:
+                        setattr(o, key, v)
+            if "tls" in m:
+                tls = self.mapping(m["tls"], "logging outlet (tcp) tls", ("ca", "cert", "key"))
+                if tls:
+                    o.tls = {k: self._cert_file(tls[k], f"logging tls {k}")
+                             for k in ("ca", "cert", "key") if k in tls}
+            if t == "stdout":
+                if stdout_seen:
+                    self.error(item, f"at most one stdout logging outlet is allowed (the first "
+                                     f"is at line {stdout_seen})")
+                stdout_seen = item.line
+            outlets.append(o)
+        return outlets
+
+    def monitoring(self, node):
+        out, prom_seen = [], None
+        for item in self.sequence(node, "global.monitoring"):
+            kinds = {"prometheus": ("listen", "listen_freebind"),
+                     "prometheus_textfile": ("path",)}
+            t = self._type(item, "monitoring entry", kinds)
+            if t is None:
+                continue
+            required = ("type", "listen") if t == "prometheus" else ("type", "path")
+            m = self.mapping(item, f"monitoring ({t})", required,
+                             ("listen_freebind",) if t == "prometheus" else ())
+            if m is None:
+                continue
+            mon = Monitoring(t, pos={"type": self.pos(item)})
+            if t == "prometheus":
+                if prom_seen:
+                    self.error(item, f"at most one prometheus monitoring entry is allowed (the "
+                                     f"first is at line {prom_seen})")
+                prom_seen = item.line
+                if "listen" in m:
+                    v = self._listen(m["listen"], "monitoring (prometheus) listen")
+                    mon.listen = None if v is _BAD else v
+                if "listen_freebind" in m:
+                    mon.listen_freebind = self._freebind(m["listen_freebind"])
+            elif "path" in m:
+                v = self.abspath(m["path"], "monitoring (prometheus_textfile) path")
+                if v is not _BAD:
+                    if not os.path.isdir(os.path.dirname(v) or "/"):
+                        self.error(m["path"], f"monitoring (prometheus_textfile) path: "
+                                              f"directory {os.path.dirname(v)!r} does not exist")
+                    mon.path = v
+            out.append(mon)
+        return out
+
+    def _type(self, item, what, kinds, unsupported=None):
+        """The `type:` of a typed block, or None after reporting why not."""
+        if not isinstance(item, Mapping):
+            self.error(item, f"{what} must be a mapping with a type, got {_describe(item)}")
+            return None
+        node = item.get("type")
+        if node is None or (isinstance(node, Scalar) and node.is_null):
+            self.error(item, f"{what}: 'type' is required (one of {', '.join(kinds)})")
+            return None
+        t = self.string(node, f"{what} type")
+        if t is _BAD:
+            return None
+        if unsupported and t in unsupported:
+            self.error(node, unsupported[t])
+            return None
+        if t not in kinds:
+            self.error(node, f"unknown {what} type {t!r}; valid types: {', '.join(kinds)}")
+            return None
+        return t
+
+    def _listen(self, node, what):
+        return self.parsed(node, what, lambda v: parse_hostport(v, host_required=False) and v)
+
+    def _freebind(self, node):
+        v = self.boolean(node, "listen_freebind")
+        if v is True and not sys.platform.startswith(("linux", "freebsd")):
+            self.error(node, f"listen_freebind needs IP_FREEBIND (Linux) or IP_BINDANY "
+                             f"(FreeBSD); this OS ({sys.platform}) has neither")
+        return v is True
+
+    def _cert_file(self, node, what):
+        path = self.abspath(node, what)
+        if path is _BAD:
+            return None
+        if not self.skip_cert_check:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                self.error(node, f"{what}: cannot read {path}: {e.strerror} (use "
+                                 "--skip-cert-check to check the config on another host)")
+        return path
+
+    # -- jobs --
+    def job(self, node, index):
+        if not isinstance(node, Mapping):
+            self.error(node, f"jobs entry {index + 1} must be a mapping, got {_describe(node)}")
+            return None
+        name_node, type_node = node.get("name"), node.get("type")
+        name = _BAD
+        if name_node is None or (isinstance(name_node, Scalar) and name_node.is_null):
+            self.error(node, f"jobs entry {index + 1}: 'name' is required")
+        else:
+            name = self.name(name_node, "job name", job_name_problem)
+        label = f"job {name!r}" if name is not _BAD else f"jobs entry {index + 1}"
+        if type_node is None or (isinstance(type_node, Scalar) and type_node.is_null):
+            self.error(node, f"{label}: 'type' is required (one of {', '.join(JOB_KEYS)})")
+            return None
+        jtype = self.string(type_node, f"{label} type")
+        if jtype is _BAD:
+            return None
+        if jtype not in JOB_KEYS:
+            hint = (" (zrepl has no local job: use a push and a sink job with the local "
+                    "transport)" if jtype == "local" else "")
+            self.error(type_node, f"unknown job type {jtype!r}; valid types: "
+                                  f"{', '.join(JOB_KEYS)}{hint}")
+            return None
+        required, optional = JOB_KEYS[jtype]
+        m = self.mapping(node, label, ("name", "type") + required, optional)
+        if m is None:
+            return None
+        job = Job(name if name is not _BAD else f"<entry {index + 1}>", jtype,
+                  pos={"name": self.pos(name_node or node), "job": self.pos(node)})
+        job.pos.update({k: self.pos(v) for k, v in m.items()})
+        job.pos.update({k.text: self.pos(k) for k, _ in node.items})
+        if "connect" in m:
+            job.connect = self.connect(m["connect"], label)
+        if "serve" in m:
+            job.serve = self.serve(m["serve"], label)
+        if "filesystems" in m:
+            job.filesystems = self.filter(m["filesystems"], f"{label} filesystems")
+        if "root_fs" in m:
+            v = self.name(m["root_fs"], f"{label} root_fs", dataset_name_problem)
+            job.root_fs = None if v is _BAD else v
+        if "interval" in m:
+            n = m["interval"]
+            if isinstance(n, Scalar) and n.text == "manual":
+                job.interval = None
+            else:
+                v = self.zrepl_duration(n, f"{label} interval")
+                job.interval = None if v is _BAD else v
+        if "snapshotting" in m:
+            job.snapshotting = self.snapshotting(m["snapshotting"], label)
+        if "pruning" in m:
+            keys = ("keep",) if jtype == "snap" else ("keep_sender", "keep_receiver")
+            p = self.mapping(m["pruning"], f"{label} pruning", keys) or {}
+            for key in keys:
+                if key in p:
+                    rules = self.keep_rules(p[key], f"{label} pruning.{key}", jtype, key)
+                    setattr(job, key, rules)
+                    job.pos[f"pruning.{key}"] = self.pos(p[key])
+        if jtype in ("push", "source"):
+            job.send = self.send(m["send"], label) if "send" in m else SendOptions()
+        if jtype in ("pull", "sink"):
+            job.recv = self.recv(m["recv"], label) if "recv" in m else RecvOptions()
+        if jtype in ("push", "pull"):
+            job.replication = (self.replication(m["replication"], label) if "replication" in m
+                               else ReplicationOptions())
+            job.initial_replication = "most_recent"
+            if "conflict_resolution" in m:
+                c = self.mapping(m["conflict_resolution"], f"{label} conflict_resolution",
+                                 optional=("initial_replication",)) or {}
+                if "initial_replication" in c:
+                    v = self.enum(c["initial_replication"],
+                                  f"{label} conflict_resolution.initial_replication",
+                                  ("most_recent", "all", "fail"))
+                    job.initial_replication = v if v is not _BAD else "most_recent"
+        return job
+
+    def connect(self, node, label):
+        return self._transport(node, label, "connect", Connect)
+
+    def serve(self, node, label):
+        return self._transport(node, label, "serve", Serve)
+
+    def _transport(self, node, label, kind, cls):
+        types = ("tcp", "tls", "ssh+stdinserver", "local") if kind == "connect" else \
+            ("tcp", "tls", "stdinserver", "local")
+        t = self._type(node, f"{label} {kind}", {x: () for x in types})
+        if t is None:
+            return None
+        required, optional = _transport_keys(kind, t)
+        what = f"{label} {kind} ({t})"
+        m = self.mapping(node, what, ("type",) + required, optional)
+        if m is None:
+            return None
+        obj = cls(t, pos={k: self.pos(v) for k, v in m.items()})
+        if kind == "connect" and t == "local":
+            obj.dial_timeout = 2.0
+        for key, v in m.items():
+            w = f"{what} {key}"
+            if key == "type":
+                continue
+            if key in ("address",):
+                value = self.parsed(v, w, lambda x: parse_hostport(x, host_required=True) and x)
+            elif key == "listen":
+                value = self._listen(v, w)
+            elif key in ("dial_timeout", "handshake_timeout"):
+                value = self.go_duration(v, w, positive=(key == "handshake_timeout"))
+            elif key in ("ca", "cert", "key", "identity_file"):
+                value = self._cert_file(v, w)
+            elif key in ("server_cn", "user", "host"):
+                value = self.string(v, w)
+            elif key == "port":
+                value = self.integer(v, w, minimum=1)
+                if value is not _BAD and value > 65535:
+                    value = self.error(v, f"{w} must be 1-65535, got {value}")
+            elif key == "options":
+                value = self.string_list(v, w)
+            elif key in ("listener_name", "client_identity"):
+                value = self.name(v, w, component_problem)
+            elif key == "listen_freebind":
+                value = self._freebind(v)
+            elif key == "client_cns":
+                value = self.string_list(v, w, component_problem, unique=True)
+                if not value and isinstance(v, Sequence):
+                    value = self.error(v, f"{w} must list at least one client CN")
+            elif key == "client_identities":
+                value = self.string_list(v, w, component_problem, unique=True)
+                if not value and isinstance(v, Sequence):
+                    value = self.error(v, f"{w} must list at least one identity")
+            elif key == "clients":
+                value = self._tcp_clients(v, w)
+            elif key in ("transport_open_command", "ssh_command"):
+                self.warn(v, f"{w} is ignored (zrepl never used it)")
+                continue
+            else:
+                raise AssertionError(key)
+            if value is not _BAD and value is not None:
+                setattr(obj, key, value)
+        return obj
+
+    def _tcp_clients(self, node, what):
+        m = self.mapping(node, what, optional=tuple(k.text for k, _ in getattr(node, "items",
+                                                                                 ())))
+        if m is None:
+            return _BAD
+        if not m:
+            return self.error(node, f"{what} must map at least one IP or CIDR to an identity")
+        out = {}
+        for key_node, value_node in node.items:
+            addr = key_node.text
+            ident = self.string(value_node, f"{what} identity")
+            if ident is _BAD:
+                continue
+            try:
+                if "/" in addr:
+                    ipaddress.ip_network(addr, strict=False)
+                    if ident.count("*") != 1:
+                        self.error(value_node, f"{what}: the identity of CIDR {addr} must "
+                                               "contain exactly one '*' (replaced by the "
+                                               "client's address)")
+                        continue
+                    why = component_problem(ident.replace("*", "1"))
+                else:
+                    ipaddress.ip_address(addr)
+                    if "*" in ident:
+                        self.error(value_node, f"{what}: the identity of a single IP must not "
+                                               "contain '*'")
+                        continue
+                    why = component_problem(ident)
+            except ValueError:
+                self.error(key_node, f"{what}: {addr!r} is not an IP address or CIDR")
+                continue
+            if why:
+                self.error(value_node, f"{what}: identity {ident!r}: {why}")
+                continue
+            out[addr] = ident
+        return out
+
+    def filter(self, node, what):
+        if not isinstance(node, Mapping):
+            self.error(node, f"{what} must be a mapping of dataset patterns to true/false, "
+                             f"got {_describe(node)}")
+            return None
+        out = []
+        for k, v in node.items:
+            pattern = k.text
+            base = pattern[:-1] if pattern.endswith("<") else pattern
+            if "<" in base:
+                self.error(k, f"{what}: pattern {pattern!r}: '<' may appear only once, at "
+                              "the end")
+                continue
+            if "@" in base or "#" in base:
+                self.error(k, f"{what}: pattern {pattern!r} names a snapshot or bookmark; "
+                              "filters select filesystems")
+                continue
+            if base:
+                why = dataset_name_problem(base)
+                if why:
+                    self.error(k, f"{what}: pattern {pattern!r}: {why}")
+                    continue
+            elif pattern != "<":
+                self.error(k, f"{what}: empty pattern")
+                continue
+            accept = self.boolean(v, f"{what} value for {pattern!r}")
+            if accept is not _BAD:
+                out.append((pattern, accept))
+        return tuple(out)
+
+    def snapshotting(self, node, label):
+        kinds = {"periodic": (("prefix", "interval"), ("timestamp_format",
+                                                       "timestamp_location", "hooks")),
+                 "cron": (("prefix", "cron"), ("timestamp_format", "timestamp_location",
+                                               "hooks")),
+                 "manual": ((), ())}
+        t = self._type(node, f"{label} snapshotting", kinds)
+        if t is None:
+            return None
+        what = f"{label} snapshotting ({t})"
+        m = self.mapping(node, what, ("type",) + kinds[t][0], kinds[t][1])
+        if m is None:
+            return None
+        s = Snapshotting(t, pos={k: self.pos(v) for k, v in m.items()})
+        if "prefix" in m:
+            v = self.name(m["prefix"], f"{what} prefix", component_problem)
+            s.prefix = None if v is _BAD else v
+        if "interval" in m:
+            v = self.zrepl_duration(m["interval"], f"{what} interval")
+            s.interval = None if v is _BAD else v
+        if "cron" in m:
+            v = self.parsed(m["cron"], f"{what} cron", parse_cron)
+            s.cron = None if v is _BAD else v
+        if "timestamp_format" in m:
+            v = self.string(m["timestamp_format"], f"{what} timestamp_format")
+            if v is not _BAD and v.lower() not in TIMESTAMP_FORMATS and "+" in v:
+                v = self.error(m["timestamp_format"], f"{what} timestamp_format: a Go layout "
+                                                      "must not contain '+'")
+            s.timestamp_format = "dense" if v is _BAD else v
+        zone = None
+        if "timestamp_location" in m:
+            v = self.string(m["timestamp_location"], f"{what} timestamp_location")
+            if v is not _BAD:
+                try:
+                    zone = load_timezone(v)
+                    s.timestamp_location = v
+                except ValueError as e:
+                    self.error(m["timestamp_location"], f"{what} timestamp_location: {e}")
+        known = TIMESTAMP_FORMATS.get(s.timestamp_format.lower())
+        if known and known[1] and s.timestamp_location != "UTC":
+            self.error(m.get("timestamp_location", node),
+                       f"{what}: timestamp_format {s.timestamp_format!r} is UTC-only; "
+                       f"timestamp_location must be UTC (got {s.timestamp_location!r})")
+        elif s.prefix is not None and t != "manual":
+            zone = zone or load_timezone("UTC")
+            for probe in (1590969600, 1606780800):   # 2020-06-01 and 2020-12-01 00:00 UTC
+                stamp = format_snapshot_timestamp(s.timestamp_format, zone, probe)
+                why = component_problem(s.prefix + stamp)
+                if why:
+                    self.error(m.get("timestamp_format", node),
+                               f"{what}: timestamp format gives invalid snapshot names "
+                               f"({s.prefix + stamp!r}: {why})")
+                    break
+        if "hooks" in m:
+            s.hooks = [h for h in (self.hook(item, f"{what} hooks")
+                                   for item in self.sequence(m["hooks"], f"{what} hooks"))
+                       if h is not None]
+        return s
+
+    def hook(self, node, what):
+        unsupported = {t: f"hook type {t!r} is not supported by zrepl.py; use a `command` hook"
+                       for t in ("postgres-checkpoint", "mysql-lock-tables")}
+        t = self._type(node, "hook", {"command": ()}, unsupported)
+        if t is None:
+            return None
+        m = self.mapping(node, f"{what} (command)", ("type", "path"),
+                         ("timeout", "err_is_fatal", "filesystems"))
+        if m is None or "path" not in m:
+            return None
+        path = self.abspath(m["path"], f"{what} path")
+        if path is _BAD:
+            return None
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            self.error(m["path"], f"{what} path: {path} is not an executable file (hooks take "
+                                  "no arguments; wrap them in a script)")
+        h = Hook(path, pos={k: self.pos(v) for k, v in m.items()})
+        if "timeout" in m:
+            v = self.go_duration(m["timeout"], f"{what} timeout")
+            h.timeout = 30.0 if v is _BAD else v
+        if "err_is_fatal" in m:
+            v = self.boolean(m["err_is_fatal"], f"{what} err_is_fatal")
+            h.err_is_fatal = v is True
+        if "filesystems" in m:
+            h.filesystems = self.filter(m["filesystems"], f"{what} filesystems") or ()
+        return h
+
+    def keep_rules(self, node, what, jtype, key):
+        rules = []
+        kinds = {"not_replicated": ((), ("keep_snapshot_at_cursor",)),
+                 "last_n": (("count",), ("regex",)),
+                 "regex": (("regex",), ("negate",)),
+                 "grid": (("grid", "regex"), ())}
+        items = self.sequence(node, what)
+        for i, item in enumerate(items):
+            t = self._type(item, "keep rule", kinds)
+            if t is None:
+                continue
+            w = f"{what} #{i + 1} {t}"
+            m = self.mapping(item, w, ("type",) + kinds[t][0], kinds[t][1])
+            if m is None:
+                continue
+            r = KeepRule(t, pos={k: self.pos(v) for k, v in m.items()})
+            r.pos["rule"] = self.pos(item)
+            if "count" in m:
+                v = self.integer(m["count"], f"{w} count", minimum=1)
+                r.count = None if v is _BAD else v
+            if "regex" in m:
+                v = self.regex(m["regex"], f"{w} regex")
+                r.regex = None if v is _BAD else v
+            if "negate" in m:
+                r.negate = self.boolean(m["negate"], f"{w} negate") is True
+            if "keep_snapshot_at_cursor" in m:
+                r.keep_snapshot_at_cursor = self.boolean(
+                    m["keep_snapshot_at_cursor"], f"{w} keep_snapshot_at_cursor") is not False
+            if "grid" in m:
+                v = self.parsed(m["grid"], f"{w} grid", parse_grid_spec)
+                if v is not _BAD:
+                    r.grid, r.buckets = m["grid"].text, v
+            if t == "not_replicated":
+                if jtype == "snap":
+                    self.error(item, f"{w}: not_replicated needs a replication cursor; a snap "
+                                     "job replicates nothing (use it in a push or pull job's "
+                                     "keep_sender)")
+                elif key == "keep_receiver":
+                    self.warn(item, f"{w}: not_replicated keeps nothing on the receiver")
+            rules.append(r)
+        if isinstance(node, Sequence) and not items:
+            self.warn(node, f"{what} is empty: it keeps every snapshot (nothing is pruned)")
+        return rules
+
+    def _bandwidth(self, node, what):
+        m = self.mapping(node, what, optional=("max", "bucket_capacity"))
+        bw = BandwidthLimit()
+        if not m:
+            return bw
+        if "max" in m:
+            v = self.parsed(m["max"], f"{what} max", parse_size,
+                            lambda x: None if x == -1 or x >= 1 else
+                            "must be -1 B (unlimited) or at least 1 B")
+            bw.max = -1 if v is _BAD else v
+        if "bucket_capacity" in m:
+            v = self.parsed(m["bucket_capacity"], f"{what} bucket_capacity", parse_size,
+                            lambda x: None if x > 0 else "must be positive")
+            bw.bucket_capacity = bw.bucket_capacity if v is _BAD else v
+        return bw
+
+    def send(self, node, label):
+        flags = ("encrypted", "raw", "send_properties", "backup_properties", "large_blocks",
+                 "compressed", "embedded_data", "saved")
+        m = self.mapping(node, f"{label} send", optional=flags + ("bandwidth_limit",))
+        s = SendOptions()
+        if not m:
+            return s
+        s.pos = {k: self.pos(v) for k, v in m.items()}
+        for f in flags:
+            if f in m:
+                setattr(s, f, self.boolean(m[f], f"{label} send.{f}") is True)
+        if "bandwidth_limit" in m:
+            s.bandwidth_limit = self._bandwidth(m["bandwidth_limit"],
+                                                f"{label} send.bandwidth_limit")
+        return s
+
+    def recv(self, node, label):
+        m = self.mapping(node, f"{label} recv", optional=("properties", "placeholder",
+                                                          "bandwidth_limit"))
+        r = RecvOptions()
+        if not m:
+            return r
+        if "properties" in m:
+            p = self.mapping(m["properties"], f"{label} recv.properties",
+                             optional=("inherit", "override")) or {}
+            if "inherit" in p:
+                r.properties_inherit = self.string_list(p["inherit"],
+                                                        f"{label} recv.properties.inherit",
+                                                        property_name_problem, unique=True)
+                r.pos["properties.inherit"] = self.pos(p["inherit"])
+            if "override" in p:
+                o = p["override"]
+                if self.mapping(o, f"{label} recv.properties.override",
+                                optional=tuple(k.text for k, _ in getattr(o, "items", ()))) \
+                        is not None:
+                    for k, v in o.items:
+                        why = property_name_problem(k.text)
+                        if why:
+                            self.error(k, f"{label} recv.properties.override: {why}")
+                            continue
+                        value = self.string(v, f"{label} recv.properties.override.{k.text}",
+                                            nonempty=False)
+                        if value is not _BAD:
+                            r.properties_override[k.text] = value
+                    r.pos["properties.override"] = self.pos(o)
+        if "placeholder" in m:
+            p = self.mapping(m["placeholder"], f"{label} recv.placeholder",
+                             optional=("encryption",)) or {}
+            if "encryption" in p:
+                v = self.enum(p["encryption"], f"{label} recv.placeholder.encryption",
+                              ("unspecified", "inherit", "off"))
+                r.placeholder_encryption = "unspecified" if v is _BAD else v
+        if "bandwidth_limit" in m:
+            r.bandwidth_limit = self._bandwidth(m["bandwidth_limit"],
+                                                f"{label} recv.bandwidth_limit")
+        return r
+
+    def replication(self, node, label):
+        what = f"{label} replication"
+        m = self.mapping(node, what, optional=("protection", "concurrency", "timeout",
+                                               "batch_incrementals"))
+        r = ReplicationOptions()
+        if not m:
+            return r
+        if "protection" in m:
+            p = self.mapping(m["protection"], f"{what}.protection",
+                             optional=("initial", "incremental")) or {}
+            for k in ("initial", "incremental"):
+                if k in p:
+                    v = self.enum(p[k], f"{what}.protection.{k}", PROTECTION_KINDS)
+                    if v is not _BAD:
+                        setattr(r, f"protection_{k}", v)
+        if "concurrency" in m:
+            c = self.mapping(m["concurrency"], f"{what}.concurrency",
+                             optional=("steps", "size_estimates")) or {}
+            for k in ("steps", "size_estimates"):
+                if k in c:
+                    v = self.integer(c[k], f"{what}.concurrency.{k}", minimum=1)
+                    if v is not _BAD:
+                        setattr(r, f"concurrency_{k}", v)
+        if "timeout" in m:
+            v = self.zrepl_duration(m["timeout"], f"{what}.timeout")
+            r.timeout = r.timeout if v is _BAD else v
+        if "batch_incrementals" in m:
+            v = self.boolean(m["batch_incrementals"], f"{what}.batch_incrementals")
+            r.batch_incrementals = r.batch_incrementals if v is _BAD else v
+        return r
+
+
+# --- loading: files, includes, cross-checks ------------------------------------------------
+
+def _read_yaml_file(path, display):
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError([Problem(display, 1, 1, f"not UTF-8 text: {e}")]) from None
+    except OSError as e:
+        raise ZreplError(f"cannot read configuration {display}: {e.strerror}",
+                         kind="config", hint="check the path and its permissions") from None
+    return YAMLReader(text, display).read()
+
+
+def _include_files(schema, node, base_dir):
+    """`include:` entries -> [(path, node)] in order; directories expand to *.yml by name."""
+    out = []
+    for item in schema.sequence(node, "include"):
+        entry = schema.string(item, "include entry")
+        if entry is _BAD:
+            continue
+        path = entry if os.path.isabs(entry) else os.path.join(base_dir, entry)
+        if os.path.isdir(path):
+            out.extend((os.path.join(path, n), item) for n in sorted(os.listdir(path))
+                       if n.endswith(".yml") and os.path.isfile(os.path.join(path, n)))
+        elif not os.path.exists(path):
+            schema.error(item, f"include {entry!r}: {path} does not exist")
+        elif not os.path.isfile(path) or not path.endswith(".yml"):
+            schema.error(item, f"include {entry!r}: {path} must be a .yml file or a directory")
+        else:
+            out.append((path, item))
+    return out
+
+
+def load_config(path, *, skip_cert_check=False):
+    """Read, validate and cross-check a configuration; raises ConfigError with every problem.
+
+    Warnings come back in Config.warnings.
+    """
+    problems = []
+    root = _read_yaml_file(path, path)
+    schema = _Schema(path, problems, skip_cert_check)
+    top = schema.mapping(root, "the configuration", optional=("global", "jobs", "include"))
+    top = top or {}
+    global_ = schema.global_(top["global"]) if "global" in top else GlobalConfig(
+        [LogOutlet("stdout", "warn", "human")], [])
+    jobs = [schema.job(n, i) for i, n in enumerate(schema.sequence(top["jobs"], "jobs"))] \
+        if "jobs" in top else []
+    if "include" in top:
+        for inc_path, _ in _include_files(schema, top["include"],
+                                          os.path.dirname(os.path.abspath(path))):
+            try:
+                inc_root = _read_yaml_file(inc_path, inc_path)
+            except ConfigError as e:
+                problems.extend(e.problems)
+                continue
+            inc = _Schema(inc_path, problems, skip_cert_check)
+            m = inc.mapping(inc_root, f"included file {inc_path}",
+                            optional=("global", "jobs", "include")) or {}
+            if "include" in m:
+                inc.error(m["include"], "include inside an included file is not allowed; list "
+                                        "every file in the main configuration")
+            if "global" in m:
+                inc.warn(m["global"], "global in an included file is ignored; only its jobs "
+                                      "are used")
+            if "jobs" in m:
+                jobs.extend(inc.job(n, i) for i, n in enumerate(inc.sequence(m["jobs"],
+                                                                              "jobs")))
+    jobs = [j for j in jobs if j is not None]
+    problems.extend(cross_check_jobs(jobs))
+    errors = [p for p in problems if not p.warning]
+    if errors:
+        raise ConfigError(errors + [p for p in problems if p.warning])
+    return Config(path, global_, jobs, [p for p in problems if p.warning])
+
+
+def _problem(pos, message, warning=False):
+    return Problem(pos[0], pos[1], pos[2], message, warning)
+
+
+# Names a human or another tool typically gives snapshots: used to tell whether any keep
+# rule keeps snapshots zrepl did not make (zrepl destroys them otherwise).
+_FOREIGN_SAMPLES = ("manual", "backup-before-upgrade", "autosnap_2024-01-01_00:00:00_hourly",
+                    "zfs-auto-snap_daily-2024-01-01-0000")
+
+
+def _rule_keeps_foreign(rule, prefix):
+    samples = [s for s in _FOREIGN_SAMPLES if not s.startswith(prefix)]
+    if rule.type == "regex":
+        rx = re.compile(rule.regex or "")
+        return any(bool(rx.search(s)) != rule.negate for s in samples)
+    if rule.type in ("last_n", "grid"):
+        return rule.regex is None or any(re.search(rule.regex, s) for s in samples)
+    return False
+
+
+def cross_check_jobs(jobs):
+    """Checks across jobs and per-job warnings (SPEC §2.10); pure."""
+    out = []
+    seen = {}
+    for j in jobs:
+        if j.name in seen:
+            first = seen[j.name]
+            out.append(_problem(j.pos["name"], f"duplicate job name {j.name!r} (first defined "
+                                               f"at {first[0]}:{first[1]})"))
+        else:
+            seen[j.name] = j.pos["name"]
+    listeners, identities, addresses = {}, {}, {}
+    for j in jobs:
+        s = j.serve
+        if s is None:
+            continue
+        if s.type == "local" and s.listener_name:
+            if s.listener_name in listeners:
+                out.append(_problem(s.pos["listener_name"],
+                                    f"listener_name {s.listener_name!r} is already served by "
+                                    f"job {listeners[s.listener_name]!r}"))
+            listeners.setdefault(s.listener_name, j.name)
+        if s.type == "stdinserver":
+            for ident in s.client_identities:
+                if ident in identities:
+                    out.append(_problem(s.pos["client_identities"],
+                                        f"client identity {ident!r} is already served over "
+                                        f"stdinserver by job {identities[ident]!r}"))
+                identities.setdefault(ident, j.name)
+        if s.type in ("tcp", "tls") and s.listen:
+            if s.listen in addresses:
+                out.append(_problem(s.pos["listen"], f"listen address {s.listen!r} is already "
+                                                     f"used by job {addresses[s.listen]!r}"))
+            addresses.setdefault(s.listen, j.name)
+    for j in jobs:
+        c = j.connect
+        if c is not None and c.type == "local" and c.listener_name \
+                and c.listener_name not in listeners:
+            out.append(_problem(c.pos["listener_name"],
+                                f"no sink or source job serves listener_name "
+                                f"{c.listener_name!r} (add a job with serve: {{type: local, "
+                                f"listener_name: {c.listener_name}}})"))
+        prefix = j.snapshotting.prefix if j.snapshotting else None
+        for key in ("keep", "keep_sender", "keep_receiver"):
+            rules = getattr(j, key)
+            if not rules or prefix is None:
+                continue
+            if key == "keep_receiver" and j.type == "pull":
+                continue
+            if not any(_rule_keeps_foreign(r, prefix) for r in rules):
+                out.append(_problem(j.pos.get(f"pruning.{key}", j.pos["job"]),
+                                    f"job {j.name!r} pruning.{key}: no rule keeps snapshots "
+                                    f"whose names do not start with {prefix!r}; such snapshots "
+                                    f"(made by hand or another tool) will be destroyed, as in "
+                                    f"zrepl. To keep them add {{type: regex, regex: "
+                                    f"\"^{prefix}\", negate: true}}", warning=True))
+    return out
+
+
+# Options whose zfs flag the local ZFS must have: (where, attribute, capability, flag text).
+_SEND_CAPS = (("encrypted", "send_w", "zfs send -w"), ("raw", "send_w", "zfs send -w"),
+              ("send_properties", "send_p", "zfs send -p"),
+              ("backup_properties", "send_b", "zfs send -b"),
+              ("large_blocks", "send_L", "zfs send -L"), ("compressed", "send_c", "zfs send -c"),
+              ("embedded_data", "send_e", "zfs send -e"), ("saved", "send_S", "zfs send -S"))
+
+
+def capability_problems(config, caps):
+    """Options this host's ZFS cannot honour, for the local side of each job (SPEC §2.10)."""
+    out = []
+    for j in config.jobs:
+        if j.send is not None:
+            for attr, cap, flag in _SEND_CAPS:
+                if getattr(j.send, attr) and not caps.get(cap):
+                    out.append(_problem(j.send.pos.get(attr, j.pos["job"]),
+                                        f"job {j.name!r}: send.{attr} needs `{flag}`, which "
+                                        f"this ZFS lacks"))
+        if j.recv is not None:
+            for key, cap, flag in (("properties.override", "recv_o", "zfs receive -o"),
+                                   ("properties.inherit", "recv_x", "zfs receive -x")):
+                wanted = (j.recv.properties_override if key.endswith("override")
+                          else j.recv.properties_inherit)
+                if wanted and not caps.get(cap):
+                    out.append(_problem(j.recv.pos.get(key, j.pos["job"]),
+                                        f"job {j.name!r}: recv.{key} needs `{flag}`, which "
+                                        f"this ZFS lacks"))
+    return out
+
+
+###############################################################################
+# 4. Model and names — datasets, versions, filters, placeholders, on-disk names
+###############################################################################
+
+@dataclass
+class Version:
+    """A snapshot (`fs@name`) or bookmark (`fs#name`) with the numbers zrepl decides on."""
+    type: str                 # snapshot | bookmark
+    fs: str
+    name: str                 # short name, after @ or #
+    guid: int
+    createtxg: int
+    creation: int             # epoch seconds
+    userrefs: Optional[int] = None
+    holds_record: tuple = ()  # tags from a local zrepl:holds record (SPEC §3.4)
+
+    @property
+    def full_name(self):
+        return f"{self.fs}{'@' if self.type == 'snapshot' else '#'}{self.name}"
+
+    def to_json(self):
+        return {"type": self.type, "name": self.name, "guid": str(self.guid),
+                "createtxg": self.createtxg, "creation": self.creation,
+                "userrefs": self.userrefs}
+
+
+@dataclass
+class Dataset:
+    """A filesystem or volume as one listing saw it, with its versions sorted by createtxg."""
+    name: str
+    type: str                 # filesystem | volume
+    guid: Optional[int] = None
+    placeholder_value: Optional[str] = None   # zrepl:placeholder, only if set locally
+    resume_token: Optional[str] = None
+    encryption: Optional[str] = None
+    versions: list = field(default_factory=list)
+
+    @property
+    def is_placeholder(self):
+        return is_placeholder(self.name, self.placeholder_value)
+
+    @property
+    def snapshots(self):
+        return [v for v in self.versions if v.type == "snapshot"]
+
+
+# --- placeholders (SPEC §3.3) ---------------------------------------------------------------
+
+_SHA512_256_IV = (
+    0x22312194FC2BF72C, 0x9F555FA3C84C64C2, 0x2393B86B6F53B151, 0x963877195940EABD,
+    0x96283EE2A88EFFE3, 0xBE5E1E2553863992, 0x2B0199FC2C85B8AA, 0x0EB72DDC81C52CA2)
+
+
+def _sha512_k():
+    # The SHA-512 round constants: first 64 bits of the fractional parts of the cube roots
+    # of the first 80 primes (FIPS 180-4 §4.2.3), computed rather than transcribed.
+    primes, n = [], 2
+    while len(primes) < 80:
+        if all(n % p for p in primes if p * p <= n):
+            primes.append(n)
+        n += 1
+
+    def icbrt(x):
+        lo, hi = 0, 1 << ((x.bit_length() + 2) // 3 + 1)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if mid ** 3 <= x:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+    return [icbrt(p << 192) & 0xFFFFFFFFFFFFFFFF for p in primes]
+
+
+def sha512_256_hex(data):
+    """SHA-512/256; hashlib's where OpenSSL has it, else a pure-Python FIPS 180-4 version."""
+    try:
+        return hashlib.new("sha512_256", data).hexdigest()
+    except ValueError:
+        return sha512_256_pure(data)
+
+
+def sha512_256_pure(data):
+    """SHA-512/256 in Python: SHA-512 with the /256 initial values, truncated to 32 bytes."""
+    mask = 0xFFFFFFFFFFFFFFFF
+    k = _sha512_k()
+    rotr = lambda x, n: ((x >> n) | (x << (64 - n))) & mask  # noqa: E731
+    msg = bytes(data) + b"\x80"
+    msg += b"\0" * ((112 - len(msg) % 128) % 128) + (len(data) * 8).to_bytes(16, "big")
+    h = list(_SHA512_256_IV)
+    for off in range(0, len(msg), 128):
+        w = [int.from_bytes(msg[off + 8 * i: off + 8 * i + 8], "big") for i in range(16)]
+        for i in range(16, 80):
+            s0 = rotr(w[i - 15], 1) ^ rotr(w[i - 15], 8) ^ (w[i - 15] >> 7)
+            s1 = rotr(w[i - 2], 19) ^ rotr(w[i - 2], 61) ^ (w[i - 2] >> 6)
+            w.append((w[i - 16] + s0 + w[i - 7] + s1) & mask)
+        a, b, c, d, e, f, g, hh = h
+        for i in range(80):
+            t1 = (hh + (rotr(e, 14) ^ rotr(e, 18) ^ rotr(e, 41)) + ((e & f) ^ (~e & g)) +
+                  k[i] + w[i]) & mask
+            t2 = ((rotr(a, 28) ^ rotr(a, 34) ^ rotr(a, 39)) + ((a & b) ^ (a & c) ^ (b & c))) \
+                & mask
+            a, b, c, d, e, f, g, hh = (t1 + t2) & mask, a, b, c, (d + t1) & mask, e, f, g
+        h = [(x + y) & mask for x, y in zip(h, (a, b, c, d, e, f, g, hh))]
+    return b"".join(x.to_bytes(8, "big") for x in h)[:32].hex()
+
+
+def is_placeholder(name, local_value):
+    """zrepl's rule: `zrepl:placeholder` set locally to `on`, or to the legacy 0.0.x value,
+    the SHA-512/256 of the dataset's full name."""
+    if local_value is None:
+        return False
+    return local_value == "on" or local_value == sha512_256_hex(name.encode("utf-8"))
+
+
+# --- filters (SPEC §5) ------------------------------------------------------------------------
+
+def filter_accepts(patterns, dataset):
+    """zrepl's filesystems filter: an exact pattern decides, else the longest `<` ancestor."""
+    best_len, best = -1, False
+    for pattern, accept in patterns:
+        if not pattern.endswith("<"):
+            if pattern == dataset:
+                return accept
+            continue
+        base = pattern[:-1]
+        if base == "" or dataset == base or dataset.startswith(base + "/"):
+            n = 0 if base == "" else base.count("/") + 1
+            if n > best_len:
+                best_len, best = n, accept
+    return best
+
+
+def filter_roots(patterns):
+    """The fewest datasets whose subtrees cover every accepting pattern; [] means all pools."""
+    bases = []
+    for pattern, accept in patterns:
+        if not accept:
+            continue
+        base = pattern[:-1] if pattern.endswith("<") else pattern
+        if base == "":
+            return []
+        bases.append(base)
+    roots = []
+    for b in sorted(set(bases)):
+        if not any(b == r or b.startswith(r + "/") for r in roots):
+            roots.append(b)
+    return roots
+
+
+# --- zrepl's on-disk abstraction names (SPEC §3.2) --------------------------------------------
+
+def step_hold_tag(job):
+    return f"zrepl_STEP_J_{job}"
+
+
+def last_received_hold_tag(job):
+    return f"zrepl_last_received_J_{job}"
+
+
+def cursor_hold_tag(job):
+    return f"zrepl_CURSOR_J_{job}"
+
+
+def cursor_bookmark_name(guid, job):
+    return f"zrepl_CURSOR_G_{guid:016x}_J_{job}"
+
+
+def tentative_cursor_bookmark_name(guid, job):
+    return f"zrepl_CURSORTENTATIVE__G_{guid:016x}_J_{job}"
+
+
+V1_CURSOR_BOOKMARK = "zrepl_replication_cursor"
+_BOOKMARK_ABSTRACTION = re.compile(r"^(.+)_G_([0-9a-f]{16})_J_(.+)$")
+
+
+def parse_abstraction_bookmark(name, guid):
+    """A bookmark's short name -> (type, job) if it is one of zrepl's, else None.
+
+    A bookmark whose encoded GUID differs from its real one is not an abstraction.
+    """
+    if name == V1_CURSOR_BOOKMARK:
+        return ("replication-cursor-bookmark-v1", None)
+    m = _BOOKMARK_ABSTRACTION.match(name)
+    if not m or int(m.group(2), 16) != guid or job_name_problem(m.group(3)):
+        return None
+    kind = {"zrepl_CURSOR": "replication-cursor-bookmark-v2",
+            "zrepl_CURSORTENTATIVE_": "tentative-replication-cursor-bookmark-v2"}.get(m.group(1))
+    return (kind, m.group(3)) if kind else None
+
+
+def parse_abstraction_hold(tag):
+    """A hold tag -> (type, job) if it is one of zrepl's, else None."""
+    for prefix, kind in (("zrepl_STEP_J_", "step-hold"),
+                         ("zrepl_last_received_J_", "last-received-hold"),
+                         ("zrepl_CURSOR_J_", "replication-cursor-hold")):
+        if tag.startswith(prefix) and not job_name_problem(tag[len(prefix):]):
+            return kind, tag[len(prefix):]
+    return None
+
+
+# --- parsing `zfs get -Hp` listings (SPEC §4.3) ----------------------------------------------
+
+LISTING_PROPERTIES = ("type", "guid", "createtxg", "creation", "userrefs", "zrepl:placeholder")
+
+
+def _int_or_none(text):
+    return int(text) if re.match(r"^-?\d+$", text) else None
+
+
+def parse_listing(text, wanted_types=("filesystem", "volume", "snapshot", "bookmark")):
+    """Lines `name<TAB>property<TAB>value<TAB>source` -> {fs name: Dataset}, versions sorted.
+
+    Values may contain tabs (user properties), so the value is everything between the
+    property and the last field.
+    """
+    props = {}
+    order = []
+    for line in text.splitlines():
+        if not line:
+            continue
+        parts = line.split("\t")
+        if len(parts) < 4:
+            continue
+        name, prop, value, source = parts[0], parts[1], "\t".join(parts[2:-1]), parts[-1]
+        if name not in props:
+            props[name] = {}
+            order.append(name)
+        props[name][prop] = (value, source)
+    datasets = {}
+    versions = []
+    for name in order:
+        p = props[name]
+        dtype = p.get("type", ("", ""))[0]
+        if dtype not in wanted_types:
+            continue
+
+        def local(key):
+            value, source = p.get(key, ("-", "-"))
+            return value if source == "local" and value != "-" else None
+        if dtype in ("filesystem", "volume"):
+            token = local("receive_resume_token")
+            datasets[name] = Dataset(name, dtype, _int_or_none(p.get("guid", ("-",))[0]),
+                                     local("zrepl:placeholder"), token,
+                                     p.get("encryption", (None,))[0])
+        else:
+            sep = "@" if dtype == "snapshot" else "#"
+            fs, _, short = name.partition(sep)
+            record = local("zrepl:holds")
+            versions.append(Version(dtype, fs, short, _int_or_none(p["guid"][0]) or 0,
+                                    _int_or_none(p["createtxg"][0]) or 0,
+                                    _int_or_none(p["creation"][0]) or 0,
+                                    _int_or_none(p.get("userrefs", ("-",))[0]),
+                                    tuple(record.split(",")) if record else ()))
+    for v in versions:
+        if v.fs in datasets:
+            datasets[v.fs].versions.append(v)
+    for d in datasets.values():
+        # a bookmark sorts before the snapshot of equal createtxg (SPEC §4.3)
+        d.versions.sort(key=lambda v: (v.createtxg, v.type == "snapshot"))
+    return datasets
+
+
+###############################################################################
+# 5. Keep rules — (built by the snap/prune issue)
+###############################################################################
+
+###############################################################################
+# 6. Planner — (built by the replication issue)
+###############################################################################
+
+
+###############################################################################
+# 7. ZFS adapter — the one place that runs zfs/zpool; probes; the one classifier
+###############################################################################
+# ── the edge: from here on code starts processes, opens sockets and reads the clock ──
+# Everything that touches ZFS goes through class ZFS; every failed command goes through
+# classify(). Callers decide on the error's kind and flags, never on stderr text.
+
+ZFS_EXTRA_PATH = ("/sbin", "/usr/sbin", "/usr/local/sbin")
+COMMAND_TIMEOUT = 600.0       # non-streaming commands (SPEC §4.1)
+KILL_GRACE = 5.0
+ARGV_BYTES_LIMIT = 128 * 1024
+ARGV_NAMES_LIMIT = 100
+
+# (regex on lower-cased stderr, rc or None, kind, temporary, local_to_fs) — first match wins.
+# zfs-fuse and OpenZFS texts are both covered; see zfs-fuse.md §3.5 for the catalogue.
+_CLASSIFY = [
+    # zfs-fuse as a non-root user: its socket refuses us, the whole host is out of reach
+    (r"connect: permission denied", None, "permission", False, False),
+    (r"make sure that the zfs-fuse daemon is running|failed to initialize zfs library|/dev/zfs",
+     None, "zfs-unavailable", False, False),
+    (r"^usage:|\n\s*usage:|invalid option|unrecognized command|invalid type|"
+     r"bad property list|too many arguments|missing .* argument", 2, "unsupported", False, False),
+    (r"permission denied|insufficient privileges", None, "permission", False, True),
+    (r"dataset does not exist|no such pool or dataset|could not find any snapshots|"
+     r"does not exist", None, "missing", False, True),
+    (r"tag already exists", None, "hold-exists", False, True),
+    (r"no such tag", None, "no-such-tag", False, True),
+    (r"bookmark exists", None, "bookmark-exists", False, True),
+    (r"is being held|it's being held", None, "held", True, True),
+    (r"dataset is busy", None, "busy", True, True),
+    (r"has dependent clones", None, "has-clones", False, True),
+    (r"most recent snapshot of .* does not\s+match incremental source", None, "diverged",
+     False, True),
+    (r"has been modified\s+since most recent snapshot", None, "receiver-modified", False, True),
+    (r"destination has snapshots|must destroy them to overwrite", None,
+     "receiver-has-snapshots", False, True),
+    (r"destination .* exists\s+must specify -f", None, "receiver-exists", False, True),
+    (r"destination already exists", None, "busy", True, True),
+    (r"contains partially-complete state", None, "partial-state", True, True),
+    (r"zfs send -t", None, "interrupted-resumable", True, True),
+    (r"cannot be used to destroy an encrypted filesystem", None, "encrypted-force", False,
+     True),
+    (r"out of space|quota exceeded", None, "no-space", False, True),
+    (r"invalid backup stream|failed to read from stream|broken pipe|checksum mismatch|"
+     r"incomplete stream|bad magic number", None, "stream-broken", True, True),
+    (r"name is too long|invalid character", None, "invalid-name", False, True),
+    (r"dataset already exists", None, "exists", False, True),
+]
+_CLASSIFY = [(re.compile(rx), rc, kind, tmp, local) for rx, rc, kind, tmp, local in _CLASSIFY]
+
+
+def _stderr_summary(stderr):
+    """The informative part of zfs's stderr: usage texts are cut to their first line."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    if not lines:
+        return "no error message"
+    out = []
+    for ln in lines:
+        if ln.lower().startswith("usage:"):
+            break
+        out.append(ln)
+    return "; ".join(out[:4]) or lines[0]
+
+
+def classify(argv, rc, stderr, fs=None, *, killed_by_us=False, signal_kill=False):
+    """THE classifier: a failed zfs/zpool command -> ZFSError with kind and flags (SPEC §4.6)."""
+    what = " ".join(argv[:2] + [a for a in argv[2:] if not a.startswith("-")][-1:])
+    summary = _stderr_summary(stderr)
+    if killed_by_us:
+        return ZFSError(f"{what}: no answer within the time limit; killed", argv=argv, rc=rc,
+                        stderr=stderr, kind="timeout", temporary=True, local_to_fs=True, fs=fs)
+    if signal_kill:
+        return ZFSError(f"{what}: killed by signal {-rc}", argv=argv, rc=rc, stderr=stderr,
+                        kind="killed", temporary=True, local_to_fs=True, fs=fs)
+    low = stderr.lower()
+    for rx, want_rc, kind, temporary, local in _CLASSIFY:
+        if (want_rc is None or want_rc == rc) and rx.search(low):
+            cls = ZFSUnavailable if kind == "zfs-unavailable" else ZFSError
+            hint = {"zfs-unavailable": "start the ZFS service (zfs-fuse: its daemon) and retry",
+                    "permission": "run as root or `zfs allow` the needed permissions",
+                    "unsupported": "this ZFS lacks the option; run `zrepl.py version` to see "
+                                   "what it supports"}.get(kind)
+            return cls(f"{what}: {summary}", argv=argv, rc=rc, stderr=stderr, kind=kind,
+                       temporary=temporary, local_to_fs=local, fs=fs, hint=hint)
+    return ZFSError(f"{what}: {summary}", argv=argv, rc=rc, stderr=stderr, kind="zfs-error",
+                    temporary=False, local_to_fs=fs is not None, fs=fs)
+
+
+class _ArgvTooLong(Exception):
+    """exec said E2BIG: the caller halves its chunk and retries."""
+
+
+def chunk_names(names, fixed_bytes=256):
+    """Split names into argv-sized chunks: at most 100 names and 128 KiB each (SPEC §4.1)."""
+    chunk, size = [], fixed_bytes
+    for n in names:
+        b = len(n.encode("utf-8")) + 1
+        if chunk and (len(chunk) >= ARGV_NAMES_LIMIT or size + b > ARGV_BYTES_LIMIT):
+            yield chunk
+            chunk, size = [], fixed_bytes
+        chunk.append(n)
+        size += b
+    if chunk:
+        yield chunk
+
+
+# (capability, [argv templates that must all be supported]); X = a dataset that cannot exist
+CAPABILITY_PROBES = (
+    ("list_p", [["zfs", "list", "-H", "-p", "-o", "name", "{X}"]]),
+    ("get_t", [["zfs", "get", "-H", "-t", "filesystem", "-o", "name", "name", "{X}"]]),
+    ("bookmarks", [["zfs", "list", "-H", "-o", "name", "-t", "bookmark", "{X}"]]),
+    ("holds_list", [["zfs", "holds", "-H", "{X}@x"]]),
+    ("multi_snapshot", [["zfs", "snapshot", "{X}@x", "{X}2@x"]]),
+    ("comma_destroy", None),   # decided from the usage text of a bare `zfs destroy`
+    ("recv_u", [["zfs", "receive", "-u", "-n", "{X}"]]),
+    ("resume", [["zfs", "receive", "-A", "{X}"], ["zfs", "send", "-n", "-v", "-t", "1-0-0-0"]]),
+    ("recv_o", [["zfs", "receive", "-n", "-o", "x:y=1", "{X}"]]),
+    ("recv_x", [["zfs", "receive", "-n", "-x", "x:y", "{X}"]]),
+    ("send_p", [["zfs", "send", "-p", "{X}@x"]]),
+    ("send_w", [["zfs", "send", "-w", "{X}@x"]]),
+    ("send_c", [["zfs", "send", "-c", "{X}@x"]]),
+    ("send_L", [["zfs", "send", "-L", "{X}@x"]]),
+    ("send_e", [["zfs", "send", "-e", "{X}@x"]]),
+    ("send_b", [["zfs", "send", "-b", "{X}@x"]]),
+    ("send_S", [["zfs", "send", "-S", "{X}@x"]]),
+    ("send_estimate", [["zfs", "send", "-n", "-v", "-P", "{X}@x"]]),
+    ("depth", [["zfs", "get", "-H", "-d", "1", "-o", "name", "name", "{X}"]]),
+    ("encryption", [["zfs", "load-key", "-n", "{X}"]]),
+)
+CAPABILITY_NAMES = tuple(name for name, _ in CAPABILITY_PROBES)
+_UNSUPPORTED_MARKERS = ("invalid option", "unrecognized command", "invalid type",
+                        "bad property list", "too many arguments", "usage:")
+
+
+def probe_says_unsupported(rc, stderr):
+    """SPEC §4.2: unsupported iff rc 2 with a usage-style complaint, or 255 `internal error`."""
+    low = stderr.lower()
+    if rc == 2 and any(m in low for m in _UNSUPPORTED_MARKERS):
+        return True
+    return rc == 255 and "internal error" in low
+
+
+@dataclass
+class Capabilities:
+    """What the local ZFS can do, decided by probes only, never by version strings."""
+    available: bool
+    error: Optional[str] = None
+    implementation: Optional[str] = None
+    version: Optional[str] = None
+    flags: dict = field(default_factory=dict)        # capability name -> bool
+    pools: dict = field(default_factory=dict)        # pool -> {bookmarks, resume, encryption}
+
+    def __getitem__(self, name):
+        return self.flags.get(name, False)
+
+    def get(self, name, default=False):
+        return self.flags.get(name, default)
+
+    def to_json(self):
+        return {"available": self.available, "error": self.error,
+                "implementation": self.implementation, "version": self.version,
+                "capabilities": {n: bool(self.flags.get(n)) for n in CAPABILITY_NAMES},
+                "pools": self.pools}
+
+
+@dataclass
+class Result:
+    rc: int
+    stdout: str
+    stderr: str
+
+
+def _zfs_env():
+    env = dict(os.environ)
+    env["LC_ALL"] = "C"   # classify() reads English messages
+    path = env.get("PATH", "/usr/bin:/bin")
+    env["PATH"] = ":".join([path] + [p for p in ZFS_EXTRA_PATH if p not in path.split(":")])
+    return env
+
+
+class ZFS:
+    """Runs zfs and zpool: argv lists, per-call timeouts, parsed results, classified errors.
+
+    `log(level, subsystem, message, **fields)` receives one debug line per command.
+    `calls` counts the processes started (tests and benchmarks read it).
+    """
+
+    def __init__(self, *, timeout=COMMAND_TIMEOUT, log=None):
+        self.timeout = timeout
+        self.log = log or (lambda *a, **k: None)
+        self.env = _zfs_env()
+        self.calls = 0
+        self._calls_lock = threading.Lock()
+        self._caps = None
+
+    # -- running commands --
+    def _binary(self, name):
+        path = shutil.which(name, path=self.env["PATH"])
+        if path is None:
+            raise ZFSUnavailable(f"no `{name}` command in PATH or {':'.join(ZFS_EXTRA_PATH)}",
+                                 hint="install ZFS (OpenZFS, or zfs-fuse on old Debian)")
+        return path
+
+    def run(self, argv, *, fs=None, input=None, timeout=None, check=True):
+        """Run one zfs/zpool command to completion -> Result; raises classify()'s error."""
+        exe = self._binary(argv[0])
+        started = time.monotonic()
+        with self._calls_lock:
+            self.calls += 1
+        try:
+            proc = subprocess.Popen([exe] + list(argv[1:]), env=self.env, close_fds=True,
+                                    stdin=subprocess.PIPE if input is not None
+                                    else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as e:
+            if e.errno == errno.E2BIG:
+                raise _ArgvTooLong() from None
+            raise ZFSError(f"cannot run {argv[0]}: {e.strerror}", argv=argv, fs=fs,
+                           kind="zfs-unavailable") from None
+        killed = False
+        try:
+            out, err = proc.communicate(input, timeout=timeout or self.timeout)
+        except subprocess.TimeoutExpired:
+            killed = True
+            out, err = self._kill(proc)
+        except BaseException:
+            self._kill(proc)
+            raise
+        stdout = out.decode("utf-8", "replace")
+        stderr = err.decode("utf-8", "replace")
+        self.log("debug", "zfs.cmd", "zfs command finished", argv=" ".join(argv),
+                 rc=proc.returncode, duration_s=round(time.monotonic() - started, 4))
+        if check and (proc.returncode != 0 or killed):
+            raise classify(list(argv), proc.returncode, stderr, fs, killed_by_us=killed,
+                           signal_kill=proc.returncode < 0)
+        return Result(proc.returncode, stdout, stderr)
+
+    @staticmethod
+    def _kill(proc):
+        """SIGTERM, grace, SIGKILL; then drain and reap: no zombie, no leaked pipe."""
+        try:
+            proc.terminate()
+            try:
+                return proc.communicate(timeout=KILL_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                return proc.communicate()
+        except OSError:
+            proc.wait()
+            return b"", b""
+
+    def _run_chunked(self, prefix, names, *, fs=None, suffix=()):
+        """Run `prefix + chunk + suffix` for argv-sized chunks; halve a chunk on E2BIG."""
+        results = []
+        for chunk in chunk_names(names):
+            pending = [chunk]
+            while pending:
+                part = pending.pop(0)
+                try:
+                    results.append((part, self.run(list(prefix) + part + list(suffix), fs=fs,
+                                                   check=False)))
+                except _ArgvTooLong:
+                    if len(part) == 1:
+                        raise ZFSError(f"{prefix[0]} {prefix[1]}: argument list too long",
+                                       argv=prefix, fs=fs, kind="invalid-name",
+                                       local_to_fs=True) from None
+                    half = len(part) // 2
+                    pending[:0] = [part[:half], part[half:]]
+        return results
+
+    # -- capabilities --
+    def capabilities(self, refresh=False):
+        """Probe once per process (SPEC §4.2); never raises: unavailability is reported."""
+        if self._caps is not None and not refresh:
+            return self._caps
+        try:
+            self._caps = self._probe()
+        except ZFSError as e:
+            self._caps = Capabilities(False, error=str(e))
+        return self._caps
+
+    def _probe(self):
+        self.run(["zpool", "list", "-H", "-o", "name"])   # raises if ZFS cannot answer
+        bogus = f"zreplpy-probe-{os.getpid()}/x"
+        argvs = [["zfs", "destroy"]] + [[a.replace("{X}", bogus) for a in t]
+                                        for _, templates in CAPABILITY_PROBES
+                                        for t in templates or ()]
+        # about 25 tiny processes: run them side by side, `version` waits for the slowest
+        results = self._run_parallel(argvs)
+        flags = {}
+        for name, templates in CAPABILITY_PROBES:
+            if templates is None:
+                usage = results[("zfs", "destroy")]
+                flags[name] = "[,...]" in usage.stderr + usage.stdout
+                continue
+            # zfs-fuse prints its `zfs holds` "internal error" on stdout
+            flags[name] = not any(
+                probe_says_unsupported(r.rc, r.stderr + r.stdout)
+                for r in (results[tuple(a.replace("{X}", bogus) for a in t)]
+                          for t in templates))
+        impl, version = self._implementation()
+        return Capabilities(True, implementation=impl, version=version, flags=flags,
+                            pools=self._pool_features(flags))
+
+    def _run_parallel(self, argvs, workers=8):
+        """Run independent read-only commands concurrently -> {tuple(argv): Result}."""
+        results, todo = {}, list(argvs)
+        lock = threading.Lock()
+
+        def worker():
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    argv = todo.pop()
+                r = self.run(argv, check=False, timeout=60)
+                with lock:
+                    results[tuple(argv)] = r
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+    def _implementation(self):
+        r = self.run(["zfs", "version"], check=False)
+        m = re.match(r"^zfs-(?:kmod-)?v?(\d+\.\d+\.\d+)", r.stdout.strip())
+        if r.rc == 0 and m:
+            return "openzfs", m.group(1)
+        if platform.system() == "SunOS":
+            return "illumos", None
+        r = self.run(["zpool", "upgrade", "-v"], check=False)
+        m = re.search(r"ZFS pool version (\d+)", r.stdout)
+        version = f"pool-version {m.group(1)}" if m else None
+        if shutil.which("zfs-fuse", path=self.env["PATH"]):
+            return "zfs-fuse", version
+        return "unknown", version
+
+    def _pool_features(self, flags):
+        pools = self.list_pools()
+        features = {p: set() for p in pools}
+        r = self.run(["zpool", "get", "-H", "-p", "-o", "name,property,value",
+                      "feature@bookmarks,feature@extensible_dataset,feature@encryption"],
+                     check=False)
+        if r.rc == 0:
+            for line in r.stdout.splitlines():
+                parts = line.split("\t")
+                if len(parts) == 3 and parts[2] in ("enabled", "active") and parts[0] in features:
+                    features[parts[0]].add(parts[1])
+        return {p: {"bookmarks": flags["bookmarks"] and "feature@bookmarks" in f,
+                    "resume": flags["resume"] and "feature@extensible_dataset" in f,
+                    "encryption": flags["encryption"] and "feature@encryption" in f}
+                for p, f in sorted(features.items())}
+
+    def list_pools(self):
+        return [ln for ln in self.run(["zpool", "list", "-H", "-o", "name"]).stdout.splitlines()
+                if ln]
+
+    # -- listing (SPEC §4.3) --
+    def list_filesystems(self):
+        """Every filesystem and volume of every imported pool, sorted by name."""
+        out = self.run(["zfs", "list", "-H", "-o", "name", "-t", "filesystem,volume"]).stdout
+        return sorted(ln for ln in out.splitlines() if ln)
+
+    def listing_argv(self, roots, *, snapshots=True):
+        caps = self.capabilities()
+        props = list(LISTING_PROPERTIES)
+        if not caps["holds_list"]:
+            props.append("zrepl:holds")
+        if caps["resume"]:
+            props.append("receive_resume_token")
+        if caps["encryption"]:
+            props.append("encryption")
+        argv = ["zfs", "get", "-Hp", "-r"]
+        if caps["get_t"]:
+            types = ["filesystem", "volume"] + (["snapshot"] if snapshots else []) + \
+                (["bookmark"] if snapshots and caps["bookmarks"] else [])
+            argv += ["-t", ",".join(types)]
+        return argv + ["-o", "name,property,value,source", ",".join(props)] + list(roots)
+
+    def list_datasets(self, roots=(), *, snapshots=True):
+        """ONE `zfs get` for all datasets under roots -> ({name: Dataset}, [missing roots]).
+
+        A root that does not exist is returned in the second list, not raised: the other
+        roots' lines still count (zfs prints them and exits 1).
+        """
+        argv = self.listing_argv(roots, snapshots=snapshots)
+        r = self.run(argv, check=False)
+        missing = []
+        if r.rc != 0:
+            others = []
+            for line in r.stderr.splitlines():
+                m = re.match(r"^cannot open '(.*)': dataset does not exist$", line.strip())
+                if m and m.group(1) in roots:
+                    missing.append(m.group(1))
+                elif line.strip():
+                    others.append(line)
+            if others or not missing:
+                raise classify(argv, r.rc, r.stderr)
+        types = ("filesystem", "volume") + (("snapshot", "bookmark") if snapshots else ())
+        return parse_listing(r.stdout, types), missing
+
+    def get_version(self, full_name):
+        """Exact guid/createtxg/creation of one snapshot or bookmark (verifies a receive)."""
+        argv = ["zfs", "get", "-Hp", "-o", "name,property,value,source",
+                "type,guid,createtxg,creation,userrefs", full_name]
+        fs = re.split(r"[@#]", full_name)[0]
+        r = self.run(argv, fs=fs)
+        sep = "@" if "@" in full_name else "#"
+        datasets = parse_listing(
+            f"{fs}\ttype\tfilesystem\t-\n" + r.stdout)
+        versions = datasets[fs].versions if fs in datasets else []
+        return next((v for v in versions if v.name == full_name.split(sep, 1)[1]), None)
+
+    # -- snapshots --
+    def snapshot(self, filesystems, name):
+        """Take fs@name for every fs -> {fs: None | ZFSError}. One call per chunk where ZFS
+        can snapshot several names at once (atomic per chunk), else one call per fs."""
+        result = {}
+        if self.capabilities()["multi_snapshot"] and len(filesystems) > 1:
+            for part, r in self._run_chunked(["zfs", "snapshot"],
+                                             [f"{fs}@{name}" for fs in filesystems]):
+                fss = [n.split("@", 1)[0] for n in part]
+                if r.rc == 0:
+                    result.update({fs: None for fs in fss})
+                else:
+                    # nothing of a failed chunk was created: isolate the failure one by one
+                    result.update(self._snapshot_each(fss, name))
+            return result
+        return self._snapshot_each(filesystems, name)
+
+    def _snapshot_each(self, filesystems, name):
+        result = {}
+        for fs in filesystems:
+            try:
+                self.run(["zfs", "snapshot", f"{fs}@{name}"], fs=fs)
+                result[fs] = None
+            except ZFSError as e:
+                result[fs] = e
+        return result
+
+    def snapshot_recursive(self, root, name):
+        """One atomic `zfs snapshot -r root@name` for a whole subtree."""
+        self.run(["zfs", "snapshot", "-r", f"{root}@{name}"], fs=root)
+
+    # -- destroying snapshots (SPEC §4.5) --
+    _CANNOT_DESTROY = re.compile(r"^cannot destroy (?:snapshot )?'?([^':]+@[^':]+)'?: (.*)$")
+
+    def destroy_snapshots(self, fs, names):
+        """Destroy fs@name for names -> {name: None (destroyed or already gone) | ZFSError}.
+
+        Comma lists where ZFS has them (batches, per-snapshot error attribution, one retry
+        without the failed ones, then one by one); otherwise one call per snapshot. `%`
+        ranges are never used: zfs-fuse answers them with a misleading "does not exist".
+        """
+        names = sorted(names)
+        result = {}
+        if not self.capabilities()["comma_destroy"] or len(names) == 1:
+            for n in names:
+                result[n] = self._destroy_one(fs, n)
+            return result
+        for chunk in chunk_names(names, fixed_bytes=len(fs) + 64):
+            result.update(self._destroy_batch(fs, chunk))
+        return result
+
+    def _destroy_one(self, fs, name):
+        try:
+            self.run(["zfs", "destroy", f"{fs}@{name}"], fs=fs)
+        except ZFSError as e:
+            return None if e.kind == "missing" else e
+        return None
+
+    def _destroy_batch(self, fs, chunk, retried=False):
+        argv = ["zfs", "destroy", f"{fs}@{','.join(chunk)}"]
+        r = self.run(argv, fs=fs, check=False)
+        if r.rc == 0:
+            return {n: None for n in chunk}
+        failed = {}
+        for line in r.stderr.splitlines():
+            m = self._CANNOT_DESTROY.match(line.strip())
+            if m and m.group(1).startswith(fs + "@"):
+                short = m.group(1).split("@", 1)[1]
+                if short in chunk:
+                    err = classify(["zfs", "destroy", m.group(1)], r.rc, m.group(2), fs)
+                    failed[short] = None if err.kind == "missing" else err
+        rest = [n for n in chunk if n not in failed]
+        if not failed or retried:
+            result = dict(failed)
+            for n in rest:
+                result[n] = self._destroy_one(fs, n)
+            return result
+        result = dict(failed)
+        if rest:
+            result.update(self._destroy_batch(fs, rest, retried=True))
+        return result
+
+    # -- holds (SPEC §3.4) --
+    def hold(self, tag, versions):
+        """Hold every snapshot in versions with tag -> {full name: None | ZFSError}.
+
+        "tag already exists" is success. Without a usable `zfs holds`, the tag is first
+        recorded in the snapshot's zrepl:holds property so it can be found again.
+        """
+        result = {}
+        use_record = not self.capabilities()["holds_list"]
+        for v in versions:
+            if use_record and tag not in v.holds_record:
+                record = v.holds_record + (tag,)
+                try:
+                    self.set_property(v.full_name, "zrepl:holds", ",".join(record))
+                    v.holds_record = record
+                except ZFSError as e:
+                    result[v.full_name] = e
+        todo = [v.full_name for v in versions if v.full_name not in result]
+        result.update(self._hold_release("hold", tag, todo))
+        return result
+
+    def release(self, tag, versions):
+        """Release tag from every snapshot in versions; "no such tag" is success."""
+        result = self._hold_release("release", tag, [v.full_name for v in versions])
+        if not self.capabilities()["holds_list"]:
+            for v in versions:
+                if result.get(v.full_name) is None and tag in v.holds_record:
+                    record = tuple(t for t in v.holds_record if t != tag)
+                    try:
+                        if record:
+                            self.set_property(v.full_name, "zrepl:holds", ",".join(record))
+                        else:
+                            self.run(["zfs", "inherit", "zrepl:holds", v.full_name],
+                                     fs=v.fs)
+                        v.holds_record = record
+                    except ZFSError as e:
+                        result[v.full_name] = e
+        return result
+
+    _CANNOT_HOLD = re.compile(r"^cannot (?:hold|release) (?:'[^']*' from )?'([^']+)': (.*)$")
+
+    def _hold_release(self, verb, tag, names):
+        ok_kind = "hold-exists" if verb == "hold" else "no-such-tag"
+        result = {}
+        for part, r in self._run_chunked(["zfs", verb, tag], names):
+            outcome = {n: None for n in part}
+            if r.rc != 0:
+                attributed = False
+                for line in r.stderr.splitlines():
+                    m = self._CANNOT_HOLD.match(line.strip())
+                    if m and m.group(1) in outcome:
+                        attributed = True
+                        err = classify(["zfs", verb, tag, m.group(1)], r.rc, m.group(2),
+                                       m.group(1).split("@")[0])
+                        outcome[m.group(1)] = None if err.kind == ok_kind else err
+                if not attributed:
+                    err = classify(["zfs", verb, tag] + part, r.rc, r.stderr,
+                                   part[0].split("@")[0])
+                    outcome = {n: (None if err.kind == ok_kind else err) for n in part}
+            result.update(outcome)
+        return result
+
+    def holds(self, versions):
+        """Hold tags per snapshot -> {full name: [tags]}: `zfs holds -H` where it works,
+        else the zrepl:holds record (tags we did not record are not visible)."""
+        if not self.capabilities()["holds_list"]:
+            return {v.full_name: list(v.holds_record) for v in versions}
+        out = {v.full_name: [] for v in versions}
+        for _, r in self._run_chunked(["zfs", "holds", "-H"],
+                                      [v.full_name for v in versions if v.userrefs]):
+            for line in r.stdout.splitlines():
+                parts = line.split("\t")
+                if len(parts) >= 2 and parts[0] in out:
+                    out[parts[0]].append(parts[1])
+        return out
+
+    # -- properties and datasets --
+    def set_property(self, name, prop, value):
+        """One property per call: zfs-fuse rejects several in one `zfs set`."""
+        self.run(["zfs", "set", f"{prop}={value}", name], fs=re.split(r"[@#]", name)[0])
+
+    def inherit_property(self, name, prop):
+        self.run(["zfs", "inherit", prop, name], fs=re.split(r"[@#]", name)[0])
+
+    def create_placeholder(self, name, *, encryption_off=False):
+        """A dataset that only holds the hierarchy on a receiver (SPEC §3.3)."""
+        argv = ["zfs", "create", "-o", "zrepl:placeholder=on", "-o", "mountpoint=none",
+                "-o", "canmount=off"]
+        if encryption_off:
+            argv += ["-o", "encryption=off"]
+        self.run(argv + [name], fs=name)
+
+    def get_local_property(self, name, prop):
+        """The locally set value of prop on one dataset, or None."""
+        r = self.run(["zfs", "get", "-H", "-o", "value,source", prop, name], fs=name)
+        value, _, source = r.stdout.rstrip("\n").rpartition("\t")
+        return value if source == "local" else None
+
+
+###############################################################################
+# 8. Endpoints — (built by the replication issue)
+###############################################################################
+
+###############################################################################
+# 9. Transport and RPC — (built by the transport issues)
+###############################################################################
+
+###############################################################################
+# 10. Replication driver — (built by the replication issue)
+###############################################################################
+
+###############################################################################
+# 11. Pruner and snapper — (built by the snap/prune issue)
+###############################################################################
+
+###############################################################################
+# 12. Jobs and daemon — (built by the snap/prune and daemon issues)
+###############################################################################
+
+
+###############################################################################
+# 13. Status, metrics and logging — what the user and their monitoring read
+###############################################################################
+
+_LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3}
+_LEVEL_TAGS = {"debug": "DEBG", "info": "INFO", "warn": "WARN", "error": "ERRO"}
+
+
+class Logger:
+    """The `human` log format on one stream (stderr for every command but `daemon`)."""
+
+    def __init__(self, stream, level="warn", job=""):
+        self.stream = stream
+        self.level = _LEVELS[level]
+        self.job = job
+
+    def __call__(self, level, subsystem, message, **fields):
+        if _LEVELS[level] < self.level:
+            return
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)) + \
+            f".{int(now * 1000) % 1000:03d}" + time.strftime("%z", time.localtime(now))
+        extra = "".join(f" {k}={json.dumps(str(v))}" for k, v in fields.items())
+        self.stream.write(f"{stamp} [{_LEVEL_TAGS[level]}][{self.job}][{subsystem}]: "
+                          f"{message}{extra}\n")
+        self.stream.flush()
+
+
+###############################################################################
+# 14. CLI — argparse, one function per command, main(argv) -> exit code
+###############################################################################
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting, so main() owns every exit."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
+def resolve_config_path(explicit, environ):
+    """--config, else $ZREPL_CONFIG, else the first default location that exists."""
+    if explicit or environ.get("ZREPL_CONFIG"):
+        path = explicit or environ["ZREPL_CONFIG"]
+        if not os.path.exists(path):
+            raise UsageError(f"configuration file {path} does not exist")
+        return path
+    for path in DEFAULT_CONFIG_PATHS:
+        if os.path.exists(path):
+            if not os.path.isfile(path):
+                raise UsageError(f"configuration {path} is not a regular file")
+            return path
+    return None
+
+
+def _load(args, *, skip_cert_check=False):
+    path = resolve_config_path(args.config, os.environ)
+    if path is None:
+        raise UsageError(f"no configuration file: give --config PATH, set ZREPL_CONFIG, or "
+                         f"create {' or '.join(DEFAULT_CONFIG_PATHS)}")
+    return load_config(path, skip_cert_check=skip_cert_check)
+
+
+def cmd_version(args, zfs, out):
+    caps = zfs.capabilities()
+    if args.json:
+        doc = {"schema": "zrepl.py/version/1", "version": VERSION,
+               "python": {"version": platform.python_version(),
+                          "implementation": platform.python_implementation(),
+                          "executable": sys.executable},
+               "platform": platform.platform(), "zfs": caps.to_json()}
+        out.write(json.dumps(doc, indent=2) + "\n")
+        return 0
+    out.write(f"{PROG} {VERSION}\n")
+    out.write(f"python {platform.python_version()} {platform.python_implementation()} on "
+              f"{platform.platform()}\n")
+    if not caps.available:
+        out.write(f"zfs: unavailable ({caps.error})\n")
+        return 0
+    out.write(f"zfs: {caps.implementation} {caps.version or '-'}\n")
+    out.write("capabilities: " + " ".join(f"{n}={'yes' if caps[n] else 'no'}"
+                                           for n in CAPABILITY_NAMES) + "\n")
+    for pool, f in caps.pools.items():
+        out.write(f"pool {pool}: " + " ".join(f"{k}={'yes' if v else 'no'}"
+                                              for k, v in f.items()) + "\n")
+    return 0
+
+
+def _host_problems(config, zfs, log):
+    """configcheck's checks against this host's ZFS; skipped (with a warning) without ZFS."""
+    caps = zfs.capabilities()
+    if not caps.available:
+        log("warn", "meta", f"ZFS capabilities could not be probed ({caps.error}); host "
+                            "capability checks skipped")
+        return []
+    problems = capability_problems(config, caps.flags)
+    try:
+        existing = set(zfs.list_filesystems())
+    except ZFSError as e:
+        log("warn", "meta", f"cannot list filesystems ({e}); filter checks skipped")
+        return problems
+    for j in config.jobs:
+        if j.filesystems is None:
+            continue
+        for pattern, accept in j.filesystems:
+            base = pattern.rstrip("<")
+            if accept and base and base not in existing:
+                problems.append(_problem(j.pos.get("filesystems", j.pos["job"]),
+                                         f"job {j.name!r}: filesystems pattern {pattern!r} "
+                                         "matches no dataset on this host", warning=True))
+        mine = [d for d in existing if filter_accepts(j.filesystems, d)]
+        for hook in (j.snapshotting.hooks if j.snapshotting else []):
+            if not any(filter_accepts(hook.filesystems, d) for d in mine):
+                problems.append(_problem(hook.pos.get("path", j.pos["job"]),
+                                         f"job {j.name!r}: hook {hook.path} matches no "
+                                         "filesystem of the job", warning=True))
+    return problems
+
+
+def cmd_configcheck(args, zfs, out, log):
+    config = _load(args, skip_cert_check=args.skip_cert_check)
+    problems = config.warnings + _host_problems(config, zfs, log)
+    errors = [p for p in problems if not p.warning]
+    for p in [p for p in problems if p.warning]:
+        sys.stderr.write(f"{p}\n")
+    if errors:
+        raise ConfigError(errors)
+    if args.format:
+        parts = {"config": {"global": to_plain(config.global_),
+                            "jobs": to_plain(config.jobs)},
+                 "jobs": to_plain(config.jobs),
+                 "logging": to_plain(config.global_.logging)}
+        doc = parts if args.what == "all" else parts[args.what]
+        if args.format == "json":
+            out.write(json.dumps(doc, indent=2) + "\n")
+        else:
+            out.write(render_pretty(doc))
+    return 0
+
+
+def render_pretty(value, indent=0):
+    """An indented `key: value` rendering of plain data, for humans."""
+    pad = "  " * indent
+    if isinstance(value, dict):
+        if not value:
+            return pad + "{}\n"
+        lines = []
+        for k, v in value.items():
+            if isinstance(v, (dict, list)) and v:
+                lines.append(f"{pad}{k}:\n{render_pretty(v, indent + 1)}")
+            else:
+                lines.append(f"{pad}{k}: {_pretty_scalar(v)}\n")
+        return "".join(lines)
+    if isinstance(value, list):
+        if not value:
+            return pad + "[]\n"
+        return "".join(f"{pad}-\n{render_pretty(v, indent + 1)}"
+                       if isinstance(v, (dict, list)) else f"{pad}- {_pretty_scalar(v)}\n"
+                       for v in value)
+    return pad + _pretty_scalar(value) + "\n"
+
+
+def _pretty_scalar(v):
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (dict, list)):
+        return "{}" if isinstance(v, dict) else "[]"
+    return str(v)
+
+
+def cmd_test_filesystems(args, zfs, out):
+    config = _load(args, skip_cert_check=True)
+    job = config.job(args.job)
+    if job is None:
+        raise UsageError(f"no job named {args.job!r} in {config.path} (jobs: "
+                         f"{', '.join(j.name for j in config.jobs) or 'none'})")
+    if job.filesystems is None:
+        raise UsageError(f"job {job.name} (type {job.type}) has no filesystems filter")
+    if args.input is not None:
+        why = dataset_name_problem(args.input)
+        if why:
+            raise UsageError(why)
+        names = [args.input]
+    else:
+        names = zfs.list_filesystems()
+    for name in names:
+        out.write(f"{'ACCEPT' if filter_accepts(job.filesystems, name) else 'REJECT'}\t{name}\n")
+    return 0
+
+
+def cmd_test_placeholder(args, zfs, out):
+    if args.dataset is not None:
+        why = dataset_name_problem(args.dataset)
+        if why:
+            raise UsageError(why)
+        try:
+            value = zfs.get_local_property(args.dataset, "zrepl:placeholder")
+        except ZFSError as e:
+            if e.kind == "missing":
+                raise ZreplError(f"dataset {args.dataset} does not exist", kind="missing",
+                                 fs=args.dataset) from None
+            raise
+        rows = [(args.dataset, value)]
+    else:
+        datasets, _ = zfs.list_datasets(snapshots=False)
+        rows = [(d.name, d.placeholder_value) for d in datasets.values()]
+    out.write("IS_PLACEHOLDER\tDATASET\tzrepl:placeholder\n")
+    for name, value in sorted(rows):
+        out.write(f"{'yes' if is_placeholder(name, value) else 'no'}\t{name}\t{value or ''}\n")
+    return 0
+
+
+def build_parser():
+    p = _ArgumentParser(prog=PROG, description="zrepl, the ZFS snapshot and replication "
+                                               "daemon, in one Python file.")
+    p.add_argument("--config", metavar="PATH",
+                   help="configuration file (default: $ZREPL_CONFIG, /etc/zrepl/zrepl.yml, "
+                        "/usr/local/etc/zrepl/zrepl.yml)")
+    p.add_argument("--debug", action="store_true", help="log every zfs command on stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    sub.required = True
+
+    v = sub.add_parser("version", help="show versions and this host's ZFS capabilities")
+    v.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+    c = sub.add_parser("configcheck", help="validate the configuration (exit 2 on errors)")
+    c.add_argument("--what", choices=("all", "config", "jobs", "logging"), default="all",
+                   help="what --format prints")
+    c.add_argument("--format", choices=("pretty", "json"),
+                   help="also print the normalized configuration")
+    c.add_argument("--skip-cert-check", action="store_true",
+                   help="do not open TLS and ssh key files")
+
+    t = sub.add_parser("test", help="check filters and placeholders")
+    tsub = t.add_subparsers(dest="test_command", metavar="WHAT", parser_class=_ArgumentParser)
+    tsub.required = True
+    tf = tsub.add_parser("filesystems", help="show which datasets a job's filter accepts")
+    tf.add_argument("--job", required=True, help="a push, source or snap job")
+    g = tf.add_mutually_exclusive_group(required=True)
+    g.add_argument("--all", action="store_true", help="every filesystem of every pool")
+    g.add_argument("--input", metavar="FS", help="one dataset name")
+    tp = tsub.add_parser("placeholder", help="show which datasets are zrepl placeholders")
+    g = tp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--all", action="store_true", help="every filesystem of every pool")
+    g.add_argument("--dataset", metavar="DS", help="one dataset")
+    return p
+
+
+def main(argv=None):
+    """Run one command; returns the exit code. The only place that turns errors into codes."""
+    argv = sys.argv[1:] if argv is None else argv
+    out = sys.stdout
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return 2
+    except SystemExit as e:   # --help
+        return e.code if isinstance(e.code, int) else 0
+    log = Logger(sys.stderr, "debug" if args.debug else "warn")
+    zfs = ZFS(log=log)
+    try:
+        if args.command == "version":
+            return cmd_version(args, zfs, out)
+        if args.command == "configcheck":
+            return cmd_configcheck(args, zfs, out, log)
+        if args.command == "test" and args.test_command == "filesystems":
+            return cmd_test_filesystems(args, zfs, out)
+        if args.command == "test" and args.test_command == "placeholder":
+            return cmd_test_placeholder(args, zfs, out)
+        raise AssertionError(f"unhandled command {args.command}")
+    except ConfigError as e:
+        for p in e.problems:
+            sys.stderr.write(f"{p}\n")
+        return 2
+    except ZreplError as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+def _entry():
+    """Console entry point of the zipapp."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()
