@@ -104,7 +104,7 @@ def test_configcheck_reports_every_error_with_position(tmp_path):
     errors = cp.stderr.splitlines()
     assert errors[0].startswith("%s:4:25: " % cfg) and "boolean" in errors[0]
     assert errors[1].startswith("%s:5:62: " % cfg) and "invalid duration '10x'" in errors[1]
-    assert errors[2].startswith("%s:8:35: " % cfg) and "at least 1" in errors[2]
+    assert errors[2].startswith("%s:8:33: " % cfg) and "at least 1" in errors[2]
     assert len(errors) == 3
 
 
