@@ -1,0 +1,64 @@
+"""The built zrepl.pyz (pure tests; skipped until ./build.sh has made it).
+
+SPEC §0.1: the .pyz runs as `python3 zrepl.pyz` with an empty environment, an unwritable HOME
+and a read-only working directory, and carries nothing but zrepl.py and shiv's own files.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYZ = REPO / "zrepl.pyz"
+BARE_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
+NO_HOME = "/nonexistent"
+
+# shiv's launcher files and zrepl.py with its own metadata; nothing else may be in the archive
+ALLOWED_MEMBER = re.compile(r"^(__main__\.py|environment\.json|_bootstrap/\w+\.py"
+                            r"|site-packages/zrepl\.py|site-packages/zrepl[._-]py-[^/]+\.dist-info/[^/]+)$")
+
+pytestmark = pytest.mark.skipif(not PYZ.exists(), reason="zrepl.pyz is not built (run ./build.sh)")
+
+
+def test_runs_with_empty_env_from_readonly_dir(tmp_path):
+    python3 = shutil.which("python3", path=BARE_PATH)
+    if python3 is None:
+        pytest.skip("no python3 in " + BARE_PATH)
+    assert not os.path.exists(NO_HOME), "%s exists before the run (left by an extraction?)" % NO_HOME
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        cp = subprocess.run(
+            ["env", "-i", "PATH=" + BARE_PATH, "HOME=" + NO_HOME, "python3", str(PYZ), "version", "--json"],
+            cwd=str(ro), stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+            timeout=120)
+        leftovers = sorted(p.name for p in ro.iterdir())
+    finally:
+        ro.chmod(0o755)
+    assert cp.returncode == 0, "rc %d, stderr:\n%s" % (cp.returncode, cp.stderr)
+    assert json.loads(cp.stdout)["schema"] == "zrepl.py/version/1"
+    # root may write into a 0555 directory, so prove that nothing was extracted
+    assert leftovers == [], "the .pyz wrote into the working directory: %s" % leftovers
+    assert not os.path.exists(NO_HOME), "the .pyz created HOME=%s (shiv extraction?)" % NO_HOME
+
+
+def test_holds_only_zrepl_and_shiv_bootstrap():
+    with open(str(PYZ), "rb") as f:
+        assert f.readline() == b"#!/usr/bin/env python3\n"
+    with zipfile.ZipFile(str(PYZ)) as z:
+        members = z.namelist()
+    extra = [m for m in members if not ALLOWED_MEMBER.match(m)]
+    assert not extra, "zrepl.pyz carries more than zrepl.py and shiv's bootstrap: %s" % extra
+    assert "site-packages/zrepl.py" in members and "__main__.py" in members
+
+
+def test_is_built_from_the_current_zrepl_py():
+    with zipfile.ZipFile(str(PYZ)) as z:
+        packed = z.read("site-packages/zrepl.py")
+    assert packed == (REPO / "zrepl.py").read_bytes(), "zrepl.pyz is stale: run ./build.sh"
