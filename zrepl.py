@@ -2524,6 +2524,98 @@ def parse_abstraction_hold(tag):
     return None
 
 
+# --- snapshot rounds: names, due-ness, atomic groups (pure decisions of the snapper) --------
+
+def snapshot_name(snapshotting, zone, epoch):
+    """The short name of a round's snapshots: prefix + timestamp of the round's instant."""
+    return snapshotting.prefix + format_snapshot_timestamp(
+        snapshotting.timestamp_format, zone, epoch)
+
+
+def newest_prefixed(dataset, prefix):
+    """The filesystem's newest snapshot (by createtxg) whose name starts with prefix."""
+    mine = [v for v in dataset.snapshots if v.name.startswith(prefix)]
+    return max(mine, key=lambda v: v.createtxg) if mine else None
+
+
+def cron_fires_between(spec, after, until, zone):
+    """Is there a fire time F of the cron spec with after < F <= until (zone's wall clock)?
+
+    Walks minutes (or seconds, for a 6-field spec) but jumps over whole days and hours
+    that cannot match, so a gap of a year costs a few thousand steps at most.
+    """
+    step = 1 if spec.seconds != frozenset([0]) else 60
+    t = int(after) // step * step + step
+    while t <= until:
+        off = zone.offset_at(t)[0]
+        tm = time.gmtime(t + off)
+        day_ok_dom = tm.tm_mday in spec.days
+        day_ok_dow = (tm.tm_wday + 1) % 7 in spec.weekdays   # tm_wday: Monday = 0
+        if spec.days_restricted and spec.weekdays_restricted:
+            day_ok = day_ok_dom or day_ok_dow
+        else:
+            day_ok = day_ok_dom and day_ok_dow
+        if tm.tm_mon not in spec.months or not day_ok:
+            t += 86400 - (tm.tm_hour * 3600 + tm.tm_min * 60 + tm.tm_sec)   # next local day
+            continue
+        if tm.tm_hour not in spec.hours:
+            t += 3600 - (tm.tm_min * 60 + tm.tm_sec)
+            continue
+        if tm.tm_min in spec.minutes and tm.tm_sec in spec.seconds:
+            return True
+        t += step
+    return False
+
+
+DUE_SLACK_MAX = 60
+
+
+def snapshot_due(snapshotting, newest, now, zone):
+    """Is a filesystem due for a snapshot under `--snapshot due`? (SPEC §6.6)
+
+    newest: creation time of its newest prefixed snapshot, or None.
+    """
+    if snapshotting.type == "manual":
+        return False
+    if newest is None:
+        return True
+    if snapshotting.type == "periodic":
+        # a cron line firing every `interval` must not skip every other round for jitter
+        slack = min(DUE_SLACK_MAX, snapshotting.interval / 10)
+        return now - newest >= snapshotting.interval - slack
+    return cron_fires_between(snapshotting.cron, newest, now + DUE_SLACK_MAX, zone)
+
+
+def recursive_snapshot_roots(round_fs, listed):
+    """Group a round for `zfs snapshot -r` where ZFS has no multi-name snapshot (SPEC §6.2).
+
+    -> (roots, singles): each root D has all its listed descendants in the round and a
+    parent that is not itself such a root; every other filesystem is snapshotted alone.
+    """
+    members = set(round_fs)
+    children = {}
+    for name in listed:
+        parent = name.rpartition("/")[0]
+        if parent:
+            children.setdefault(parent, []).append(name)
+
+    complete = {}
+
+    def is_complete(name):
+        if name not in complete:
+            complete[name] = name in members and all(is_complete(c)
+                                                     for c in children.get(name, ()))
+        return complete[name]
+    for name in sorted(listed, key=lambda n: -n.count("/")):   # deepest first: no recursion
+        is_complete(name)
+    roots = sorted(n for n in members if complete.get(n) and not complete.get(
+        n.rpartition("/")[0], False))
+    covered = set()
+    for r in roots:
+        covered.update(n for n in members if n == r or n.startswith(r + "/"))
+    return roots, sorted(members - covered)
+
+
 # --- parsing `zfs get -Hp` listings (SPEC §4.3) ----------------------------------------------
 
 LISTING_PROPERTIES = ("type", "guid", "createtxg", "creation", "userrefs", "zrepl:placeholder")
@@ -2587,8 +2679,133 @@ def parse_listing(text, wanted_types=("filesystem", "volume", "snapshot", "bookm
 
 
 ###############################################################################
-# 5. Keep rules — (built by the snap/prune issue)
+# 5. Keep rules — grid / last_n / regex / not_replicated -> kept, with reasons (pure)
 ###############################################################################
+# A snapshot is destroyed iff no rule keeps it and nothing holds it (SPEC §7.2). Every
+# decision carries its reasons so that `prune --dry-run` can explain itself (zrepl #651).
+
+@dataclass
+class Decision:
+    """What the pruner does with one snapshot, and why."""
+    snapshot: Version
+    action: str                     # keep | destroy
+    reasons: list
+
+    def to_json(self):
+        return {"snapshot": self.snapshot.name, "action": self.action,
+                "reasons": list(self.reasons)}
+
+
+def newest_first(snapshots):
+    """Newer = greater creation, ties broken by greater createtxg (SPEC §7.2)."""
+    return sorted(snapshots, key=lambda v: (v.creation, v.createtxg), reverse=True)
+
+
+def rule_label(index, rule):
+    """`#2 last_n(count=3, regex=^zrepl_)` — how dry-run names a rule (SPEC §7.5)."""
+    if rule.type == "last_n":
+        inner = f"count={rule.count}" + (f", regex={rule.regex}" if rule.regex else "")
+    elif rule.type == "regex":
+        inner = rule.regex + (", negate" if rule.negate else "")
+    elif rule.type == "grid":
+        inner = re.sub(r"\s+", " ", rule.grid.strip())
+    else:
+        return f"#{index} {rule.type}"
+    return f"#{index} {rule.type}({inner})"
+
+
+def _keep_grid(rule, snapshots):
+    rx = re.compile(rule.regex)
+    matching = newest_first(s for s in snapshots if rx.search(s.name))
+    if not matching:
+        return {}
+    now = matching[0].creation           # anchored at the newest match, not the wall clock
+    starts, t = [], 0
+    for length, _ in rule.buckets:
+        starts.append(t)
+        t += length
+    total = t
+    in_bucket = {}
+    for s in matching:
+        age = now - s.creation
+        if age >= total:
+            continue
+        # a snapshot exactly on a boundary belongs to the older bucket
+        i = bisect.bisect_right(starts, age) - 1
+        in_bucket.setdefault(i, []).append(s)
+    out = {}
+    for i, members in in_bucket.items():
+        keep = rule.buckets[i][1]
+        oldest_first = sorted(members, key=lambda v: (v.creation, v.createtxg))
+        chosen = oldest_first if keep is None else oldest_first[:keep]
+        what = "all kept" if keep is None else f"oldest {keep} kept"
+        for s in chosen:
+            out[s.full_name] = f"bucket {i + 1} of {len(rule.buckets)}, {what}"
+    return out
+
+
+def _keep_last_n(rule, snapshots):
+    rx = re.compile(rule.regex) if rule.regex else None
+    matching = newest_first(s for s in snapshots if rx is None or rx.search(s.name))
+    return {s.full_name: f"{rank} of newest {rule.count}"
+            for rank, s in enumerate(matching[:rule.count], 1)}
+
+
+def _keep_regex(rule, snapshots):
+    rx = re.compile(rule.regex)
+    return {s.full_name: "does not match" if rule.negate else "matches"
+            for s in snapshots if bool(rx.search(s.name)) != rule.negate}
+
+
+def _keep_not_replicated(rule, snapshots, side, cursor):
+    if side == "receiver":
+        return {}
+    if cursor is None:
+        return {s.full_name: "no replication cursor yet" for s in snapshots}
+    out = {}
+    for s in snapshots:
+        if s.createtxg > cursor.createtxg:
+            out[s.full_name] = "not yet replicated"
+        elif s.guid == cursor.guid and rule.keep_snapshot_at_cursor:
+            out[s.full_name] = "at replication cursor"
+    return out
+
+
+def decide_prune(snapshots, rules, *, side="local", cursor=None):
+    """Keep rules over one filesystem's snapshots -> [Decision], oldest first.
+
+    `cursor` is the sender's replication cursor version (for not_replicated), or None.
+    Held snapshots (userrefs > 0) are always kept: the pruner never attempts them.
+    """
+    snaps = [s for s in snapshots if s.type == "snapshot"]
+    reasons = {s.full_name: [] for s in snaps}
+    for index, rule in enumerate(rules, 1):
+        if rule.type == "grid":
+            kept = _keep_grid(rule, snaps)
+        elif rule.type == "last_n":
+            kept = _keep_last_n(rule, snaps)
+        elif rule.type == "regex":
+            kept = _keep_regex(rule, snaps)
+        else:
+            kept = _keep_not_replicated(rule, snaps, side, cursor)
+        label = rule_label(index, rule)
+        for name, why in kept.items():
+            reasons[name].append(f"{label}: {why}")
+    if not rules:
+        for r in reasons.values():
+            r.append("empty keep list: everything is kept")
+    out = []
+    for s in sorted(snaps, key=lambda v: (v.creation, v.createtxg)):
+        why = reasons[s.full_name]
+        held = f"held (userrefs={s.userrefs})" if s.userrefs else None
+        if why:
+            out.append(Decision(s, "keep", why + ([held] if held else [])))
+        elif held:
+            out.append(Decision(s, "keep", [held, "no rule keeps it"]))
+        else:
+            out.append(Decision(s, "destroy", ["no rule keeps it"]))
+    return out
+
 
 ###############################################################################
 # 6. Planner — (built by the replication issue)
@@ -2603,6 +2820,10 @@ def parse_listing(text, wanted_types=("filesystem", "volume", "snapshot", "bookm
 # classify(). Callers decide on the error's kind and flags, never on stderr text.
 
 ZFS_EXTRA_PATH = ("/sbin", "/usr/sbin", "/usr/local/sbin")
+# zfs subcommands that change state: running one invalidates cached listings
+_MUTATING = frozenset(("snapshot", "destroy", "hold", "release", "set", "inherit", "create",
+                       "receive", "recv", "rename", "rollback", "bookmark", "promote",
+                       "clone", "mount", "unmount", "umount"))
 COMMAND_TIMEOUT = 600.0       # non-streaming commands (SPEC §4.1)
 KILL_GRACE = 5.0
 ARGV_BYTES_LIMIT = 128 * 1024
@@ -2789,6 +3010,7 @@ class ZFS:
         self.calls = 0
         self._calls_lock = threading.Lock()
         self._caps = None
+        self._listings = {}   # listing argv -> result, until a mutating command runs
 
     # -- running commands --
     def _binary(self, name):
@@ -2804,6 +3026,8 @@ class ZFS:
         started = time.monotonic()
         with self._calls_lock:
             self.calls += 1
+            if argv[0] == "zfs" and argv[1] in _MUTATING:
+                self._listings.clear()
         try:
             proc = subprocess.Popen([exe] + list(argv[1:]), env=self.env, close_fds=True,
                                     stdin=subprocess.PIPE if input is not None
@@ -2976,13 +3200,31 @@ class ZFS:
             argv += ["-t", ",".join(types)]
         return argv + ["-o", "name,property,value,source", ",".join(props)] + list(roots)
 
+    def invalidate(self):
+        """Forget cached listings (a daemon calls this at the start of every invocation)."""
+        with self._calls_lock:
+            self._listings.clear()
+
     def list_datasets(self, roots=(), *, snapshots=True):
         """ONE `zfs get` for all datasets under roots -> ({name: Dataset}, [missing roots]).
 
         A root that does not exist is returned in the second list, not raised: the other
-        roots' lines still count (zfs prints them and exits 1).
+        roots' lines still count (zfs prints them and exits 1). The result is reused by
+        later phases until any mutating zfs command runs (SPEC §4.3): callers must treat it
+        as read-only.
         """
         argv = self.listing_argv(roots, snapshots=snapshots)
+        key = tuple(argv)
+        with self._calls_lock:
+            cached = self._listings.get(key)
+        if cached is not None:
+            return cached
+        result = self._list_uncached(argv, roots, snapshots)
+        with self._calls_lock:
+            self._listings[key] = result
+        return result
+
+    def _list_uncached(self, argv, roots, snapshots):
         r = self.run(argv, check=False)
         missing = []
         if r.rc != 0:
@@ -3044,21 +3286,28 @@ class ZFS:
     # -- destroying snapshots (SPEC §4.5) --
     _CANNOT_DESTROY = re.compile(r"^cannot destroy (?:snapshot )?'?([^':]+@[^':]+)'?: (.*)$")
 
-    def destroy_snapshots(self, fs, names):
+    def destroy_snapshots(self, fs, names, should_stop=None):
         """Destroy fs@name for names -> {name: None (destroyed or already gone) | ZFSError}.
 
         Comma lists where ZFS has them (batches, per-snapshot error attribution, one retry
         without the failed ones, then one by one); otherwise one call per snapshot. `%`
         ranges are never used: zfs-fuse answers them with a misleading "does not exist".
+        `should_stop(result so far)` is asked after every call; names never attempted
+        are missing from the result (the pruner's back-off and deadline use this).
         """
         names = sorted(names)
         result = {}
+        stop = should_stop or (lambda _: False)
         if not self.capabilities()["comma_destroy"] or len(names) == 1:
             for n in names:
                 result[n] = self._destroy_one(fs, n)
+                if stop(result):
+                    break
             return result
         for chunk in chunk_names(names, fixed_bytes=len(fs) + 64):
             result.update(self._destroy_batch(fs, chunk))
+            if stop(result):
+                break
         return result
 
     def _destroy_one(self, fs, name):
@@ -3204,12 +3453,483 @@ class ZFS:
 ###############################################################################
 
 ###############################################################################
-# 11. Pruner and snapper — (built by the snap/prune issue)
+# 11. Pruner and snapper — keep rules and snapshot rounds carried out through ZFS
 ###############################################################################
+# Gather (one listing) -> decide (sections 4-5) -> act (the adapter). One filesystem's
+# failure never stops the others (the seed: "just because taking one snapshot fails does
+# not mean snapper needs to stop for all others").
+
+HOOK_OUTPUT_TAIL = 64 * 1024
+
+
+def error_json(err, fs=None):
+    """Any exception -> the Error document of SPEC §1.6.1."""
+    if not isinstance(err, ZreplError):
+        err = ZreplError(f"{type(err).__name__}: {err}", kind="internal")
+    doc = err.to_json()
+    if doc["fs"] is None:
+        doc["fs"] = fs
+    return doc
+
+
+def run_hook(hook, edge, fs, snapname, log):
+    """Run one command hook edge (SPEC §6.2) -> its report entry; never raises."""
+    env = dict(os.environ, ZREPL_HOOKTYPE=f"{edge}_snapshot", ZREPL_FS=fs,
+               ZREPL_SNAPNAME=snapname, ZREPL_DRYRUN="",
+               ZREPL_TIMEOUT=str(int(hook.timeout)))
+    started = time.monotonic()
+    entry = {"path": hook.path, "edge": edge, "exit_status": None, "duration_s": 0.0,
+             "output_tail": "", "error": None}
+    try:
+        proc = subprocess.Popen([hook.path], cwd="/", env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                close_fds=True)
+    except OSError as e:
+        entry["error"] = error_json(ZreplError(f"hook {hook.path} for {fs}: cannot run: "
+                                               f"{e.strerror}", kind="hook", fs=fs,
+                                               local_to_fs=True), fs)
+        return entry
+    timed_out = False
+    try:
+        out, err = proc.communicate(timeout=hook.timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        out, err = ZFS._kill(proc)
+    entry["duration_s"] = round(time.monotonic() - started, 3)
+    entry["exit_status"] = proc.returncode
+    text_out, text_err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    for line in text_out.splitlines():
+        log("info", "hook", line, fs=fs, hook=hook.path)
+    for line in text_err.splitlines():
+        log("warn", "hook", line, fs=fs, hook=hook.path)
+    entry["output_tail"] = (text_out + text_err)[-HOOK_OUTPUT_TAIL:]
+    if timed_out or proc.returncode != 0:
+        why = (f"timed out after {format_duration(hook.timeout)}" if timed_out else
+               f"killed by signal {-proc.returncode}" if proc.returncode < 0 else
+               f"exit status {proc.returncode}")
+        entry["error"] = error_json(ZreplError(f"{edge}-snapshot hook {hook.path} for {fs} "
+                                               f"failed: {why}", kind="hook", fs=fs,
+                                               local_to_fs=True), fs)
+    return entry
+
+
+def _selected_filesystems(zfs, patterns, log):
+    """One listing of the filter's roots -> (every listed name, accepted non-placeholders)."""
+    roots = filter_roots(patterns)
+    datasets, missing = zfs.list_datasets(roots)
+    for root in missing:
+        log("warn", "snapshot", f"filesystems pattern {root!r} matches no dataset")
+    accepted = {n: d for n, d in datasets.items()
+                if filter_accepts(patterns, n) and not d.is_placeholder}
+    return datasets, accepted
+
+
+class Snapper:
+    """One snapshot round of a job (SPEC §6): due-ness, hooks, atomic groups, report."""
+
+    def __init__(self, zfs, job, log, should_stop=lambda: False):
+        self.zfs = zfs
+        self.job = job
+        self.cfg = job.snapshotting
+        self.log = log
+        self.should_stop = should_stop
+
+    def run(self, mode, now, dry_run=False):
+        """mode due|always|never -> the `snapshotting` part of the job report."""
+        cfg = self.cfg
+        report = {"type": cfg.type, "mode": mode, "name": None, "filesystems": []}
+        if mode == "never":
+            return report
+        if cfg.type == "manual":
+            if mode == "always":
+                self.log("info", "snapshot", "snapshotting is manual: --snapshot always has no "
+                                             "effect")
+            return report
+        zone = load_timezone(cfg.timestamp_location)
+        listed, accepted = _selected_filesystems(self.zfs, self.job.filesystems, self.log)
+        due, entries = [], {}
+        for name in sorted(accepted):
+            newest = newest_prefixed(accepted[name], cfg.prefix)
+            entry = {"fs": name, "state": "not_due", "snapshot": None, "error": None,
+                     "hooks": []}
+            entries[name] = entry
+            if mode == "always" or snapshot_due(cfg, newest and newest.creation, now, zone):
+                due.append(name)
+        report["filesystems"] = [entries[n] for n in sorted(entries)]
+        if not due:
+            return report
+        snapname = snapshot_name(cfg, zone, now)
+        report["name"] = snapname
+        if dry_run:
+            for name in due:
+                entries[name].update(state="planned", snapshot=f"{name}@{snapname}")
+            return report
+        ran_pre = self._pre_hooks(due, snapname, entries)
+        ready = [n for n in due if entries[n]["state"] != "skipped"]
+        results = self._take(ready, snapname, sorted(listed))
+        for name in ready:
+            err = results.get(name)
+            if err is None and name in results:
+                entries[name].update(state="taken", snapshot=f"{name}@{snapname}")
+            else:
+                err = err or ZreplError(f"snapshot of {name} not taken: the run was stopped",
+                                        kind="cancelled", fs=name)
+                entries[name].update(state="failed", error=error_json(err, name))
+                self.log("error", "snapshot", f"cannot snapshot {name}@{snapname}: {err}",
+                         fs=name)
+        for name in due:
+            for hook in reversed(ran_pre.get(name, [])):
+                entries[name]["hooks"].append(run_hook(hook, "post", name, snapname, self.log))
+        return report
+
+    def _pre_hooks(self, due, snapname, entries):
+        """Pre-edges in config order; returns fs -> hooks whose post-edge must run."""
+        ran = {}
+        for name in due:
+            ran[name] = []
+            for hook in self.cfg.hooks:
+                if not filter_accepts(hook.filesystems, name):
+                    continue
+                entry = run_hook(hook, "pre", name, snapname, self.log)
+                entries[name]["hooks"].append(entry)
+                if entry["error"] is None:
+                    ran[name].append(hook)
+                    continue
+                self.log("error" if hook.err_is_fatal else "warn", "hook",
+                         entry["error"]["message"], fs=name)
+                if hook.err_is_fatal:
+                    entries[name].update(state="skipped", error=entry["error"])
+                    break
+        return ran
+
+    def _take(self, names, snapname, listed):
+        """Snapshot names -> {fs: None | error}; atomic where ZFS allows (SPEC §6.2)."""
+        if not names or self.should_stop():
+            return {}
+        if self.zfs.capabilities()["multi_snapshot"]:
+            return self.zfs.snapshot(names, snapname)
+        roots, singles = recursive_snapshot_roots(names, listed)
+        results = {}
+        for root in roots:
+            if self.should_stop():
+                return results
+            members = [n for n in names if n == root or n.startswith(root + "/")]
+            try:
+                self.zfs.snapshot_recursive(root, snapname)
+                results.update({n: None for n in members})
+            except ZFSError:
+                # nothing of a failed -r was created: one call each isolates the failure
+                results.update(self.zfs.snapshot(members, snapname))
+        if singles and not self.should_stop():
+            results.update(self.zfs.snapshot(singles, snapname))
+        return results
+
+
+def round_failed(snap_report):
+    """A round fails if any snapshot or any hook failed, fatal or not (as zrepl)."""
+    return any(f["state"] in ("failed", "skipped") or
+               any(h["error"] for h in f["hooks"]) for f in snap_report["filesystems"])
+
+
+# Destroy errors that mean "something else keeps it", not "the pruner failed" (SPEC §7.6).
+_KEPT_BY_OTHERS = {"held": "held", "busy": "held", "has-clones": "has dependent clones"}
+
+
+class Pruner:
+    """Prunes one side of a job (SPEC §7): decisions per filesystem, batched destroys,
+    back-off at a filesystem's first failure, error counts that order the next run."""
+
+    def __init__(self, zfs, job, side, rules, log, should_stop=lambda: False):
+        self.zfs = zfs
+        self.job = job
+        self.side = side
+        self.rules = rules
+        self.log = log
+        self.should_stop = should_stop
+
+    def run(self, datasets, *, cursors=None, error_counts=None, dry_run=False,
+            explain=False):
+        """datasets: {fs: Dataset} to prune -> the PruneReport of SPEC §1.6.2."""
+        cursors = cursors or {}
+        error_counts = error_counts or {}
+        report = {"side": self.side, "state": "done", "dry_run": dry_run, "error": None,
+                  "filesystems": []}
+        order = sorted(datasets, key=lambda n: (error_counts.get(n, 0), n))
+        for name in order:
+            entry = self._prune_fs(datasets[name], cursors.get(name),
+                                   error_counts.get(name, 0), dry_run, explain)
+            report["filesystems"].append(entry)
+            if entry["state"] == "error":
+                report["state"] = "failed"
+        report["filesystems"].sort(key=lambda e: e["fs"])
+        return report
+
+    def _prune_fs(self, ds, cursor, errors_before, dry_run, explain):
+        decisions = decide_prune(ds.snapshots, self.rules, side=self.side, cursor=cursor)
+        entry = {"fs": ds.name, "state": "done", "skip_reason": None,
+                 "snapshots": len(decisions),
+                 "planned_destroy": [d.snapshot.name for d in decisions
+                                     if d.action == "destroy"],
+                 "destroyed": [], "kept_held": [d.snapshot.name for d in decisions
+                                                if d.action == "keep" and d.snapshot.userrefs],
+                 "errors": [], "error_count": 0}
+        if self.should_stop():
+            entry.update(state="skipped", skip_reason="the run was stopped before this "
+                                                      "filesystem")
+            entry["error_count"] = errors_before
+        elif entry["planned_destroy"] and not dry_run:
+            self._destroy(ds.name, entry, decisions, errors_before)
+        if explain or dry_run:
+            entry["decisions"] = [d.to_json() for d in decisions]
+        return entry
+
+    def _destroy(self, fs, entry, decisions, errors_before):
+        failed = []
+
+        def should_stop(result):
+            for name, err in result.items():
+                if err is not None and err.kind not in _KEPT_BY_OTHERS and name not in failed:
+                    failed.append(name)
+            return bool(failed) or self.should_stop()   # back off at the first failure
+        results = self.zfs.destroy_snapshots(fs, entry["planned_destroy"], should_stop)
+        by_name = {d.snapshot.name: d for d in decisions}
+        for name in entry["planned_destroy"]:
+            if name not in results:
+                continue
+            err = results[name]
+            if err is None:
+                entry["destroyed"].append(name)
+            elif err.kind in _KEPT_BY_OTHERS:
+                # a hold or clone appeared since the listing: kept, not an error
+                d = by_name[name]
+                d.action, d.reasons = "keep", [f"{_KEPT_BY_OTHERS[err.kind]} "
+                                               f"(destroy refused: {err.message})"]
+                if err.kind in ("held", "busy"):
+                    entry["kept_held"].append(name)
+            else:
+                entry["errors"].append({"snapshot": name, "error": error_json(err, fs)})
+                self.log("error", "pruning", f"cannot destroy {fs}@{name}: {err}", fs=fs,
+                         prune_side=self.side)
+        if entry["errors"]:
+            entry["state"] = "error"
+            entry["error_count"] = errors_before + 1
+
 
 ###############################################################################
-# 12. Jobs and daemon — (built by the snap/prune and daemon issues)
+# 12. Jobs and daemon — rundir, job locks, stop conditions, one invocation of a job
 ###############################################################################
+
+class LockHeld(ZreplError):
+    """Another process runs this job (exit 3)."""
+    kind = "locked"
+    exit_code = 3
+
+
+def prepare_rundir(path):
+    """Create rundir (0700, parents too) or check it; exit-2 errors name the key to change."""
+    hint = "set global.rundir to a directory this user may write"
+    try:
+        missing = []
+        p = path
+        while not os.path.exists(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        for d in reversed(missing):
+            os.mkdir(d, 0o700)
+        st = os.stat(path)
+    except OSError as e:
+        raise UsageError(f"cannot create rundir {path}: {e.strerror}", hint=hint) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"rundir {path} is not a directory", hint=hint)
+    if st.st_mode & 0o002:
+        raise UsageError(f"rundir {path} is world-writable; refusing to keep locks and "
+                         f"reports there", hint=f"chmod o-w {path}, or {hint}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"rundir {path} is not writable", hint=hint)
+    os.makedirs(os.path.join(path, "last"), mode=0o700, exist_ok=True)
+    return path
+
+
+class JobLock:
+    """A non-blocking fcntl lock on rundir/<job>.lock holding `pid start-time`."""
+
+    def __init__(self, rundir, job):
+        import fcntl
+        self._fcntl = fcntl
+        self.job = job
+        self.path = os.path.join(rundir, f"{job}.lock")
+        self.fd = None
+
+    def acquire(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._fcntl.flock(fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                os.close(fd)
+                raise
+            holder = os.read(fd, 200).decode("ascii", "replace").split()
+            os.close(fd)
+            pid = holder[0] if holder else "?"
+            since = f" since {rfc3339(float(holder[1]))}" if len(holder) > 1 and \
+                re.match(r"^\d+(\.\d+)?$", holder[1]) else ""
+            raise LockHeld(f"job {self.job} is locked by pid {pid}{since}",
+                           hint="another `once`, `prune` or the daemon runs it; "
+                                "wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {time.time():.0f}\n".encode())
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)      # closing drops the flock; the file stays for the next run
+            self.fd = None
+
+    def is_held_elsewhere(self):
+        """True if another process holds the lock right now (for `status`)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            self._fcntl.flock(fd, self._fcntl.LOCK_SH | self._fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
+
+class RunControl:
+    """When a run must stop: --max-runtime's deadline, or SIGINT/SIGTERM (SPEC §1.3, §10.3)."""
+
+    def __init__(self, max_runtime=None):
+        self.deadline = time.monotonic() + max_runtime if max_runtime else None
+        self.interrupted = False
+        self.deadline_hit = False
+
+    def should_stop(self):
+        if self.interrupted:
+            return True
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.deadline_hit = True
+            return True
+        return False
+
+    def install_signal_handlers(self):
+        import signal
+
+        def handler(signum, frame):
+            if self.interrupted:        # the second signal: stop waiting for children
+                raise KeyboardInterrupt
+            self.interrupted = True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+
+JOB_EXIT_CODES = {"done": 0, "failed": 1, "interrupted": 130, "timed_out": 4, "locked": 3}
+EXIT_PRECEDENCE = (2, 130, 1, 4, 3, 0)
+
+
+def combine_exit_codes(codes):
+    """When several apply, the first of 2, 130, 1, 4, 3, 0 wins (SPEC §1.3)."""
+    return next((c for c in EXIT_PRECEDENCE if c in set(codes)), 0)
+
+
+def new_job_report(job, dry_run, started_at):
+    return {"schema": "zrepl.py/job-report/1", "job": job.name, "type": job.type,
+            "state": "running", "exit_code": None, "dry_run": dry_run,
+            "started_at": rfc3339(started_at), "finished_at": None, "version": VERSION,
+            "snapshotting": None, "replication": None,
+            "pruning": {"sender": None, "receiver": None, "local": None}, "errors": []}
+
+
+def last_report_path(rundir, job_name):
+    return os.path.join(rundir, "last", f"{job_name}.json")
+
+
+def load_last_report(rundir, job_name):
+    """The job's last report, or None if there is none or it cannot be read."""
+    try:
+        with open(last_report_path(rundir, job_name), "r", encoding="utf-8") as f:
+            doc = json.load(f)
+        return doc if isinstance(doc, dict) and doc.get("job") == job_name else None
+    except (OSError, ValueError):
+        return None
+
+
+def prune_error_counts(report, side):
+    """fs -> consecutive prune failures, carried from the last report (SPEC §7.6)."""
+    part = ((report or {}).get("pruning") or {}).get(side) or {}
+    return {f["fs"]: f.get("error_count", 0) for f in part.get("filesystems", [])
+            if isinstance(f, dict) and "fs" in f}
+
+
+def finish_job_report(report, control, failed):
+    if control.interrupted:
+        state = "interrupted"
+    elif failed:
+        state = "failed"
+    elif control.deadline_hit:
+        state = "timed_out"
+    else:
+        state = "done"
+    report["state"] = state
+    report["exit_code"] = JOB_EXIT_CODES[state]
+    report["finished_at"] = rfc3339(time.time())
+    return report
+
+
+class JobRunner:
+    """One invocation of an active or snap job (SPEC §10.1), shared by `once` and `prune`."""
+
+    def __init__(self, config, zfs, log, control):
+        self.config = config
+        self.zfs = zfs
+        self.log = log
+        self.control = control
+        self.rundir = config.global_.rundir
+
+    def local_prune_datasets(self, job):
+        """The snap job's (or push sender's) filesystems to prune, from one listing."""
+        _, accepted = _selected_filesystems(self.zfs, job.filesystems, self.log)
+        return accepted
+
+    def prune_local(self, job, prev, dry_run, explain=False):
+        side = "local"
+        try:
+            datasets = self.local_prune_datasets(job)
+        except ZreplError as e:
+            return {"side": side, "state": "failed", "dry_run": dry_run,
+                    "error": error_json(e), "filesystems": []}
+        pruner = Pruner(self.zfs, job, side, job.keep, self.log, self.control.should_stop)
+        return pruner.run(datasets, error_counts=prune_error_counts(prev, side),
+                          dry_run=dry_run, explain=explain)
+
+    def run_snap_job(self, job, mode, dry_run):
+        started = time.time()
+        report = new_job_report(job, dry_run, started)
+        prev = load_last_report(self.rundir, job.name)
+        failed = False
+        if not self.control.should_stop():
+            try:
+                snap = Snapper(self.zfs, job, self.log, self.control.should_stop)
+                report["snapshotting"] = snap.run(mode, started, dry_run)
+                failed = round_failed(report["snapshotting"])
+            except ZreplError as e:
+                failed = True
+                report["errors"].append(error_json(e))
+                self.log("error", "snapshot", str(e), job=job.name)
+        if not self.control.should_stop():
+            part = self.prune_local(job, prev, dry_run)
+            report["pruning"]["local"] = part
+            if part["state"] == "failed":
+                failed = True
+                if part["error"]:
+                    report["errors"].append(part["error"])
+                    self.log("error", "pruning", part["error"]["message"])
+        return finish_job_report(report, self.control, failed)
+
 
 
 ###############################################################################
@@ -3238,6 +3958,99 @@ class Logger:
         self.stream.write(f"{stamp} [{_LEVEL_TAGS[level]}][{self.job}][{subsystem}]: "
                           f"{message}{extra}\n")
         self.stream.flush()
+
+
+# --- text renderings of reports (SPEC §1.5.4, §1.5.8) -----------------------------------------
+
+def _parse_time(text):
+    import calendar
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def _fs_rows(rows):
+    """`<fs>  <STATE>  ...` lines: four spaces in, fs column padded to the longest fs."""
+    width = max((len(r[0]) for r in rows), default=0)
+    return [f"    {fs.ljust(width)}  {rest}" for fs, rest in rows]
+
+
+def render_prune_line(label, part):
+    files = part.get("filesystems", [])
+    planned = sum(len(f["planned_destroy"]) for f in files)
+    destroyed = sum(len(f["destroyed"]) for f in files)
+    held = sum(len(f["kept_held"]) for f in files)
+    errors = sum(len(f["errors"]) for f in files)
+    lines = [f"  {label}: {part['state']} destroyed={destroyed}/{planned} held={held} "
+             f"errors={errors}"]
+    rows = [(f["fs"], f"ERROR  {e['error']['class']}: {e['snapshot']}: {e['error']['message']}")
+            for f in files for e in f["errors"]]
+    if part.get("error"):
+        rows.append(("-", f"ERROR  {part['error']['class']}: {part['error']['message']}"))
+    return lines + _fs_rows(rows)
+
+
+def render_job_status(job_name, job_type, state, report):
+    """One job's block of `status` (and of `once` on a terminal)."""
+    lines = [f"job {job_name} ({job_type}): {state}"]
+    if report is None:
+        return lines
+    if report.get("state") == "locked":
+        lines.append(f"  last: {report['started_at']} result=locked exit=3")
+        return lines
+    took = "-"
+    if report.get("finished_at"):
+        took = format_duration(_parse_time(report["finished_at"]) -
+                               _parse_time(report["started_at"]))
+    lines.append(f"  last: {report['started_at']} took={took} result={report['state']} "
+                 f"exit={report['exit_code']}")
+    snap = report.get("snapshotting")
+    if snap is not None:
+        files = snap["filesystems"]
+        count = lambda *states: sum(1 for f in files if f["state"] in states)  # noqa: E731
+        lines.append(f"  snapshot: {snap['name'] or '-'} taken={count('taken', 'planned')} "
+                     f"not-due={count('not_due')} failed={count('failed', 'skipped')}")
+        lines += _fs_rows([(f["fs"], f"ERROR  {f['error']['class']}: {f['error']['message']}")
+                           for f in files if f.get("error")])
+    pruning = report.get("pruning") or {}
+    if job_type == "snap":
+        if pruning.get("local"):
+            lines += render_prune_line("prune", pruning["local"])
+    else:
+        for side in ("sender", "receiver"):
+            if pruning.get(side):
+                lines += render_prune_line(f"prune {side}", pruning[side])
+    return lines
+
+
+def render_prune_report(part, dry_run):
+    """`prune` text output (SPEC §1.5.8)."""
+    out = []
+    side = part["side"]
+    if part.get("error"):
+        out.append(f"- ({side}): ERROR {part['error']['class']}: {part['error']['message']}")
+    for f in sorted(part["filesystems"], key=lambda f: f["fs"]):
+        if f["state"] == "skipped":
+            out.append(f"{f['fs']} ({side}): skipped: {f['skip_reason']}")
+            continue
+        if dry_run:
+            decisions = f.get("decisions", [])
+            keep = sum(1 for d in decisions if d["action"] == "keep")
+            block = [f"{f['fs']} ({side}): {f['snapshots']} snapshots, keep {keep}, "
+                     f"destroy {len(decisions) - keep}"]
+            width = max((len(d["snapshot"]) for d in decisions), default=0)
+            for d in decisions:
+                block.append(f"  {d['action'].upper():<7}  {d['snapshot'].ljust(width)}  "
+                             f"{'; '.join(d['reasons'])}")
+            out.append("\n".join(block))
+            continue
+        line = f"{f['fs']} ({side}): destroyed {len(f['destroyed'])} of {f['snapshots']} snapshots"
+        if f["kept_held"]:
+            line += f", kept held {len(f['kept_held'])}"
+        if f["errors"]:
+            line += f", errors {len(f['errors'])}"
+        lines = [line] + [f"  ERROR {e['snapshot']}: {e['error']['class']}: "
+                          f"{e['error']['message']}" for e in f["errors"]]
+        out.append("\n".join(lines))
+    return ("\n\n" if dry_run else "\n").join(out) + ("\n" if out else "")
 
 
 ###############################################################################
@@ -3426,6 +4239,201 @@ def cmd_test_placeholder(args, zfs, out):
     return 0
 
 
+def _apply_logging(config, log, args):
+    """`once`/`prune` log at the level of the config's stdout outlet (on stderr)."""
+    if args.debug:
+        return
+    for outlet in config.global_.logging:
+        if outlet.type == "stdout":
+            log.level = _LEVELS[outlet.level]
+
+
+def _check_host(config, zfs):
+    """SPEC §2.10: what configcheck refuses also stops `once`/`prune` before anything runs."""
+    caps = zfs.capabilities()
+    if not caps.available:
+        raise ZFSUnavailable(f"ZFS is not available: {caps.error}",
+                             hint="start ZFS and run again")
+    problems = capability_problems(config, caps.flags)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _select_jobs(config, names):
+    if not names:
+        return [j for j in config.jobs if j.type in ("push", "pull", "snap")]
+    out = []
+    for name in names:
+        job = config.job(name)
+        if job is None:
+            raise UsageError(f"no job named {name!r} in {config.path} (jobs: "
+                             f"{', '.join(j.name for j in config.jobs) or 'none'})")
+        if job.type in ("sink", "source"):
+            raise UsageError(f"job {name} is passive; it is served by `stdinserver` or the "
+                             "daemon")
+        out.append(job)
+    return out
+
+
+def cmd_once(args, zfs, out, log):
+    config = _load(args)
+    _apply_logging(config, log, args)
+    jobs = _select_jobs(config, args.jobs)
+    for job in jobs:
+        if job.type != "snap":
+            raise UsageError(f"job {job.name} ({job.type}): replication is not in this "
+                             f"version of zrepl.py yet; run snap jobs by name")
+    _check_host(config, zfs)
+    rundir = config.global_.rundir
+    if not args.dry_run:
+        prepare_rundir(rundir)
+    control = RunControl(args.max_runtime)
+    control.install_signal_handlers()
+    runner = JobRunner(config, zfs, log, control)
+    started = time.time()
+    reports = []
+    for job in jobs:
+        reports.append(_once_job(runner, job, args, rundir, control, log))
+    code = combine_exit_codes(r["exit_code"] for r in reports)
+    if args.json:
+        out.write(json.dumps({"schema": "zrepl.py/once/1", "version": VERSION,
+                              "started_at": rfc3339(started),
+                              "finished_at": rfc3339(time.time()), "exit_code": code,
+                              "dry_run": args.dry_run, "jobs": reports}, indent=2) + "\n")
+    elif out.isatty():
+        out.write("\n\n".join("\n".join(render_job_status(r["job"], r["type"], r["state"], r))
+                              for r in reports) + "\n")
+    return code
+
+
+def _once_job(runner, job, args, rundir, control, log):
+    if control.should_stop():
+        report = new_job_report(job, args.dry_run, time.time())
+        return finish_job_report(report, control, failed=False)
+    lock = None if args.dry_run else JobLock(rundir, job.name)
+    try:
+        if lock:
+            lock.acquire()
+    except LockHeld as e:
+        log("error", "job", str(e), job=job.name)
+        report = new_job_report(job, args.dry_run, time.time())
+        report.update(state="locked", exit_code=3, finished_at=report["started_at"],
+                      errors=[error_json(e)])
+        return report
+    try:
+        report = runner.run_snap_job(job, args.snapshot, args.dry_run)
+        if lock:
+            atomic_write(last_report_path(rundir, job.name),
+                         json.dumps(report, indent=1) + "\n", mode=0o600)
+        return report
+    finally:
+        if lock:
+            lock.release()
+
+
+def cmd_prune(args, zfs, out, log):
+    config = _load(args)
+    _apply_logging(config, log, args)
+    job = _select_jobs(config, [args.job])[0]
+    if job.type != "snap":
+        raise UsageError(f"job {job.name} ({job.type}): pruning through a replication peer "
+                         f"is not in this version of zrepl.py yet")
+    _check_host(config, zfs)
+    rundir = config.global_.rundir
+    control = RunControl()
+    control.install_signal_handlers()
+    lock = None
+    if not args.dry_run:
+        prepare_rundir(rundir)
+        lock = JobLock(rundir, job.name)
+        lock.acquire()
+    try:
+        prev = load_last_report(rundir, job.name)
+        part = JobRunner(config, zfs, log, control).prune_local(job, prev, args.dry_run,
+                                                                explain=args.json)
+    finally:
+        if lock:
+            lock.release()
+    code = 130 if control.interrupted else 1 if part["state"] == "failed" else 0
+    if args.json:
+        out.write(json.dumps({"schema": "zrepl.py/prune/1", "job": job.name,
+                              "dry_run": args.dry_run, "exit_code": code, "sides": [part]},
+                             indent=2) + "\n")
+    else:
+        out.write(render_prune_report(part, args.dry_run))
+    return code
+
+
+def _status_doc(args):
+    path = resolve_config_path(args.config, os.environ)
+    config = load_config(path, skip_cert_check=True) if path else None
+    rundir = config.global_.rundir if config else DEFAULT_RUNDIR
+    if config:
+        jobs = [(j.name, j.type) for j in config.jobs]
+    else:
+        try:
+            names = sorted(n[:-5] for n in os.listdir(os.path.join(rundir, "last"))
+                           if n.endswith(".json"))
+        except OSError:
+            names = []
+        jobs = [(n, (load_last_report(rundir, n) or {}).get("type", "?")) for n in names]
+    if args.job:
+        if args.job not in dict(jobs):
+            raise UsageError(f"no job named {args.job!r}")
+        jobs = [(n, t) for n, t in jobs if n == args.job]
+    doc = {"schema": "zrepl.py/status/1", "source": "last-reports", "daemon": None,
+           "jobs": {}}
+    for name, jtype in jobs:
+        last = load_last_report(rundir, name) if jtype not in ("sink", "source") else None
+        if jtype in ("sink", "source"):
+            state = "never-run"
+        elif os.path.exists(os.path.join(rundir, f"{name}.lock")) and \
+                JobLock(rundir, name).is_held_elsewhere():
+            state = "running"
+        else:
+            state = "idle" if last else "never-run"
+        doc["jobs"][name] = {"type": jtype, "state": state, "next_run_at": None,
+                             "current": None, "last": last}
+    return doc, rundir
+
+
+def render_status(doc, rundir):
+    blocks = [f"daemon: not running (last reports from {os.path.join(rundir, 'last')})"]
+    for name, j in doc["jobs"].items():
+        blocks.append("\n".join(render_job_status(name, j["type"], j["state"], j["last"])))
+    return "\n\n".join(blocks) + "\n"
+
+
+def cmd_status(args, out):
+    if args.watch and not out.isatty():
+        raise UsageError("--watch needs a terminal on stdout")
+    while True:
+        doc, rundir = _status_doc(args)
+        if args.json:
+            out.write(json.dumps(doc, indent=2) + "\n")
+        elif args.watch:
+            out.write("\x1b[H\x1b[2J" + render_status(doc, rundir))
+            out.flush()
+        else:
+            out.write(render_status(doc, rundir))
+        if not args.watch:
+            return 0
+        try:
+            time.sleep(1)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _duration_arg(text):
+    try:
+        value = parse_zrepl_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"duration {text!r} must be positive")
+    return value
+
+
 def build_parser():
     p = _ArgumentParser(prog=PROG, description="zrepl, the ZFS snapshot and replication "
                                                "daemon, in one Python file.")
@@ -3446,6 +4454,31 @@ def build_parser():
                    help="also print the normalized configuration")
     c.add_argument("--skip-cert-check", action="store_true",
                    help="do not open TLS and ssh key files")
+
+    o = sub.add_parser("once", help="run each job's cycle once (for cron), then exit")
+    o.add_argument("jobs", nargs="*", metavar="JOB", help="jobs to run (default: every "
+                                                          "push, pull and snap job)")
+    o.add_argument("--json", action="store_true", help="the run's report as JSON on stdout")
+    o.add_argument("--dry-run", action="store_true",
+                   help="change nothing; show what would be done")
+    o.add_argument("--snapshot", choices=("due", "always", "never"), default="due",
+                   help="due: only filesystems whose newest snapshot is older than the "
+                        "interval (default); always; never")
+    o.add_argument("--max-runtime", type=_duration_arg, metavar="DURATION",
+                   help="start nothing new after this long (e.g. 30m); exit 4")
+    o.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+
+    pr = sub.add_parser("prune", help="prune a job's snapshots now; --dry-run explains")
+    pr.add_argument("--job", required=True)
+    pr.add_argument("--side", choices=("sender", "receiver", "both"), default="both")
+    pr.add_argument("--dry-run", action="store_true",
+                    help="destroy nothing; KEEP/DESTROY with the reason for every snapshot")
+    pr.add_argument("--json", action="store_true")
+
+    st = sub.add_parser("status", help="show each job's state and last run")
+    st.add_argument("--job")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--watch", action="store_true", help="redraw every second")
 
     t = sub.add_parser("test", help="check filters and placeholders")
     tsub = t.add_subparsers(dest="test_command", metavar="WHAT", parser_class=_ArgumentParser)
@@ -3480,6 +4513,12 @@ def main(argv=None):
             return cmd_version(args, zfs, out)
         if args.command == "configcheck":
             return cmd_configcheck(args, zfs, out, log)
+        if args.command == "once":
+            return cmd_once(args, zfs, out, log)
+        if args.command == "prune":
+            return cmd_prune(args, zfs, out, log)
+        if args.command == "status":
+            return cmd_status(args, out)
         if args.command == "test" and args.test_command == "filesystems":
             return cmd_test_filesystems(args, zfs, out)
         if args.command == "test" and args.test_command == "placeholder":
