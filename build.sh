@@ -3,7 +3,7 @@
 #
 #   ./build.sh          build zrepl.pyz at the repo top (shiv, in a cached throwaway venv)
 #   ./build.sh test     do all set-up (apt, venv, zfs-fuse), build, run every test lane
-#   ./build.sh demo     build, start zfs-fuse if needed, run configcheck and version
+#   ./build.sh demo     build, make two small demo pools, run a job on them (demo clean: remove)
 #   ./build.sh clean    remove build artefacts
 #
 # Environment: PYTHON (interpreter for the build venv, default python3),
@@ -260,11 +260,50 @@ run_tests() {
     echo "all test lanes passed"
 }
 
+DEMO_DIR=/var/tmp/zreplpy-demo
+DEMO_POOLS="zrdemosrc zrdemodst"
+
+# demo: a snap job on two small file-backed pools; prints what to look at
 demo() {
+    if [ "${1:-}" = clean ]; then
+        ZF_DIR=$DEMO_DIR sh tests/zfs-fuse/down.sh $DEMO_POOLS
+        rm -rf "$DEMO_DIR"
+        return 0
+    fi
     build
-    ensure_zfs || die "ZFS is not available (./build.sh test sets it up)"
-    show python3 "$PYZ" --config config.example.yml configcheck
-    show python3 "$PYZ" version
+    ensure_zfs install || die "ZFS is not available"
+    ZF_DIR=$DEMO_DIR ZF_SIZE=128M ZF_MOUNT=none sh tests/zfs-fuse/up.sh $DEMO_POOLS \
+        || die "could not make the demo pools"
+    local fs
+    for fs in zrdemosrc/data zrdemosrc/data/projects zrdemosrc/data/photos \
+              zrdemosrc/data/scratch; do
+        zfs list -H -o name "$fs" >/dev/null 2>&1 || zfs create -o mountpoint=none "$fs"
+    done
+    zfs list -H -o name zrdemosrc/data@manual_before_upgrade >/dev/null 2>&1 \
+        || zfs snapshot zrdemosrc/data@manual_before_upgrade
+    local z="python3 $PYZ --config tests/demo.yml"
+    show $z configcheck
+    for _ in 1 2 3; do
+        show $z once --snapshot always
+        sleep 1.1     # snapshot names have one-second resolution
+    done
+    # a snapshot no rule keeps: the dry-run explains why it will go
+    show zfs snapshot zrdemosrc/data/projects@foreign
+    show $z prune --job demo_snap --dry-run
+    show $z once --snapshot always
+    show $z status
+    cat <<MSG
+
+What happened: four snapshot rounds of zrdemosrc/data and its children (not
+zrdemosrc/data/scratch, which the filter rejects), each round one atomic
+\`zfs snapshot -r\` where the subtree allows it; pruning kept the newest three
+zrepl_ snapshots and @manual_before_upgrade, and destroyed @foreign, as the
+dry-run said it would.
+Look at:   zfs list -t snapshot -r -o name,creation zrdemosrc
+           $z status --json
+           $z prune --job demo_snap --dry-run
+Clean up:  ./build.sh demo clean
+MSG
 }
 
 clean() {
@@ -275,7 +314,7 @@ clean() {
 case ${1:-build} in
     build) build ;;
     test) run_tests ;;
-    demo) demo ;;
+    demo) demo "${2:-}" ;;
     clean) clean ;;
     -h|--help|help) sed -n '2,7s/^# \{0,1\}//p' "$top/build.sh" ;;
     *) die "unknown command '$1' (build, test, demo, clean)" ;;
