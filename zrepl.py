@@ -221,7 +221,7 @@ def format_bytes(n):
         return f"{n} B"
     for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024.0
-        if abs(n) < 1024 or unit == "TiB":
+        if abs(round(n, 1)) < 1024 or unit == "TiB":   # 1048575 B is 1.0 MiB, not 1024.0 KiB
             return f"{n:.1f} {unit}"
     raise AssertionError("unreachable")
 
@@ -411,12 +411,18 @@ TZ_DIRS = ("/usr/share/zoneinfo", "/usr/share/lib/zoneinfo", "/usr/local/share/z
 
 
 class TimeZone:
-    """A zone that answers (offset seconds, abbreviation) for an instant: UTC, Local or IANA."""
+    """A zone that answers (offset seconds, abbreviation) for an instant: UTC, Local or IANA.
 
-    def __init__(self, name, transitions=None, fixed=None):
+    IANA zones are read from TZif files: their transitions, then the POSIX TZ rule of the
+    file's footer for instants after the last transition (slim tzdata files end in 2007).
+    """
+
+    def __init__(self, name, transitions=None, fixed=None, rule=None):
         self.name = name
         self._transitions = transitions  # sorted [(epoch, offset, abbr)] or None
+        self._times = [t[0] for t in transitions or ()]
         self._fixed = fixed              # (offset, abbr) or None ("Local": the C library)
+        self._rule = rule                # PosixRule or None
 
     def offset_at(self, epoch):
         if self._fixed is not None:
@@ -424,7 +430,9 @@ class TimeZone:
         if self._transitions is None:  # Local: let the C library decide
             tm = time.localtime(epoch)
             return tm.tm_gmtoff or 0, tm.tm_zone or ""
-        idx = bisect.bisect_right([t[0] for t in self._transitions], epoch) - 1
+        if self._rule is not None and (len(self._times) < 2 or epoch >= self._times[-1]):
+            return self._rule.offset_at(epoch)
+        idx = bisect.bisect_right(self._times, epoch) - 1
         _, off, abbr = self._transitions[max(idx, 0)]
         return off, abbr
 
@@ -435,34 +443,104 @@ class TimeZone:
         return format_go_layout(layout, tm, off, abbr, nanos)
 
 
+_POSIX_TZ = re.compile(
+    r"^(?P<std><[^>]+>|[A-Za-z]+)(?P<stdoff>[-+]?[\d:]+)"
+    r"(?:(?P<dst><[^>]+>|[A-Za-z]+)(?P<dstoff>[-+]?[\d:]+)?"
+    r",(?P<start>[^,]+),(?P<end>[^,]+))?$")
+
+
+def _posix_seconds(text):
+    sign = -1 if text.startswith("-") else 1
+    parts = [int(p) for p in text.lstrip("+-").split(":")] + [0, 0]
+    return sign * (parts[0] * 3600 + parts[1] * 60 + parts[2])
+
+
+class PosixRule:
+    """A POSIX TZ string (`CET-1CEST,M3.5.0,M10.5.0/3`): offsets for any year."""
+
+    def __init__(self, text):
+        m = _POSIX_TZ.match(text)
+        if not m:
+            raise ValueError(f"unsupported TZ rule {text!r}")
+        self.std = (-_posix_seconds(m.group("stdoff")), m.group("std").strip("<>"))
+        self.dst = None
+        if m.group("dst"):
+            off = (-_posix_seconds(m.group("dstoff")) if m.group("dstoff")
+                   else self.std[0] + 3600)
+            self.dst = (off, m.group("dst").strip("<>"))
+            self.start, self.end = self._when(m.group("start")), self._when(m.group("end"))
+
+    @staticmethod
+    def _when(text):
+        date, _, at = text.partition("/")
+        mm = re.match(r"^M(\d+)\.(\d)\.(\d)$", date)
+        if not mm:
+            raise ValueError(f"unsupported TZ date rule {date!r} (only Mm.w.d)")
+        return (int(mm.group(1)), int(mm.group(2)), int(mm.group(3)),
+                _posix_seconds(at) if at else 7200)
+
+    @staticmethod
+    def _local_epoch(year, rule):
+        """Seconds from the year's UTC-naive epoch origin to the rule's local wall time."""
+        import calendar
+        month, week, weekday, at = rule
+        first = calendar.weekday(year, month, 1)            # Monday = 0
+        day = 1 + (weekday - (first + 1) % 7) % 7          # first `weekday` (Sunday = 0)
+        day += 7 * (week - 1)
+        while day > calendar.monthrange(year, month)[1]:   # week 5 = the last one
+            day -= 7
+        return calendar.timegm((year, month, day, 0, 0, 0)) + at
+
+    def offset_at(self, epoch):
+        if self.dst is None:
+            return self.std
+        year = time.gmtime(epoch + self.std[0]).tm_year
+        start = self._local_epoch(year, self.start) - self.std[0]   # std time before it
+        end = self._local_epoch(year, self.end) - self.dst[0]       # dst time before it
+        in_dst = start <= epoch < end if start < end else not (end <= epoch < start)
+        return self.dst if in_dst else self.std
+
+
 def _read_tzif(data):
-    """Transitions from a TZif file (v1 section; enough for 1901-2037) -> list or ValueError."""
+    """A TZif file -> (transitions, PosixRule or None); the 64-bit v2+ data where present."""
+    import struct
     if data[:4] != b"TZif":
         raise ValueError("not a TZif file")
-    import struct
-    counts = struct.unpack(">6l", data[20:44])
-    isutc, isstd, leap, timecnt, typecnt, charcnt = counts
-    pos = 44
-    times = struct.unpack(f">{timecnt}l", data[pos:pos + 4 * timecnt])
-    pos += 4 * timecnt
-    idxs = data[pos:pos + timecnt]
-    pos += timecnt
-    types = []
-    for _ in range(typecnt):
-        off, isdst, abbrind = struct.unpack(">lBB", data[pos:pos + 6])
-        types.append((off, abbrind))
-        pos += 6
-    chars = data[pos:pos + charcnt]
 
-    def abbr(i):
-        end = chars.find(b"\0", i)
-        return chars[i:end if end >= 0 else None].decode("ascii", "replace")
-    first = types[0] if types else (0, 0)
-    out = [(-2**63, first[0], abbr(first[1]))]
-    for t, i in zip(times, idxs):
-        off, ai = types[i]
-        out.append((t, off, abbr(ai)))
-    return out
+    def block(pos, time_size):
+        isutc, isstd, leap, timecnt, typecnt, charcnt = struct.unpack(">6l", data[pos + 20:pos + 44])
+        pos += 44
+        fmt = ">%d%s" % (timecnt, "q" if time_size == 8 else "l")
+        times = struct.unpack(fmt, data[pos:pos + time_size * timecnt])
+        pos += time_size * timecnt
+        idxs = data[pos:pos + timecnt]
+        pos += timecnt
+        types = []
+        for _ in range(typecnt):
+            types.append(struct.unpack(">lBB", data[pos:pos + 6]))
+            pos += 6
+        chars = data[pos:pos + charcnt]
+        pos += charcnt + leap * (time_size + 4) + isstd + isutc
+
+        def abbr(i):
+            end = chars.find(b"\0", i)
+            return chars[i:end if end >= 0 else None].decode("ascii", "replace")
+        first = types[0] if types else (0, 0, 0)
+        out = [(-2**63, first[0], abbr(first[2]))]
+        out += [(t, types[i][0], abbr(types[i][2])) for t, i in zip(times, idxs)]
+        return out, pos
+
+    transitions, end = block(0, 4)
+    rule = None
+    if data[4:5] in (b"2", b"3", b"4"):
+        transitions, end = block(end, 8)
+        footer = data[end:].split(b"\n")
+        if len(footer) > 1 and footer[1]:
+            try:
+                rule = PosixRule(footer[1].decode("ascii"))
+            except ValueError:
+                rule = None     # unknown rule form: the last transition's offset stays
+    return transitions, rule
 
 
 def load_timezone(name):
@@ -478,7 +556,8 @@ def load_timezone(name):
         path = os.path.join(d, name)
         if os.path.isfile(path):
             with open(path, "rb") as f:
-                return TimeZone(name, transitions=_read_tzif(f.read()))
+                transitions, rule = _read_tzif(f.read())
+            return TimeZone(name, transitions=transitions, rule=rule)
     raise ValueError(f"time zone {name!r} not found in {', '.join(dirs + list(TZ_DIRS))}")
 
 
@@ -529,21 +608,24 @@ def _cron_value(text, lo, names):
 
 def _cron_field(text, name, lo, hi, names):
     values = set()
-    for part in text.split(","):
+    for item in text.split(","):
+        part, stepped, step_text = item.partition("/")
         step = 1
-        if "/" in part:
-            part, _, step_text = part.partition("/")
+        if stepped:
             if not re.match(r"^\d+$", step_text) or int(step_text) == 0:
                 raise ValueError(f"{name}: invalid step {step_text!r}")
             step = int(step_text)
-        if part in ("*", "?"):
-            a, b = lo, hi
-        elif "-" in part:
-            a_text, _, b_text = part.partition("-")
-            a, b = _cron_value(a_text, lo, names), _cron_value(b_text, lo, names)
-        else:
-            a = _cron_value(part, lo, names)
-            b = hi if step != 1 or "/" in text else a
+        try:
+            if part in ("*", "?"):
+                a, b = lo, hi
+            elif "-" in part:
+                a_text, _, b_text = part.partition("-")
+                a, b = _cron_value(a_text, lo, names), _cron_value(b_text, lo, names)
+            else:
+                a = _cron_value(part, lo, names)
+                b = hi if stepped else a      # N/S means N-max/S, only for this item
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
         if not (lo <= a <= hi and lo <= b <= hi) or a > b:
             raise ValueError(f"{name}: {part!r} is outside {lo}-{hi}")
         values.update(range(a, b + 1, step))
@@ -651,6 +733,8 @@ class YAMLReader:
 
     def __init__(self, text, filename):
         self.s = text.replace("\r\n", "\n")
+        if self.s.startswith("\ufeff"):      # a UTF-8 byte order mark is not content
+            self.s = self.s[1:]
         self.filename = filename
         self.starts = [0] + [i + 1 for i, ch in enumerate(self.s) if ch == "\n"]
 
@@ -677,7 +761,7 @@ class YAMLReader:
         return self.s[pos:pos + n]
 
     def _skip_inline_space(self, pos):
-        while pos < len(self.s) and self.s[pos] == " ":
+        while pos < len(self.s) and self.s[pos] in " \t":
             pos += 1
         return pos
 
@@ -733,8 +817,8 @@ class YAMLReader:
             self._fail(pos, "inconsistent indentation: this line does not continue the "
                             "structure above it")
         if not isinstance(node, Mapping):
-            self._fail(0, "the top level of a configuration must be a mapping (global:, "
-                          "jobs:, include:)")
+            self._fail(self._pos_of(node), "the top level of a configuration must be a "
+                                           "mapping (global:, jobs:, include:)")
         return node
 
     def _check_node_start(self, pos):
@@ -779,7 +863,7 @@ class YAMLReader:
         while i < end:
             if self.s[i] == ":" and (i + 1 >= len(self.s) or self.s[i + 1] in " \n"):
                 return True
-            if self.s[i] == "#" and self.s[i - 1] == " ":
+            if self.s[i] == "#" and self.s[i - 1] in " \t":
                 return False
             i += 1
         return False
@@ -894,11 +978,11 @@ class YAMLReader:
         else:
             end = self._skip_to_eol(pos)
             i = pos
-            while i < end and not (self.s[i] == "#" and self.s[i - 1] == " "):
+            while i < end and not (self.s[i] == "#" and self.s[i - 1] in " \t"):
                 if self.s[i] == ":" and self._peek(i + 1) in (" ", "\n", ""):
                     self._fail(i, "unexpected ':' in a plain value; quote the value")
                 i += 1
-            node = Scalar(line, col, self.s[pos:i].rstrip(" "))
+            node = Scalar(line, col, self.s[pos:i].rstrip(" \t"))
             pos = i
         if not self._at_eol(pos):
             self._fail(self._skip_inline_space(pos), "unexpected text after the value")
@@ -963,7 +1047,7 @@ class YAMLReader:
         style = self.s[pos]
         header_end = self._skip_to_eol(pos)
         header = self.s[pos + 1:header_end].split(" #")[0].strip()
-        if header not in ("", "-", "+"):
+        if header not in ("", "-"):
             self._fail(pos + 1, f"unsupported block scalar header {header!r}; use |, |-, > or >-")
         lines, i = [], header_end + 1
         indent = None
@@ -1023,6 +1107,8 @@ class YAMLReader:
             self._check_node_start(pos)
             if closing == "}":
                 key, pos = self._flow_scalar(pos, key=True)
+                if key.style == "plain" and key.text == "<<":
+                    self._fail(self._pos_of(key), "merge keys (<<) are not supported")
                 pos = self._flow_blank(pos, open_pos, owner_indent, closing)
                 if key.text in seen:
                     self._fail(self._pos_of(key), f"duplicate key {key.text!r} (first "
@@ -1037,9 +1123,11 @@ class YAMLReader:
                 else:
                     value = Scalar(*self._here(pos), text="")
                 node.items.append((key, value))
+                last = value
             else:
-                item, pos = self._flow_item(pos, owner_indent)
-                node.items.append(item)
+                last, pos = self._flow_item(pos, owner_indent)
+                node.items.append(last)
+            end_line = self._here(pos)[0]
             pos = self._flow_blank(pos, open_pos, owner_indent, closing)
             ch = self._peek(pos)
             if ch == ",":
@@ -1047,6 +1135,10 @@ class YAMLReader:
             elif ch != closing:
                 if ch == "":
                     self._fail(open_pos, f"unclosed flow collection (missing {closing!r})")
+                if isinstance(last, Scalar) and last.style == "plain" and last.text \
+                        and self._here(pos)[0] != end_line:
+                    self._fail(pos, "multi-line plain scalars are not supported; quote this "
+                                    "value on one line")
                 self._fail(pos, f"expected ',' or {closing!r} in flow collection")
 
     def _pos_of(self, node):
@@ -1065,6 +1157,7 @@ class YAMLReader:
         return pos
 
     def _flow_item(self, pos, owner_indent):
+        self._check_node_start(pos)
         if self._peek(pos) in "[{":
             return self._flow(pos, owner_indent)
         return self._flow_scalar(pos)
@@ -1078,7 +1171,7 @@ class YAMLReader:
         i = pos
         while i < len(self.s):
             c = self.s[i]
-            if c in _FLOW_END or c == "\n" or (c == "#" and self.s[i - 1] == " "):
+            if c in _FLOW_END or c == "\n" or (c == "#" and self.s[i - 1] in " \t"):
                 break
             if c == ":" and (self._peek(i + 1) in (" ", "\n", "") or
                              self._peek(i + 1) in _FLOW_END):
@@ -1362,9 +1455,12 @@ class _Checker:
                 continue
             if not (isinstance(v, Scalar) and v.is_null):
                 out[k.text] = v
+        # a missing key is reported at the mapping's first key (a flow mapping's `{` is
+        # not where a reader looks)
+        anchor = node.items[0][0] if node.items else node
         for key in required:
             if key not in out:
-                self.error(node, f"{what}: {key!r} is required")
+                self.error(anchor, f"{what}: {key!r} is required")
         return out
 
     def sequence(self, node, what):
@@ -1703,13 +1799,15 @@ class _Schema(_Checker):
             return None
         name_node, type_node = node.get("name"), node.get("type")
         name = _BAD
-        if name_node is None or (isinstance(name_node, Scalar) and name_node.is_null):
-            self.error(node, f"jobs entry {index + 1}: 'name' is required")
-        else:
+        if name_node is not None and not (isinstance(name_node, Scalar) and name_node.is_null):
             name = self.name(name_node, "job name", job_name_problem)
         label = f"job {name!r}" if name is not _BAD else f"jobs entry {index + 1}"
         if type_node is None or (isinstance(type_node, Scalar) and type_node.is_null):
-            self.error(node, f"{label}: 'type' is required (one of {', '.join(JOB_KEYS)})")
+            self.error(node.items[0][0] if node.items else node,
+                       f"{label}: 'type' is required (one of {', '.join(JOB_KEYS)})")
+            if name_node is None or (isinstance(name_node, Scalar) and name_node.is_null):
+                self.error(node.items[0][0] if node.items else node,
+                           f"{label}: 'name' is required")
             return None
         jtype = self.string(type_node, f"{label} type")
         if jtype is _BAD:
@@ -1724,7 +1822,8 @@ class _Schema(_Checker):
         m = self.mapping(node, label, ("name", "type") + required, optional)
         if m is None:
             return None
-        job = Job(name if name is not _BAD else f"<entry {index + 1}>", jtype,
+        # an invalid name is reported already; None keeps it out of the duplicate check
+        job = Job(name if name is not _BAD else None, jtype,
                   pos={"name": self.pos(name_node or node), "job": self.pos(node)})
         job.pos.update({k: self.pos(v) for k, v in m.items()})
         job.pos.update({k.text: self.pos(k) for k, _ in node.items})
@@ -2085,6 +2184,11 @@ class _Schema(_Checker):
                                 optional=tuple(k.text for k, _ in getattr(o, "items", ()))) \
                         is not None:
                     for k, v in o.items:
+                        if isinstance(v, Scalar) and v.is_null:
+                            self.warn(v, f"{label} recv.properties.override.{k.text} has no "
+                                         "value and is ignored (quote it to set an empty or "
+                                         "literal 'null' value)")
+                            continue
                         why = property_name_problem(k.text)
                         if why:
                             self.error(k, f"{label} recv.properties.override: {why}")
@@ -2239,6 +2343,8 @@ def cross_check_jobs(jobs):
     out = []
     seen = {}
     for j in jobs:
+        if j.name is None:
+            continue
         if j.name in seen:
             first = seen[j.name]
             out.append(_problem(j.pos["name"], f"duplicate job name {j.name!r} (first defined "
@@ -2557,6 +2663,9 @@ def cron_fires_between(spec, after, until, zone):
             day_ok = day_ok_dom and day_ok_dow
         if tm.tm_mon not in spec.months or not day_ok:
             t += 86400 - (tm.tm_hour * 3600 + tm.tm_min * 60 + tm.tm_sec)   # next local day
+            nxt = time.gmtime(t + zone.offset_at(t)[0])
+            if nxt.tm_mday != tm.tm_mday:   # after a 23-hour day we are past midnight
+                t -= nxt.tm_hour * 3600 + nxt.tm_min * 60 + nxt.tm_sec
             continue
         if tm.tm_hour not in spec.hours:
             t += 3600 - (tm.tm_min * 60 + tm.tm_sec)
@@ -2828,6 +2937,7 @@ COMMAND_TIMEOUT = 600.0       # non-streaming commands (SPEC §4.1)
 KILL_GRACE = 5.0
 ARGV_BYTES_LIMIT = 128 * 1024
 ARGV_NAMES_LIMIT = 100
+DESTROY_WORKERS = 4
 
 # (regex on lower-cased stderr, rc or None, kind, temporary, local_to_fs) — first match wins.
 # zfs-fuse and OpenZFS texts are both covered; see zfs-fuse.md §3.5 for the catalogue.
@@ -3011,10 +3121,12 @@ class ZFS:
         self._calls_lock = threading.Lock()
         self._caps = None
         self._listings = {}   # listing argv -> result, until a mutating command runs
+        self._binaries = {}
 
     # -- running commands --
     def _binary(self, name):
-        path = shutil.which(name, path=self.env["PATH"])
+        path = self._binaries.get(name) or shutil.which(name, path=self.env["PATH"])
+        self._binaries[name] = path
         if path is None:
             raise ZFSUnavailable(f"no `{name}` command in PATH or {':'.join(ZFS_EXTRA_PATH)}",
                                  hint="install ZFS (OpenZFS, or zfs-fuse on old Debian)")
@@ -3123,25 +3235,43 @@ class ZFS:
         return Capabilities(True, implementation=impl, version=version, flags=flags,
                             pools=self._pool_features(flags))
 
-    def _run_parallel(self, argvs, workers=8):
-        """Run independent read-only commands concurrently -> {tuple(argv): Result}."""
-        results, todo = {}, list(argvs)
+    @staticmethod
+    def _parallel(items, fn, stop, results, workers):
+        """fn(item) for items on a few threads -> results {item: fn(item)}; once stop()
+        is true no further item starts (the ones in flight finish)."""
+        todo = list(reversed(items))
         lock = threading.Lock()
+        failure = []
 
         def worker():
             while True:
                 with lock:
-                    if not todo:
+                    if not todo or failure or stop():
                         return
-                    argv = todo.pop()
-                r = self.run(argv, check=False, timeout=60)
+                    item = todo.pop()
+                try:
+                    value = fn(item)
+                except BaseException as e:   # re-raised in the caller's thread
+                    with lock:
+                        failure.append(e)
+                    return
                 with lock:
-                    results[tuple(argv)] = r
-        threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+                    results[item] = value
+        threads = [threading.Thread(target=worker, daemon=True)
+                   for _ in range(min(workers, len(items)))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        if failure:
+            raise failure[0]
+        return results
+
+    def _run_parallel(self, argvs, workers=8):
+        """Run independent read-only commands concurrently -> {tuple(argv): Result}."""
+        results = self._parallel([tuple(a) for a in argvs],
+                                 lambda a: self.run(list(a), check=False, timeout=60),
+                                 lambda: False, {}, workers)
         return results
 
     def _implementation(self):
@@ -3299,11 +3429,10 @@ class ZFS:
         result = {}
         stop = should_stop or (lambda _: False)
         if not self.capabilities()["comma_destroy"] or len(names) == 1:
-            for n in names:
-                result[n] = self._destroy_one(fs, n)
-                if stop(result):
-                    break
-            return result
+            # each destroy waits for a txg sync; a few in flight share one (measured on
+            # zfs-fuse: 200 destroys 1.86 s one by one, 1.25 s four at a time)
+            return self._parallel(names, lambda n: self._destroy_one(fs, n),
+                                  lambda: stop(result), result, workers=DESTROY_WORKERS)
         for chunk in chunk_names(names, fixed_bytes=len(fs) + 64):
             result.update(self._destroy_batch(fs, chunk))
             if stop(result):
@@ -3684,13 +3813,11 @@ class Pruner:
         return entry
 
     def _destroy(self, fs, entry, decisions, errors_before):
-        failed = []
-
         def should_stop(result):
-            for name, err in result.items():
-                if err is not None and err.kind not in _KEPT_BY_OTHERS and name not in failed:
-                    failed.append(name)
-            return bool(failed) or self.should_stop()   # back off at the first failure
+            # back off at the first real failure: held/clone refusals are not failures
+            failed = any(err is not None and err.kind not in _KEPT_BY_OTHERS
+                         for err in list(result.values())[-100:])
+            return failed or self.should_stop()
         results = self.zfs.destroy_snapshots(fs, entry["planned_destroy"], should_stop)
         by_name = {d.snapshot.name: d for d in decisions}
         for name in entry["planned_destroy"]:
