@@ -2917,8 +2917,222 @@ def decide_prune(snapshots, rules, *, side="local", cursor=None):
 
 
 ###############################################################################
-# 6. Planner — (built by the replication issue)
+# 6. Planner — one filesystem's sender and receiver state -> steps or a conflict (pure)
 ###############################################################################
+# zrepl's heart, as a function over plain data (SPEC §8.2): no I/O, table-tested. The
+# common ancestor is found by GUID, never by name; conflicts never change either side.
+
+@dataclass
+class Step:
+    """One `zfs send` -> `zfs receive` transfer."""
+    kind: str                       # full | incremental | incremental_batch | resume
+    from_: Optional[Version]        # a snapshot or bookmark; None for full and resume
+    to: Version
+    protection: str                 # guarantee_resumability | _incremental | _nothing
+    resume_token: Optional[str] = None
+    includes: tuple = ()            # names of the snapshots an -I batch carries, in order
+
+    def to_json(self, state="planned", bytes_expected=None, bytes_replicated=0):
+        return {"kind": self.kind, "from": version_ref(self.from_), "to": "@" + self.to.name,
+                "state": state, "bytes_expected": bytes_expected,
+                "bytes_replicated": bytes_replicated, "resumed": self.kind == "resume"}
+
+    @property
+    def is_initial(self):
+        return self.kind == "full" or (self.kind == "resume" and self.from_ is None)
+
+
+@dataclass
+class Conflict:
+    """Why a filesystem cannot be replicated without a human (SPEC §8.3)."""
+    kind: str
+    message: str
+    sender_newest: Optional[str] = None
+    receiver_newest: Optional[str] = None
+    common: Optional[str] = None
+    hint: Optional[str] = None
+
+    def to_json(self):
+        return {"kind": self.kind, "message": self.message,
+                "sender_newest": self.sender_newest, "receiver_newest": self.receiver_newest,
+                "common": self.common, "hint": self.hint}
+
+
+@dataclass
+class Plan:
+    steps: list
+    actions: list = field(default_factory=list)   # abort-partial-receive, finish-placeholder-...
+    notes: list = field(default_factory=list)     # why an action was chosen (logged)
+
+
+@dataclass
+class Policy:
+    initial_replication: str = "most_recent"       # most_recent | all | fail
+    protection_initial: str = "guarantee_resumability"
+    protection_incremental: str = "guarantee_resumability"
+    batch_incrementals: bool = True
+    sends_raw: bool = False
+
+
+def version_ref(v):
+    """`@snap` / `#bookmark` / None, as reports and conflicts name versions."""
+    if v is None:
+        return None
+    return ("@" if v.type == "snapshot" else "#") + v.name
+
+
+def _newest(versions):
+    return max(versions, key=lambda v: v.createtxg) if versions else None
+
+
+def steps_along(path, policy):
+    """Consecutive pairs of a path of versions -> incremental steps, batched as `-I` where
+    allowed: a batch starts at a snapshot (a bookmark `from` gets its own `-i`)."""
+    pairs = list(zip(path, path[1:]))
+    prot = policy.protection_incremental
+    if not policy.batch_incrementals:
+        return [Step("incremental", a, b, prot) for a, b in pairs]
+    steps = []
+    if pairs and pairs[0][0].type == "bookmark":
+        steps.append(Step("incremental", pairs[0][0], pairs[0][1], prot))
+        pairs = pairs[1:]
+    if len(pairs) == 1:
+        steps.append(Step("incremental", pairs[0][0], pairs[0][1], prot))
+    elif pairs:
+        steps.append(Step("incremental_batch", pairs[0][0], pairs[-1][1], prot,
+                          includes=tuple(b.name for _, b in pairs)))
+    return steps
+
+
+def _initial(sender_snaps, policy):
+    if policy.initial_replication == "fail":
+        return None
+    ordered = sorted(sender_snaps, key=lambda v: v.createtxg)
+    if policy.initial_replication == "most_recent":
+        return [Step("full", None, ordered[-1], policy.protection_initial)]
+    return [Step("full", None, ordered[0], policy.protection_initial)] + \
+        steps_along(ordered, policy)
+
+
+def validate_resume_token(token, sender, policy):
+    """A decoded token -> None if it can resume from this sender, else why not (§8.7)."""
+    if token is None or not token.get("valid"):
+        return "the resume token does not decode"
+    if token.get("toname", "").split("@")[0] != sender.name:
+        return f"the token is for {token.get('toname')!r}, not {sender.name}"
+    guids = {v.guid: v for v in sender.versions}
+    to = guids.get(token.get("toguid"))
+    if to is None or to.type != "snapshot":
+        return "the token's snapshot no longer exists on the sender"
+    if token.get("fromguid") is not None and token["fromguid"] not in guids:
+        return "the token's incremental source no longer exists on the sender"
+    if bool(token.get("rawok")) != policy.sends_raw:
+        return "the token's raw flag does not match this job's send settings"
+    return None
+
+
+def plan_filesystem(sender, receiver, policy, token=None):
+    """SPEC §8.2, rules 1-10 -> Plan (no steps = up to date) or Conflict.
+
+    sender: the sender's Dataset; receiver: the receiver's Dataset or None if missing;
+    token: the receiver's decoded resume token (dict with valid, toname, toguid, fromguid,
+    rawok) or None.
+    """
+    snaps = sender.snapshots
+    sender_newest = version_ref(_newest(snaps))
+    r_snaps = receiver.snapshots if receiver else []
+    receiver_newest = version_ref(_newest(r_snaps))
+
+    def conflict(kind, message, hint=None, common=None):
+        return Conflict(kind, message, sender_newest, receiver_newest, common, hint)
+
+    # 1. a placeholder on the sender only holds the hierarchy
+    if sender.is_placeholder:
+        if receiver is not None and not receiver.is_placeholder:
+            return conflict("placeholder-mismatch", f"sender filesystem {sender.name} is a "
+                            "placeholder but the receiver has a real filesystem",
+                            "check which side is the replica")
+        return Plan([])
+    # 2.
+    if not snaps:
+        return conflict("sender-empty", f"sender filesystem {sender.name} has no snapshots",
+                        "take one, or check the job's snapshotting")
+    plan = Plan([])
+    # 3. a partial receive: resume it, or discard only the partial state
+    if receiver is not None and receiver.resume_token:
+        why = validate_resume_token(token, sender, policy)
+        if why is None:
+            guids = {v.guid: v for v in sender.versions}
+            to = guids[token["toguid"]]
+            frm = guids.get(token.get("fromguid")) if token.get("fromguid") is not None \
+                else None
+            prot = policy.protection_incremental if frm else policy.protection_initial
+            plan.steps.append(Step("resume", frm, to, prot, resume_token=receiver.resume_token))
+            after = [v for v in snaps if v.createtxg > to.createtxg]
+            plan.steps += steps_along([to] + sorted(after, key=lambda v: v.createtxg), policy)
+            return plan
+        plan.actions.append("abort-partial-receive")
+        plan.notes.append(f"discarding the partial receive: {why}")
+        if not r_snaps and not receiver.is_placeholder:
+            receiver = None           # it held only the partial state: now it is missing
+    # 4. a placeholder that received snapshots but was not flipped yet
+    if receiver is not None and receiver.is_placeholder and r_snaps:
+        sender_guids = {v.guid for v in snaps}
+        if all(v.guid in sender_guids for v in r_snaps):
+            plan.actions.append("finish-placeholder-conversion")
+        else:
+            return conflict("placeholder-has-snapshots", f"receiver placeholder of "
+                            f"{sender.name} has snapshots the sender does not have",
+                            "inspect and destroy them, or rename the placeholder away")
+    # 5. initial replication
+    if receiver is None or (receiver.is_placeholder and not r_snaps):
+        steps = _initial(snaps, policy)
+        if steps is None:
+            return conflict("initial-replication-disabled", f"the receiver has nothing of "
+                            f"{sender.name} and conflict_resolution.initial_replication is "
+                            "fail", "set initial_replication to most_recent or all")
+        plan.steps += steps
+        return plan
+    # 6. never overwrite a filesystem zrepl did not make
+    if not r_snaps:
+        return conflict("receiver-exists", f"receiver filesystem for {sender.name} exists "
+                        "without snapshots and is not a placeholder",
+                        "rename or destroy it on the receiver, or make it a placeholder")
+    # 7. the common ancestor, by GUID: a sender snapshot preferred over a bookmark
+    by_guid = {}
+    for v in sender.versions:
+        if v.guid not in by_guid or v.type == "snapshot":
+            by_guid[v.guid] = v
+    common = None
+    for rv in sorted(r_snaps, key=lambda v: v.createtxg, reverse=True):
+        if rv.guid in by_guid:
+            common = (rv, by_guid[rv.guid])
+            break
+    # 8.
+    if common is None:
+        return conflict("no-common-ancestor", f"receiver has snapshots of {sender.name} but "
+                        "none with a GUID the sender has",
+                        "destroy or rename the receiver filesystem to start over")
+    r_common, s_common = common
+    common_ref = version_ref(s_common)
+    # 9.
+    if r_common is not _newest(r_snaps):
+        newer_on_sender = any(v.createtxg > s_common.createtxg for v in snaps)
+        if newer_on_sender:
+            return conflict("diverged", f"receiver's newest snapshot {receiver_newest} is not "
+                            f"on the sender; both sides have snapshots after common "
+                            f"{common_ref}", f"roll the receiver back to {common_ref} "
+                            f"(`zfs rollback -r`) after checking what {receiver_newest} "
+                            "holds", common_ref)
+        return conflict("receiver-has-newer", f"receiver has snapshots after {common_ref} "
+                        "that the sender does not have (the sender rolled back or destroyed "
+                        "them, or someone snapshotted the receiver)",
+                        "check both sides; zrepl.py never destroys receiver data", common_ref)
+    # 10. everything the sender has after the common ancestor
+    path = [s_common] + sorted((v for v in snaps if v.createtxg > s_common.createtxg),
+                               key=lambda v: v.createtxg)
+    plan.steps += steps_along(path, policy)
+    return plan
 
 
 ###############################################################################
@@ -3489,12 +3703,18 @@ class ZFS:
                     result[v.full_name] = e
         todo = [v.full_name for v in versions if v.full_name not in result]
         result.update(self._hold_release("hold", tag, todo))
+        for v in versions:   # keep the caller's listing true to what ZFS now holds
+            if result.get(v.full_name) is None:
+                v.userrefs = (v.userrefs or 0) + 1
         return result
 
     def release(self, tag, versions):
         """Release tag from every snapshot in versions; "no such tag" is success."""
         result = self._hold_release("release", tag, [v.full_name for v in versions])
         if not self.capabilities()["holds_list"]:
+            for v in versions:
+                if result.get(v.full_name) is None and tag in v.holds_record and v.userrefs:
+                    v.userrefs -= 1
             for v in versions:
                 if result.get(v.full_name) is None and tag in v.holds_record:
                     record = tuple(t for t in v.holds_record if t != tag)
@@ -3568,18 +3788,1235 @@ class ZFS:
         value, _, source = r.stdout.rstrip("\n").rpartition("\t")
         return value if source == "local" else None
 
+    def snapshot_guids(self, fs):
+        """{short name: guid} of fs's snapshots, one `zfs get -d 1` (incremental pre-check)."""
+        depth = ["-d", "1"] if self.capabilities()["depth"] else ["-r"]
+        r = self.run(["zfs", "get", "-Hp"] + depth + ["-o", "name,property,value", "guid", fs],
+                     fs=fs)
+        out = {}
+        for line in r.stdout.splitlines():
+            name, _, rest = line.partition("\t")
+            if name.startswith(fs + "@"):
+                out[name[len(fs) + 1:]] = int(rest.rpartition("\t")[2])
+        return out
+
+    # -- bookmarks --
+    def bookmark(self, snapshot, bookmark_full):
+        """`zfs bookmark fs@s fs#b`; "bookmark exists" is the caller's to judge (by GUID)."""
+        self.run(["zfs", "bookmark", snapshot, bookmark_full], fs=snapshot.split("@")[0])
+
+    def destroy_bookmark(self, bookmark_full):
+        try:
+            self.run(["zfs", "destroy", bookmark_full], fs=bookmark_full.split("#")[0])
+        except ZFSError as e:
+            if e.kind != "missing":
+                raise
+
+    # -- streams (SPEC §4.4) --
+    def send(self, fs, step, flags=()):
+        """Start `zfs send` for a step -> ZFSProcess whose stdout is the stream."""
+        if step.kind == "resume":
+            argv = ["zfs", "send", "-t", step.resume_token]
+        else:
+            argv = ["zfs", "send"] + list(flags)
+            if step.kind == "incremental":
+                sep = "@" if step.from_.type == "snapshot" else "#"
+                argv += ["-i", f"{fs}{sep}{step.from_.name}"]
+            elif step.kind == "incremental_batch":
+                argv += ["-I", f"{fs}@{step.from_.name}"]
+            argv.append(f"{fs}@{step.to.name}")
+        return self.start(argv, fs=fs, stdout=True)
+
+    def receive(self, target, *, force=False, resumable=False, inherit=(), override=None):
+        """Start `zfs receive -u` into target -> ZFSProcess whose stdin takes the stream."""
+        argv = ["zfs", "receive"]
+        if self.capabilities()["recv_u"]:
+            argv.append("-u")
+        if resumable:
+            argv.append("-s")
+        if force:
+            argv.append("-F")
+        for prop in inherit:
+            argv += ["-x", prop]
+        for prop, value in (override or {}).items():
+            argv += ["-o", f"{prop}={value}"]
+        return self.start(argv + [target], fs=target, stdin=True)
+
+    def abort_receive(self, fs):
+        """Discard a partial receive state (`zfs receive -A`); none left is success."""
+        r = self.run(["zfs", "receive", "-A", fs], fs=fs, check=False)
+        if r.rc != 0 and "does not have any resumable receive state" not in r.stderr:
+            raise classify(["zfs", "receive", "-A", fs], r.rc, r.stderr, fs)
+
+    def estimate(self, fs, step, flags=()):
+        """Bytes a step will send (`zfs send -n -v -P`), or None where ZFS cannot say."""
+        if not self.capabilities()["send_estimate"]:
+            return None
+        argv = ["zfs", "send", "-n", "-v", "-P"]
+        if step.kind == "resume":
+            argv += ["-t", step.resume_token]
+        else:
+            argv += list(flags)
+            if step.from_ is not None:
+                sep = "@" if step.from_.type == "snapshot" else "#"
+                argv += ["-I" if step.kind == "incremental_batch" else "-i",
+                         f"{fs}{sep}{step.from_.name}"]
+            argv.append(f"{fs}@{step.to.name}")
+        r = self.run(argv, fs=fs, check=False)
+        return parse_estimate(r.stdout + "\n" + r.stderr) if r.rc == 0 else None
+
+    def decode_token(self, token):
+        """`zfs send -n -v -t TOKEN` -> {valid, toname, toguid, fromguid, rawok, ...}."""
+        r = self.run(["zfs", "send", "-n", "-v", "-t", token], check=False)
+        return parse_token_dump(r.stdout + "\n" + r.stderr)
+
+    def start(self, argv, *, fs=None, stdin=False, stdout=False):
+        """Start a streaming command; the caller drains or feeds it, then calls finish()."""
+        exe = self._binary(argv[0])
+        with self._calls_lock:
+            self.calls += 1
+            if argv[1] in _MUTATING:
+                self._listings.clear()
+        try:
+            proc = subprocess.Popen([exe] + list(argv[1:]), env=self.env, close_fds=True,
+                                    stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, bufsize=0)
+        except OSError as e:
+            raise ZFSError(f"cannot run {argv[0]}: {e.strerror}", argv=argv, fs=fs,
+                           kind="zfs-unavailable") from None
+        self.log("debug", "zfs.cmd", "zfs stream started", argv=" ".join(argv), pid=proc.pid)
+        return ZFSProcess(argv, proc, fs)
+
+
+def parse_estimate(text):
+    """`zfs send -n -v -P` output -> bytes: the last `size` line, else the sum of the
+    per-stream lines' last fields; None if nothing parses (SPEC §4.4)."""
+    size, total, seen = None, 0, False
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if parts[0] == "size" and len(parts) >= 2 and parts[-1].isdigit():
+            size = int(parts[-1])
+        elif parts[0] in ("full", "incremental") and parts[-1].isdigit():
+            total += int(parts[-1])
+            seen = True
+    return size if size is not None else (total if seen else None)
+
+
+def parse_token_dump(text):
+    """`zfs send -n -v -t` output -> decoded token fields; valid=False if it is corrupt."""
+    if "resume token is corrupt" in text or "invalid" in text.lower() and "=" not in text:
+        return {"valid": False}
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition(" = ")
+        if sep:
+            fields[key.strip()] = value.strip()
+    if "toguid" not in fields or "toname" not in fields:
+        return {"valid": False}
+
+    def guid(v):
+        return int(v, 16) if v.lower().startswith("0x") else int(v)
+    return {"valid": True, "toname": fields["toname"], "toguid": guid(fields["toguid"]),
+            "fromguid": guid(fields["fromguid"]) if "fromguid" in fields else None,
+            "rawok": "rawok" in fields, "compressok": "compressok" in fields,
+            "largeblockok": "largeblockok" in fields, "embedok": "embedok" in fields,
+            "savedok": "savedok" in fields}
+
+
+class ZFSProcess:
+    """A running `zfs send` or `zfs receive`: raw pipe fds, stderr drained in a thread so a
+    chatty command never blocks, and cancel/finish that always reap (SPEC §4.1, §8.9)."""
+
+    def __init__(self, argv, proc, fs):
+        self.argv = argv
+        self.proc = proc
+        self.fs = fs
+        self.pid = proc.pid
+        self.cancelled = False
+        self._stderr = []
+        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
+        self._drain.start()
+
+    def _read_stderr(self):
+        while True:
+            chunk = self.proc.stderr.read(65536)
+            if not chunk:
+                return
+            self._stderr.append(chunk)
+            if len(self._stderr) > 64:            # keep the tail only
+                self._stderr = self._stderr[-32:]
+
+    @property
+    def stderr_text(self):
+        return b"".join(self._stderr).decode("utf-8", "replace")
+
+    def read(self, n):
+        """Up to n bytes of the stream (b"" at its end)."""
+        try:
+            return os.read(self.proc.stdout.fileno(), n)
+        except OSError as e:
+            if self.cancelled:
+                return b""
+            raise ZFSError(f"reading from zfs send: {e.strerror}", kind="stream-broken",
+                           temporary=True, local_to_fs=True, fs=self.fs) from None
+
+    def write(self, data):
+        """Feed all of data to the command's stdin; False if it stopped reading."""
+        view = memoryview(data)
+        fd = self.proc.stdin.fileno()
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except (BrokenPipeError, OSError):
+            return False
+        return True
+
+    def close_stdin(self):
+        if self.proc.stdin and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def cancel(self):
+        """Cut the stream and stop the process: closing the pipes is what stops zfs-fuse,
+        whose daemon keeps working for a killed client."""
+        self.cancelled = True
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe and not pipe.closed:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        if self.proc.poll() is None:
+            try:
+                self.proc.terminate()
+            except OSError:
+                pass
+
+    def finish(self, timeout=None):
+        """Wait (killing after `timeout`), reap, close every pipe -> None; raises the
+        classified error if the command failed or was cancelled."""
+        self.close_stdin()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            try:
+                self.proc.wait(timeout=KILL_GRACE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._drain.join(timeout=5)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe and not pipe.closed:
+                pipe.close()
+        rc = self.proc.returncode
+        if rc != 0:
+            raise classify(self.argv, rc, self.stderr_text, self.fs,
+                           killed_by_us=self.cancelled, signal_kill=rc < 0 and
+                           not self.cancelled)
+
 
 ###############################################################################
-# 8. Endpoints — (built by the replication issue)
+# 8. Endpoints — a sender and a receiver over the adapter; their methods are the RPC table
 ###############################################################################
+# A push job's sender and a pull job's receiver live in the job's own process; the other
+# side is a sink or source job, served in-process over `local`, or (later) through RPC.
+# The replication driver only ever talks to these methods (SPEC §9.3), so it never knows
+# which transport it runs on. A serving endpoint validates every name it is given.
+
+class EndpointError(ZreplError):
+    """A request an endpoint refuses (confinement, validation): permanent."""
+    kind = "refused"
+    local_to_fs = True
+
+
+RECEIVE_CHUNK = 1 << 20
+
+
+def _check_path(path):
+    why = dataset_name_problem(path) if isinstance(path, str) else "not a string"
+    if why:
+        raise EndpointError(f"invalid filesystem name from the peer: {why}")
+    return path
+
+
+def tagged_snapshots(zfs, dataset, tag):
+    """Snapshots of dataset that carry hold `tag`: the zrepl:holds record where `zfs holds`
+    is broken, else one `zfs holds` for the snapshots that have any hold."""
+    held = [v for v in dataset.snapshots if v.userrefs or v.holds_record]
+    if not held:
+        return []
+    tags = zfs.holds(held)
+    return [v for v in held if tag in tags.get(v.full_name, ())]
+
+
+class LocalSender:
+    """The sending side on this host: a push job, or a source job serving a pull."""
+
+    def __init__(self, zfs, job, log, rundir=None):
+        self.zfs = zfs
+        self.job = job
+        self.log = log
+        self.rundir = rundir
+        self._lock = threading.Lock()
+        self._datasets = {}
+
+    # -- ListFilesystems --
+    def list_filesystems(self):
+        """{path: Dataset} of every filesystem the job's filter accepts (one listing)."""
+        datasets, _ = self.zfs.list_datasets(filter_roots(self.job.filesystems))
+        accepted = {n: d for n, d in datasets.items() if filter_accepts(self.job.filesystems, n)}
+        with self._lock:
+            self._datasets = accepted
+        return accepted
+
+    def _dataset(self, path):
+        _check_path(path)
+        if not filter_accepts(self.job.filesystems, path):
+            raise EndpointError(f"endpoint does not allow access to filesystem {path}")
+        with self._lock:
+            ds = self._datasets.get(path)
+        if ds is None:
+            ds = self.list_filesystems().get(path)
+        if ds is None:
+            raise ZreplError(f"sender filesystem {path} does not exist", kind="missing",
+                             local_to_fs=True, fs=path)
+        return ds
+
+    def _version(self, ds, ref):
+        """The sender's Version for a step's from/to, matched by name AND guid."""
+        for v in ds.versions:
+            if v.type == ref.type and v.name == ref.name and v.guid == ref.guid:
+                return v
+        raise ZreplError(f"{ds.name}{'@' if ref.type == 'snapshot' else '#'}{ref.name} is gone "
+                         "or changed on the sender", kind="changed", local_to_fs=True,
+                         fs=ds.name)
+
+    def send_flags(self, ds):
+        s = self.job.send or SendOptions()
+        encrypted = ds.encryption not in (None, "-", "off")
+        if s.encrypted and not encrypted:
+            raise ZreplError(f"send.encrypted is set but {ds.name} is not encrypted",
+                             kind="not-encrypted", local_to_fs=True, fs=ds.name)
+        if s.raw and encrypted and not s.encrypted:
+            raise ZreplError(f"send.raw on encrypted {ds.name} without send.encrypted: mixed "
+                             "intent", kind="mixed-intent", local_to_fs=True, fs=ds.name)
+        flags = ["-w"] if (s.encrypted or s.raw) else []
+        for attr, flag in (("send_properties", "-p"), ("backup_properties", "-b"),
+                           ("large_blocks", "-L"), ("compressed", "-c"),
+                           ("embedded_data", "-e"), ("saved", "-S")):
+            if getattr(s, attr):
+                flags.append(flag)
+        return flags
+
+    def _has_bookmarks(self, path):
+        caps = self.zfs.capabilities()
+        return caps.pools.get(path.split("/")[0], {}).get("bookmarks", False)
+
+    # -- Send --
+    def send(self, path, step):
+        """Protect the step's snapshots, then start `zfs send` -> ZFSProcess (SPEC §8.6)."""
+        ds = self._dataset(path)
+        to = self._version(ds, step.to)
+        frm = self._version(ds, step.from_) if step.from_ is not None else None
+        flags = self.send_flags(ds)
+        self._release_stale_step_holds(ds, keep=[v for v in (frm, to) if v is not None])
+        if step.protection == "guarantee_resumability":
+            need = [v for v in (frm, to) if v is not None and v.type == "snapshot"]
+            self._check(self.zfs.hold(step_hold_tag(self.job.name), need), path)
+        elif step.protection == "guarantee_incremental" and self._has_bookmarks(path):
+            for v in (frm, to):
+                if v is not None and v.type == "snapshot":
+                    self._bookmark(v, tentative_cursor_bookmark_name(v.guid, self.job.name))
+        proc = self.zfs.send(path, step, flags)
+        if step.kind == "incremental_batch":
+            self._record_send(proc.pid, ds, frm, to)
+        return proc
+
+    def _check(self, results, path):
+        for name, err in results.items():
+            if err is not None:
+                raise err
+
+    def _bookmark(self, snap, bookmark):
+        full = f"{snap.fs}#{bookmark}"
+        try:
+            self.zfs.bookmark(snap.full_name, full)
+        except ZFSError as e:
+            if e.kind != "bookmark-exists":
+                raise
+            existing = self.zfs.get_version(full)
+            if existing is None or existing.guid != snap.guid:
+                raise
+
+    # -- SendCompleted --
+    def send_completed(self, path, step):
+        """The receiver has `to`: move the cursor, drop step holds and tentative cursors."""
+        if step.protection == "guarantee_nothing":
+            return
+        ds = self._dataset(path)
+        to = self._version(ds, step.to)
+        job = self.job.name
+        if self._has_bookmarks(path):
+            self._bookmark(to, cursor_bookmark_name(to.guid, job))
+            for v in ds.versions:
+                if v.type != "bookmark":
+                    continue
+                parsed = parse_abstraction_bookmark(v.name, v.guid)
+                if parsed and parsed[1] == job and v.guid != to.guid and parsed[0] in (
+                        "replication-cursor-bookmark-v2",
+                        "tentative-replication-cursor-bookmark-v2"):
+                    self.zfs.destroy_bookmark(v.full_name)
+        else:
+            # holds-only cursor: hold the new one first, then release the old ones
+            tag = cursor_hold_tag(job)
+            self._check(self.zfs.hold(tag, [to]), path)
+            old = [v for v in tagged_snapshots(self.zfs, ds, tag) if v.guid != to.guid]
+            if old:
+                self._check(self.zfs.release(tag, old), path)
+        self._release_stale_step_holds(ds, keep=[])
+
+    def _release_stale_step_holds(self, ds, keep):
+        tag = step_hold_tag(self.job.name)
+        keep_guids = {v.guid for v in keep}
+        stale = [v for v in tagged_snapshots(self.zfs, ds, tag) if v.guid not in keep_guids]
+        if stale:
+            self._check(self.zfs.release(tag, stale), ds.name)
+
+    # -- leaked `.send-<pid>-0` holds of dying `zfs send -I` (zfs-fuse.md §3.4) --
+    def _sends_path(self):
+        return os.path.join(self.rundir, f"{self.job.name}.sends") if self.rundir else None
+
+    def _record_send(self, pid, ds, frm, to):
+        path = self._sends_path()
+        if path is None:
+            return
+        names = [v.full_name for v in ds.snapshots if frm.createtxg <= v.createtxg <= to.createtxg]
+        with self._lock, open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"pid": pid, "snapshots": names}) + "\n")
+
+    def send_finished(self, pid):
+        """The batch of `pid` ended normally: forget its record."""
+        path = self._sends_path()
+        if path is None:
+            return
+        with self._lock:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    lines = [ln for ln in f if ln.strip()]
+            except OSError:
+                return
+            keep = [ln for ln in lines if json.loads(ln).get("pid") != pid]
+            atomic_write(path, "".join(keep), mode=0o600)
+
+    def release_leaked_send_holds(self):
+        """At the start of an invocation: release `.send-<pid>-0` of batches that died."""
+        path = self._sends_path()
+        if path is None or not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            entries = [json.loads(ln) for ln in f if ln.strip()]
+        for e in entries:
+            tag = f".send-{e['pid']}-0"
+            versions = [Version("snapshot", n.split("@")[0], n.split("@", 1)[1], 0, 0, 0)
+                        for n in e.get("snapshots", [])]
+            results = self.zfs._hold_release("release", tag, [v.full_name for v in versions])
+            for name, err in results.items():
+                if err is not None and err.kind != "missing":
+                    self.log("warn", "repl", f"cannot release leaked hold {tag} on {name}: "
+                                             f"{err}")
+        atomic_write(path, "", mode=0o600)
+
+    def estimate(self, path, step):
+        ds = self._dataset(path)
+        return self.zfs.estimate(path, step, self.send_flags(ds))
+
+    def decode_token(self, token):
+        if not re.match(r"^[0-9a-f-]+$", token or "") or len(token) > 65536:
+            return {"valid": False}
+        return self.zfs.decode_token(token)
+
+    # -- ReplicationCursor, DestroySnapshots --
+    def replication_cursor(self, path, ds=None):
+        """The newest v2 cursor bookmark of this job, else the snapshot holding the cursor
+        hold -> Version or None (SPEC §7.4)."""
+        ds = ds or self._dataset(path)
+        job = self.job.name
+        marks = [v for v in ds.versions if v.type == "bookmark" and
+                 (parse_abstraction_bookmark(v.name, v.guid) or ("", ""))[:2] ==
+                 ("replication-cursor-bookmark-v2", job)]
+        held = tagged_snapshots(self.zfs, ds, cursor_hold_tag(job))
+        candidates = marks + held
+        return max(candidates, key=lambda v: v.createtxg) if candidates else None
+
+    def destroy_snapshots(self, path, snapshots, should_stop=None):
+        """Destroy snapshots whose GUID still matches -> {name: None | error}."""
+        ds = self._dataset(path)
+        return destroy_checked(self.zfs, ds, snapshots, should_stop)
+
+
+def destroy_checked(zfs, ds, snapshots, should_stop=None):
+    """Destroy [(name, guid)] of ds after re-checking each GUID against the listing: a
+    snapshot that changed is skipped with error `changed` (SPEC §7.6)."""
+    current = {v.name: v.guid for v in ds.snapshots}
+    result, todo = {}, []
+    for name, guid in snapshots:
+        if current.get(name) is None:
+            result[name] = None                      # already gone
+        elif current[name] != guid:
+            result[name] = ZreplError(f"{ds.name}@{name} changed (GUID differs)",
+                                      kind="changed", local_to_fs=True, fs=ds.name)
+        else:
+            todo.append(name)
+    if todo:
+        result.update(zfs.destroy_snapshots(ds.name, todo, should_stop))
+    return result
+
+
+class LocalReceiver:
+    """The receiving side on this host: a sink job serving an identity, or a pull job.
+
+    Sender path P lands in `root/P`; root is root_fs/<identity> (sink) or root_fs (pull).
+    """
+
+    def __init__(self, zfs, job, root, log, *, root_is_placeholder):
+        self.zfs = zfs
+        self.job = job
+        self.root = root
+        self.log = log
+        self.root_is_placeholder = root_is_placeholder   # sink: created on first receive
+        self._placeholder_lock = threading.Lock()
+        self._checked = set()
+        self._datasets = None
+
+    def target(self, path):
+        name = f"{self.root}/{_check_path(path)}"
+        if len(name.encode()) > 255:
+            raise EndpointError(f"{name} would be longer than 255 bytes")
+        return name
+
+    def list_filesystems(self):
+        """{sender path: Dataset} under root; a missing root_fs is an error."""
+        datasets, missing = self.zfs.list_datasets([self.job.root_fs])
+        if missing:
+            raise ZreplError(f"root_fs {self.job.root_fs} does not exist",
+                             kind="root-fs-missing",
+                             hint=f"create it (zfs create -o mountpoint=none "
+                                  f"{self.job.root_fs})")
+        self._datasets = dict(datasets)     # what exists, as far as this job knows
+        prefix = self.root + "/"
+        return {n[len(prefix):]: d for n, d in datasets.items() if n.startswith(prefix)}
+
+    def _ensure_parents(self, target, datasets):
+        """Create missing datasets between root_fs (exclusive) and target (exclusive) as
+        placeholders, top-down, one at a time per receiving job."""
+        parts = target[len(self.job.root_fs) + 1:].split("/")
+        with self._placeholder_lock:
+            name = self.job.root_fs
+            for part in parts[:-1]:
+                name = f"{name}/{part}"
+                if name in datasets:
+                    continue
+                try:
+                    self.zfs.create_placeholder(name, encryption_off=self._encryption_off())
+                    datasets[name] = Dataset(name, "filesystem", None, "on")
+                except ZFSError as e:
+                    if e.kind != "exists":
+                        raise
+                    datasets[name] = Dataset(name, "filesystem")
+
+    def _encryption_off(self):
+        setting = self.job.recv.placeholder_encryption if self.job.recv else "unspecified"
+        return setting == "off" and self.zfs.capabilities()["encryption"]
+
+    def receive(self, path, step, source):
+        """Receive one step's stream from `source` (read(n) -> bytes) into root/path, check
+        the result by GUID and move the last-received hold -> the received Version."""
+        target = self.target(path)
+        if self._datasets is None:
+            self.list_filesystems()
+        datasets = self._datasets        # the attempt's listing, plus what we made since
+        existing = datasets.get(target)
+        force = False
+        if step.kind in ("full",) or (step.kind == "resume" and step.from_ is None):
+            if existing is not None:
+                if not existing.is_placeholder or existing.snapshots:
+                    raise ZreplError(f"{target} exists: a full receive would overwrite it",
+                                     kind="receiver-exists", local_to_fs=True, fs=path)
+                force = step.kind == "full"      # -F only over an empty placeholder
+            else:
+                self._ensure_parents(target, datasets)
+        elif path not in self._checked:
+            # ZFS redirects an incremental stream to another dataset holding the source
+            # snapshot when the named target is missing (zfs-fuse.md §3.2): check first
+            if existing is None:
+                raise ZreplError(f"receiver filesystem {target} does not exist (destroyed "
+                                 "since the listing?)", kind="missing", local_to_fs=True,
+                                 fs=path)
+            guids = self.zfs.snapshot_guids(target)
+            if step.from_ is not None and step.from_.guid not in guids.values():
+                raise ZreplError(f"{target} no longer has the incremental source "
+                                 f"{version_ref(step.from_)}", kind="missing",
+                                 local_to_fs=True, fs=path)
+            self._checked.add(path)
+        recv = self.job.recv or RecvOptions()
+        pool = target.split("/")[0]
+        resumable = self.zfs.capabilities().pools.get(pool, {}).get("resume", False)
+        proc = self.zfs.receive(target, force=force, resumable=resumable,
+                                inherit=recv.properties_inherit,
+                                override=recv.properties_override)
+        self._relay(source, proc, path)
+        received = self.zfs.get_version(f"{target}@{step.to.name}")
+        if received is None or received.guid != step.to.guid:
+            raise ZreplError(f"after receiving, {target}@{step.to.name} "
+                             f"{'is missing' if received is None else 'has another GUID'}; "
+                             "the received state is left for inspection", kind="verify",
+                             local_to_fs=True, fs=path)
+        if force and existing is not None and existing.is_placeholder:
+            self.finish_placeholder_conversion(path)
+        if step.protection != "guarantee_nothing":
+            self._move_last_received_hold(existing, target, received)
+        with self._placeholder_lock:
+            ds = datasets.get(target) or Dataset(target, "filesystem")
+            datasets[target] = dataclasses.replace(ds, placeholder_value=None if force
+                                                   else ds.placeholder_value,
+                                                   versions=ds.versions + [received])
+        return received
+
+    def _relay(self, source, proc, path):
+        """Copy the stream into `zfs receive`; the receiver's error wins over the sender's
+        broken pipe (SPEC §8.9)."""
+        recv_gone = False
+        try:
+            while True:
+                chunk = source.read(RECEIVE_CHUNK)
+                if not chunk:
+                    break
+                if not proc.write(chunk):
+                    recv_gone = True
+                    break
+        except BaseException:
+            proc.cancel()
+            try:
+                proc.finish(timeout=KILL_GRACE)
+            except ZFSError:
+                pass
+            raise
+        try:
+            proc.finish()
+        except ZFSError as e:
+            e.fs = path
+            raise
+        if recv_gone:
+            raise ZreplError(f"zfs receive into {self.root}/{path} stopped reading",
+                             kind="stream-broken", temporary=True, local_to_fs=True, fs=path)
+
+    def _move_last_received_hold(self, before, target, received):
+        """Hold the new snapshot, then release the tag from the ones the listing showed."""
+        tag = last_received_hold_tag(self.job.name)
+        received.fs = target
+        for err in self.zfs.hold(tag, [received]).values():
+            if err is not None:
+                raise err
+        if before is not None:
+            old = [v for v in tagged_snapshots(self.zfs, before, tag) if v.guid != received.guid]
+            for err in (self.zfs.release(tag, old) if old else {}).values():
+                if err is not None:
+                    raise err
+
+    def abort_partial_receive(self, path):
+        self.zfs.abort_receive(self.target(path))
+
+    def finish_placeholder_conversion(self, path):
+        target = self.target(path)
+        self.zfs.set_property(target, "zrepl:placeholder", "off")
+        self.zfs.set_property(target, "canmount", "on")
+
+    def destroy_snapshots(self, path, snapshots, should_stop=None):
+        target = self.target(path)
+        datasets, _ = self.zfs.list_datasets([self.job.root_fs])
+        ds = datasets.get(target)
+        if ds is None:
+            raise ZreplError(f"receiver filesystem {target} does not exist", kind="missing",
+                             local_to_fs=True, fs=path)
+        return destroy_checked(self.zfs, ds, snapshots, should_stop)
 
 ###############################################################################
-# 9. Transport and RPC — (built by the transport issues)
+# 9. Transport and RPC — who the other side is: `local` now, remote transports later
 ###############################################################################
+# The seed: "no special local job: push + sink over a local transport, a switchboard by
+# client identity". A push job with `connect: local` gets the sink job that serves that
+# listener_name, built in this process; a pull job gets its source likewise.
+
+class TransportError(ZreplError):
+    kind = "connection"
+    temporary = True
+
+
+def connect_peer(config, job, zfs, log, rundir):
+    """The other side of an active job -> (sender endpoint, receiver endpoint)."""
+    c = job.connect
+    if c.type != "local":
+        raise ZreplError(f"job {job.name}: transport {c.type} is not in this version of "
+                         f"zrepl.py yet; use `connect: {{type: local}}` on one host",
+                         kind="unsupported")
+    peer = next((j for j in config.jobs if j.serve is not None and j.serve.type == "local"
+                 and j.serve.listener_name == c.listener_name), None)
+    if peer is None:
+        raise TransportError(f"local listener {c.listener_name} not reachable")
+    if job.type == "push":
+        if peer.type != "sink":
+            raise ZreplError(f"job {job.name} pushes to listener {c.listener_name}, which "
+                             f"is served by {peer.type} job {peer.name}, not a sink",
+                             kind="config")
+        receiver = LocalReceiver(zfs, peer, f"{peer.root_fs}/{c.client_identity}", log,
+                                 root_is_placeholder=True)
+        return LocalSender(zfs, job, log, rundir), receiver, peer
+    if peer.type != "source":
+        raise ZreplError(f"job {job.name} pulls from listener {c.listener_name}, which is "
+                         f"served by {peer.type} job {peer.name}, not a source",
+                         kind="config")
+    receiver = LocalReceiver(zfs, job, job.root_fs, log, root_is_placeholder=False)
+    return LocalSender(zfs, peer, log, rundir), receiver, peer
+
 
 ###############################################################################
-# 10. Replication driver — (built by the replication issue)
+# 10. Replication driver — attempts, the queue by error count, steps, watchdog, progress
 ###############################################################################
+# The seed's laws: a plain list re-sorted by error count before every pick (failing
+# filesystems go last but never starve), errors decide by their class, a watchdog cancels
+# a step that moves no bytes, and one filesystem's failure never stops the others.
+
+MAX_ATTEMPTS = int(os.environ.get("ZREPL_REPLICATION_MAX_ATTEMPTS", "3") or 3)
+RETRY_DELAY = 5.0
+RETRIES_PER_ATTEMPT = 2
+
+
+class TokenBucket:
+    """Bytes per second with a burst capacity, shared by a job's transfers (SPEC §9.7)."""
+
+    def __init__(self, rate, capacity):
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.stamp = time.monotonic()
+        self.lock = threading.Lock()
+
+    def take(self, n, cancelled):
+        while n > 0 and not cancelled():
+            with self.lock:
+                now = time.monotonic()
+                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+                self.stamp = now
+                got = min(n, int(self.tokens))
+                self.tokens -= got
+            n -= got
+            if n > 0:
+                time.sleep(min(0.1, max(0.005, n / self.rate)))
+
+
+class StepRun:
+    """A running step's live state: counters the progress, report and watchdog read."""
+
+    def __init__(self, fs, step, expected):
+        self.fs = fs
+        self.step = step
+        self.expected = expected
+        self.bytes = 0
+        self.last_progress = time.monotonic()
+        self.cancel_reason = None
+        self.stream = None
+        self.lock = threading.Lock()
+
+    def cancel(self, reason):
+        with self.lock:
+            if self.cancel_reason is None:
+                self.cancel_reason = reason
+            stream = self.stream
+        if stream is not None:
+            stream.cancel()
+
+
+class CountedStream:
+    """The sender's stream as the receiver reads it: counts bytes, feeds the watchdog,
+    honours the bandwidth limits, and stops at a cancel."""
+
+    def __init__(self, run, source, buckets):
+        self.run = run
+        self.source = source
+        self.buckets = [b for b in buckets if b is not None]
+
+    def read(self, n):
+        if self.run.cancel_reason:
+            return b""
+        chunk = self.source.read(n)
+        if chunk:
+            for b in self.buckets:
+                b.take(len(chunk), lambda: self.run.cancel_reason is not None)
+            self.run.bytes += len(chunk)
+            self.run.last_progress = time.monotonic()
+        return chunk
+
+
+class FsRun:
+    """One filesystem through a replication phase: plan, steps, errors, report entry."""
+
+    def __init__(self, path, receiver_fs, error_count):
+        self.path = path
+        self.receiver_fs = receiver_fs
+        self.error_count = error_count
+        self.state = "pending"
+        self.steps = []
+        self.step_reports = []
+        self.done = 0
+        self.retries = 0
+        self.ready_at = 0.0
+        self.error = None
+        self.conflict = None
+        self.bytes = 0
+        self.expected = None
+        self.running = None
+        self.finished = False
+
+    @property
+    def next_step(self):
+        return self.steps[self.done] if self.done < len(self.steps) else None
+
+    def has_pending_initial(self):
+        return any(s.is_initial for s in self.steps[self.done:]) and not self.finished
+
+
+class Progress:
+    """Bytes, rate and ETA per filesystem and in total, drawn on a terminal (SPEC §1.7)."""
+
+    def __init__(self, stream, enabled):
+        self.stream = stream
+        self.enabled = enabled
+        self.runs = []
+        self.total_fs = 0
+        self.done_fs = 0
+        self.samples = []         # (time, total bytes) for the 10-second rate
+        self.lines = 0
+        self.lock = threading.Lock()
+
+    def lines_now(self):
+        now = time.monotonic()
+        total = sum(r.bytes for r in self.runs)
+        self.samples.append((now, total))
+        self.samples = [s for s in self.samples if now - s[0] <= 10]
+        span = now - self.samples[0][0]
+        rate = (total - self.samples[0][1]) / span if span > 0.5 else 0.0
+        active = [r for r in self.runs if r.stream is not None and r.cancel_reason is None]
+        width = max([len(r.fs) for r in active] + [len(f"total [{self.done_fs}/"
+                                                          f"{self.total_fs}]")])
+        out = []
+        for r in active:
+            out.append(_progress_line(r.fs.ljust(width), r.bytes, r.expected, None))
+        expected = sum(r.expected or 0 for r in self.runs) if all(
+            r.expected is not None for r in self.runs) and self.runs else None
+        out.append(_progress_line(f"total [{self.done_fs}/{self.total_fs}]".ljust(width),
+                                  total, expected, rate))
+        return out
+
+    def draw(self):
+        if not self.enabled:
+            return
+        with self.lock:
+            lines = self.lines_now()
+            erase = "\x1b[1A\x1b[2K" * self.lines + "\r\x1b[2K"
+            self.stream.write(erase + "\n".join(lines) + "\n")
+            self.stream.flush()
+            self.lines = len(lines)
+
+    def clear(self):
+        if self.enabled and self.lines:
+            with self.lock:
+                self.stream.write("\x1b[1A\x1b[2K" * self.lines)
+                self.stream.flush()
+                self.lines = 0
+
+
+def _progress_line(label, done, expected, rate):
+    rate_text = f"{format_bytes(int(rate))}/s" if rate is not None else ""
+    if expected:
+        pct = min(100, int(done * 100 / expected)) if expected else 0
+        eta = ""
+        if rate:
+            left = max(0, expected - done) / rate
+            eta = f"   ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+        return (f"{label}   {format_bytes(done)} / {format_bytes(expected)}   {pct:3d}%   "
+                f"{rate_text}{eta}")
+    return f"{label}   {format_bytes(done)}   {rate_text}".rstrip()
+
+
+class Replication:
+    """One replication phase of an active job between a sender and a receiver endpoint."""
+
+    def __init__(self, job, sender, receiver, log, control, *, dry_run=False,
+                 progress=None, prev_report=None, zfs=None):
+        self.job = job
+        self.sender = sender
+        self.receiver = receiver
+        self.log = log
+        self.control = control
+        self.dry_run = dry_run
+        self.progress = progress or Progress(sys.stderr, False)
+        r = job.replication or ReplicationOptions()
+        self.options = r
+        s = job.send or SendOptions()
+        self.policy = Policy(job.initial_replication or "most_recent", r.protection_initial,
+                             r.protection_incremental, r.batch_incrementals,
+                             sends_raw=bool(s.encrypted or s.raw))
+        send_bw = (job.send or SendOptions()).bandwidth_limit
+        recv_bw = (receiver.job.recv or RecvOptions()).bandwidth_limit
+        self.buckets = [TokenBucket(bw.max, bw.bucket_capacity) if bw.max > 0 else None
+                        for bw in (send_bw, recv_bw)]
+        prev = ((prev_report or {}).get("replication") or {}).get("filesystems") or []
+        self.prev_errors = {f.get("fs"): f.get("error_count", 0) for f in prev
+                            if isinstance(f, dict)}
+        self.fs = {}
+        self.cond = threading.Condition()
+        self.sender_versions = {}
+        self.receiver_guids = {}
+
+    # -- the phase --
+    def run(self):
+        started = time.time()
+        report = {"state": "running", "attempts": 0, "started_at": rfc3339(started),
+                  "finished_at": None, "error": None, "bytes_expected": None,
+                  "bytes_replicated": 0, "filesystems": []}
+        phase_error = None
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            if self.control.should_stop():
+                break
+            report["attempts"] = attempt
+            try:
+                fatal = self._attempt()
+            except ZreplError as e:
+                fatal = e
+            phase_error = fatal
+            if fatal is not None and not fatal.temporary:
+                break
+            again = [f for f in self.fs.values() if not f.finished]
+            if fatal is None and not again:
+                break
+            if attempt < MAX_ATTEMPTS:
+                self.log("info", "repl", f"attempt {attempt} left {len(again)} filesystems "
+                                         "unfinished; trying again")
+        for f in self.fs.values():
+            if not f.finished and f.state not in ("error", "conflict"):
+                f.state = "cancelled" if self.control.should_stop() else "error"
+                if f.state == "error" and f.error is None and phase_error is not None:
+                    f.error = error_json(phase_error, f.path)
+        report["finished_at"] = rfc3339(time.time())
+        report["filesystems"] = [self._fs_report(self.fs[p]) for p in sorted(self.fs)]
+        report["bytes_replicated"] = sum(f["bytes_replicated"] for f in report["filesystems"])
+        exp = [f["bytes_expected"] for f in report["filesystems"]]
+        report["bytes_expected"] = sum(exp) if exp and all(e is not None for e in exp) else None
+        states = {f.state for f in self.fs.values()}
+        if phase_error is not None:
+            report["error"] = error_json(phase_error)
+        if self.control.should_stop() and states & {"cancelled", "pending"}:
+            report["state"] = "cancelled"
+        elif phase_error is not None or states & {"error", "conflict"}:
+            report["state"] = "failed"
+        else:
+            report["state"] = "done"
+        return report
+
+    def _attempt(self):
+        """List both sides, plan every unfinished filesystem, run the steps; returns the
+        error that ended the attempt for all filesystems, or None."""
+        sender_fs = self.sender.list_filesystems()
+        receiver_fs = self.receiver.list_filesystems()
+        self.sender_versions = {p: {v.guid: v for v in d.snapshots} for p, d in sender_fs.items()}
+        for path, rds in receiver_fs.items():
+            self.receiver_guids[path] = {v.guid for v in rds.snapshots}
+        for path in sorted(sender_fs):
+            f = self.fs.get(path)
+            if f is not None and f.finished:
+                continue
+            if f is None:
+                f = self.fs[path] = FsRun(path, self.receiver.target(path),
+                                          self.prev_errors.get(path, 0))
+            f.retries, f.ready_at = 0, 0.0
+            self._plan(f, sender_fs[path], receiver_fs.get(path))
+        return self._execute()
+
+    def _plan(self, f, sds, rds):
+        token = None
+        if rds is not None and rds.resume_token:
+            token = self.sender.decode_token(rds.resume_token) if hasattr(
+                self.sender, "decode_token") else None
+        result = plan_filesystem(sds, rds, self.policy, token)
+        f.steps, f.done, f.error = [], 0, None
+        if isinstance(result, Conflict):
+            f.state, f.conflict, f.finished = "conflict", result, True
+            f.error = error_json(ZreplError(result.message, kind=result.kind,
+                                            local_to_fs=True, fs=f.path, hint=result.hint))
+            self.log("error", "repl", f"{f.path}: conflict {result.kind}: {result.message}; "
+                                      f"{result.hint}", fs=f.path)
+            return
+        if sds.is_placeholder:
+            f.state, f.finished = "skipped", True
+            return
+        for note in result.notes:
+            self.log("warn", "repl", f"{f.path}: {note}", fs=f.path)
+        if not self.dry_run:
+            try:
+                for action in result.actions:
+                    if action == "abort-partial-receive":
+                        self.receiver.abort_partial_receive(f.path)
+                    elif action == "finish-placeholder-conversion":
+                        self.receiver.finish_placeholder_conversion(f.path)
+            except ZreplError as e:
+                self._fail(f, e)
+                return
+        f.steps = result.steps
+        f.step_reports = [None] * len(f.steps)
+        if not f.steps:
+            f.state, f.finished = "uptodate", True
+        elif self.dry_run:
+            f.state, f.finished = "planned", True
+
+    # -- execution --
+    def _eligible(self, now):
+        pending = [f for f in self.fs.values() if not f.finished]
+        out = []
+        for f in pending:
+            if f.running is not None or f.ready_at > now or f.next_step is None:
+                continue
+            if any(g.has_pending_initial() and (f.path.startswith(g.path + "/"))
+                   for g in pending if g is not f):
+                continue
+            out.append(f)
+        # the seed's queue: healthy first, oldest pending snapshot first, then by name
+        out.sort(key=lambda f: (f.error_count, f.next_step.to.creation, f.path))
+        return out
+
+    def _execute(self):
+        fatal = []
+        self.progress.total_fs = sum(1 for f in self.fs.values() if f.steps)
+        watchdog = threading.Thread(target=self._watchdog, args=(fatal,), daemon=True)
+        self._stop_watchdog = False
+        watchdog.start()
+        threads = []
+        try:
+            with self.cond:
+                while True:
+                    if self.control.should_stop():
+                        self._cancel_all("the run was stopped (--max-runtime or a signal)")
+                    elif not fatal:
+                        self._fail_orphans()
+                        running = sum(1 for f in self.fs.values() if f.running)
+                        for f in self._eligible(time.monotonic()):
+                            if running >= self.options.concurrency_steps:
+                                break
+                            f.running = StepRun(f.path, f.next_step, None)
+                            f.state = "stepping"
+                            running += 1
+                            t = threading.Thread(target=self._worker, args=(f, fatal),
+                                                 daemon=True)
+                            threads.append(t)
+                            t.start()
+                    busy = any(f.running for f in self.fs.values())
+                    waiting = any(not f.finished and f.next_step is not None
+                                  and f.ready_at != float("inf") for f in self.fs.values())
+                    if not busy and (not waiting or fatal or self.control.should_stop()):
+                        break
+                    self.cond.wait(timeout=0.25)
+                    self.progress.draw()
+        finally:
+            self._stop_watchdog = True
+            for t in threads:
+                t.join()
+            self.progress.clear()
+        return fatal[0] if fatal else None
+
+    def _fail_orphans(self):
+        """Children of a filesystem whose initial step failed cannot be received."""
+        for f in self.fs.values():
+            if f.finished or f.running:
+                continue
+            for g in self.fs.values():
+                if g.state == "error" and g.done == 0 and g.steps and g.steps[0].is_initial \
+                        and f.path.startswith(g.path + "/") and g.finished:
+                    self._fail(f, ZreplError(f"parent {g.path} failed its initial "
+                                             "replication", kind="parent-failed",
+                                             local_to_fs=True, fs=f.path))
+                    break
+
+    def _watchdog(self, fatal):
+        timeout = self.options.timeout
+        while not self._stop_watchdog:
+            time.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            for f in list(self.fs.values()):
+                run = f.running
+                if run is not None and run.stream is not None and \
+                        now - run.last_progress > timeout:
+                    self.log("error", "repl", f"{f.path}: no bytes moved for "
+                                              f"{format_duration(timeout)}; cancelling the step",
+                             fs=f.path)
+                    run.cancel("timeout")
+
+    def _cancel_all(self, why):
+        for f in self.fs.values():
+            if f.running is not None:
+                f.running.cancel("stopped")
+
+    def _worker(self, f, fatal):
+        run = f.running
+        step = run.step
+        try:
+            run.expected = self._estimate(f, step)
+            self.progress.runs.append(run)
+            self._do_step(f, run)
+        except ZreplError as e:
+            err = e
+            if run.cancel_reason == "timeout":
+                err = ZreplError(f"{f.path}: step {version_ref(step.from_) or '-'} -> "
+                                 f"@{step.to.name} moved no bytes for "
+                                 f"{format_duration(self.options.timeout)}", kind="timeout",
+                                 temporary=True, local_to_fs=True, fs=f.path)
+            elif run.cancel_reason == "stopped":
+                err = ZreplError(f"{f.path}: step cancelled: the run was stopped",
+                                 kind="cancelled", temporary=True, local_to_fs=True, fs=f.path)
+            with self.cond:
+                self._step_failed(f, run, err, fatal)
+        except Exception as e:   # a bug: this filesystem fails, the others go on
+            import traceback
+            traceback.print_exc()
+            with self.cond:
+                self._step_failed(f, run, ZreplError(f"internal error: {e!r}", kind="internal",
+                                                     local_to_fs=True, fs=f.path), fatal)
+        else:
+            with self.cond:
+                f.step_reports[f.done] = step.to_json("done", run.expected, run.bytes)
+                f.done += 1
+                f.bytes += run.bytes
+                self.progress.done_fs += 1 if f.next_step is None else 0
+                if f.next_step is None:
+                    f.state, f.finished = "done", True
+                else:
+                    f.state = "pending"
+        finally:
+            with self.cond:
+                f.running = None
+                if run in self.progress.runs:
+                    self.progress.runs.remove(run)
+                self.cond.notify_all()
+
+    def _estimate(self, f, step):
+        if hasattr(self.sender, "estimate"):
+            try:
+                return self.sender.estimate(f.path, step)
+            except ZreplError:
+                return None
+        return None
+
+    def _do_step(self, f, run):
+        step = run.step
+        self.log("info", "repl", f"{f.path}: {step.kind} {version_ref(step.from_) or ''} -> "
+                                 f"@{step.to.name}", fs=f.path)
+        stream = self.sender.send(f.path, step)
+        with run.lock:
+            run.stream = stream
+            cancelled = run.cancel_reason is not None
+        if cancelled:
+            stream.cancel()
+        counted = CountedStream(run, stream, self.buckets)
+        try:
+            self.receiver.receive(f.path, step, counted)
+        except BaseException:
+            stream.cancel()
+            try:
+                stream.finish(timeout=KILL_GRACE)
+            except ZFSError:
+                pass                     # the receiver's error wins over a broken pipe
+            self._after_failed_send(f, step)
+            raise
+        try:
+            stream.finish()
+        except ZFSError:
+            self._after_failed_send(f, step)
+            raise
+        if step.kind == "incremental_batch" and hasattr(self.sender, "send_finished"):
+            self.sender.send_finished(stream.pid)
+        self.sender.send_completed(f.path, step)
+        got = self.receiver_guids.setdefault(f.path, set())
+        got.add(step.to.guid)
+        for name in step.includes:
+            v = next((v for v in self.sender_versions.get(f.path, {}).values()
+                      if v.name == name), None)
+            if v is not None:
+                got.add(v.guid)
+
+    def _after_failed_send(self, f, step):
+        """Without resumable receive nothing of the step survives: drop its step holds."""
+        if hasattr(self.sender, "send_completed") and hasattr(self.sender, "_dataset"):
+            try:
+                ds = self.sender._dataset(f.path)
+                self.sender._release_stale_step_holds(ds, keep=[])
+            except ZreplError as e:
+                self.log("warn", "repl", f"{f.path}: cannot release step holds: {e}",
+                         fs=f.path)
+
+    def _step_failed(self, f, run, err, fatal):
+        f.step_reports[f.done] = run.step.to_json("failed", run.expected, run.bytes)
+        f.bytes += run.bytes
+        f.error_count += 1
+        self.log("error", "repl", f"{f.path}: step failed: {err}", fs=f.path)
+        if run.cancel_reason == "stopped":
+            f.state, f.error = "cancelled", error_json(err, f.path)
+            f.step_reports[f.done]["state"] = "cancelled"
+            return
+        if not err.local_to_fs:
+            fatal.append(err)
+            f.error = error_json(err, f.path)
+            for g in self.fs.values():
+                if g.running is not None and g is not f:
+                    g.running.cancel("stopped")
+            return
+        if err.temporary and f.retries < RETRIES_PER_ATTEMPT:
+            f.retries += 1
+            f.ready_at = time.monotonic() + RETRY_DELAY
+            f.state, f.error = "pending", error_json(err, f.path)
+            return
+        self._fail(f, err, finished=not err.temporary)
+
+    def _fail(self, f, err, finished=True):
+        f.state, f.error = "error", error_json(err, f.path)
+        if finished:
+            f.finished = True
+        else:
+            f.ready_at = float("inf")     # temporary: waits for the next attempt
+
+    # -- the report --
+    def _fs_report(self, f):
+        steps = []
+        for i, s in enumerate(f.steps):
+            rep = f.step_reports[i] if i < len(f.step_reports) and f.step_reports[i] else None
+            steps.append(rep or s.to_json("planned" if self.dry_run else "pending"))
+        last = None
+        versions = self.sender_versions.get(f.path, {})
+        have = self.receiver_guids.get(f.path, set())
+        common = [v for g, v in versions.items() if g in have]
+        if common:
+            newest = max(common, key=lambda v: v.createtxg)
+            last = {"name": newest.name, "guid": str(newest.guid),
+                    "creation": rfc3339(newest.creation)}
+        return {"fs": f.path, "receiver_fs": f.receiver_fs, "state": f.state,
+                "steps_total": len(f.steps), "steps_done": f.done,
+                "bytes_expected": None, "bytes_replicated": f.bytes, "steps": steps,
+                "last_replicated": last,
+                "lag_s": int(time.time() - max(common, key=lambda v: v.createtxg).creation)
+                if common else None,
+                "conflict": f.conflict.to_json() if f.conflict else None,
+                "error": f.error, "error_count": f.error_count if f.error else 0}
 
 ###############################################################################
 # 11. Pruner and snapper — keep rules and snapshot rounds carried out through ZFS
@@ -3768,9 +5205,10 @@ class Pruner:
     """Prunes one side of a job (SPEC §7): decisions per filesystem, batched destroys,
     back-off at a filesystem's first failure, error counts that order the next run."""
 
-    def __init__(self, zfs, job, side, rules, log, should_stop=lambda: False):
-        self.zfs = zfs
-        self.job = job
+    def __init__(self, destroy, side, rules, log, should_stop=lambda: False):
+        """destroy(key, dataset, [(name, guid)], should_stop) -> {name: None | error}: the
+        local adapter, or the endpoint of the other side."""
+        self.destroy = destroy
         self.side = side
         self.rules = rules
         self.log = log
@@ -3785,7 +5223,7 @@ class Pruner:
                   "filesystems": []}
         order = sorted(datasets, key=lambda n: (error_counts.get(n, 0), n))
         for name in order:
-            entry = self._prune_fs(datasets[name], cursors.get(name),
+            entry = self._prune_fs(name, datasets[name], cursors.get(name),
                                    error_counts.get(name, 0), dry_run, explain)
             report["filesystems"].append(entry)
             if entry["state"] == "error":
@@ -3793,9 +5231,9 @@ class Pruner:
         report["filesystems"].sort(key=lambda e: e["fs"])
         return report
 
-    def _prune_fs(self, ds, cursor, errors_before, dry_run, explain):
+    def _prune_fs(self, key, ds, cursor, errors_before, dry_run, explain):
         decisions = decide_prune(ds.snapshots, self.rules, side=self.side, cursor=cursor)
-        entry = {"fs": ds.name, "state": "done", "skip_reason": None,
+        entry = {"fs": key, "state": "done", "skip_reason": None,
                  "snapshots": len(decisions),
                  "planned_destroy": [d.snapshot.name for d in decisions
                                      if d.action == "destroy"],
@@ -3807,19 +5245,27 @@ class Pruner:
                                                       "filesystem")
             entry["error_count"] = errors_before
         elif entry["planned_destroy"] and not dry_run:
-            self._destroy(ds.name, entry, decisions, errors_before)
+            self._destroy(key, ds, entry, decisions, errors_before)
         if explain or dry_run:
             entry["decisions"] = [d.to_json() for d in decisions]
         return entry
 
-    def _destroy(self, fs, entry, decisions, errors_before):
+    def _destroy(self, key, ds, entry, decisions, errors_before):
         def should_stop(result):
             # back off at the first real failure: held/clone refusals are not failures
             failed = any(err is not None and err.kind not in _KEPT_BY_OTHERS
                          for err in list(result.values())[-100:])
             return failed or self.should_stop()
-        results = self.zfs.destroy_snapshots(fs, entry["planned_destroy"], should_stop)
         by_name = {d.snapshot.name: d for d in decisions}
+        try:
+            results = self.destroy(key, ds, [(n, by_name[n].snapshot.guid)
+                                             for n in entry["planned_destroy"]], should_stop)
+        except ZreplError as e:
+            entry.update(state="error", error_count=errors_before + 1)
+            entry["errors"].append({"snapshot": None, "error": error_json(e, key)})
+            self.log("error", "pruning", f"cannot prune {key}: {e}", fs=key,
+                     prune_side=self.side)
+            return
         for name in entry["planned_destroy"]:
             if name not in results:
                 continue
@@ -3834,8 +5280,8 @@ class Pruner:
                 if err.kind in ("held", "busy"):
                     entry["kept_held"].append(name)
             else:
-                entry["errors"].append({"snapshot": name, "error": error_json(err, fs)})
-                self.log("error", "pruning", f"cannot destroy {fs}@{name}: {err}", fs=fs,
+                entry["errors"].append({"snapshot": name, "error": error_json(err, key)})
+                self.log("error", "pruning", f"cannot destroy {ds.name}@{name}: {err}", fs=key,
                          prune_side=self.side)
         if entry["errors"]:
             entry["state"] = "error"
@@ -4017,6 +5463,9 @@ class JobRunner:
         self.control = control
         self.rundir = config.global_.rundir
 
+    def destroy_local(self, key, ds, snapshots, should_stop):
+        return destroy_checked(self.zfs, ds, snapshots, should_stop)
+
     def local_prune_datasets(self, job):
         """The snap job's (or push sender's) filesystems to prune, from one listing."""
         _, accepted = _selected_filesystems(self.zfs, job.filesystems, self.log)
@@ -4029,8 +5478,83 @@ class JobRunner:
         except ZreplError as e:
             return {"side": side, "state": "failed", "dry_run": dry_run,
                     "error": error_json(e), "filesystems": []}
-        pruner = Pruner(self.zfs, job, side, job.keep, self.log, self.control.should_stop)
+        pruner = Pruner(self.destroy_local, side, job.keep, self.log,
+                        self.control.should_stop)
         return pruner.run(datasets, error_counts=prune_error_counts(prev, side),
+                          dry_run=dry_run, explain=explain)
+
+    def run_active_job(self, job, mode, dry_run, progress=None):
+        """push: snapshot -> replicate -> prune sender -> prune receiver; pull: the same
+        with the source's snapshot round (SPEC §10.1). Phases never overlap."""
+        started = time.time()
+        report = new_job_report(job, dry_run, started)
+        prev = load_last_report(self.rundir, job.name)
+        failed = False
+        try:
+            sender, receiver, peer = connect_peer(self.config, job, self.zfs, self.log,
+                                                  None if dry_run else self.rundir)
+        except ZreplError as e:
+            report["errors"].append(error_json(e))
+            self.log("error", "job", str(e), job=job.name)
+            return finish_job_report(report, self.control, True)
+        snap_job = job if job.type == "push" else peer
+        if not dry_run:
+            sender.release_leaked_send_holds()
+        if not self.control.should_stop() and snap_job.snapshotting is not None:
+            try:
+                snap = Snapper(self.zfs, snap_job, self.log, self.control.should_stop)
+                report["snapshotting"] = snap.run(mode, started, dry_run)
+                failed = round_failed(report["snapshotting"])
+            except ZreplError as e:
+                failed = True
+                report["errors"].append(error_json(e))
+                self.log("error", "snapshot", str(e))
+        if not self.control.should_stop():
+            repl = Replication(job, sender, receiver, self.log, self.control,
+                               dry_run=dry_run, progress=progress, prev_report=prev)
+            report["replication"] = repl.run()
+            if report["replication"]["state"] == "failed":
+                failed = True
+                if report["replication"]["error"]:
+                    report["errors"].append(report["replication"]["error"])
+        for side in ("sender", "receiver"):
+            if self.control.should_stop():
+                break
+            part = self.prune_side(job, side, sender, receiver, prev, dry_run)
+            report["pruning"][side] = part
+            if part["state"] == "failed":
+                failed = True
+                if part["error"]:
+                    report["errors"].append(part["error"])
+        return finish_job_report(report, self.control, failed)
+
+    def prune_side(self, job, side, sender, receiver, prev, dry_run, explain=False):
+        """Prune the sender or the receiver of an active job with its keep rules."""
+        rules = job.keep_sender if side == "sender" else job.keep_receiver
+        try:
+            sender_fs = {p: d for p, d in sender.list_filesystems().items()
+                         if not d.is_placeholder}
+            if side == "sender":
+                datasets = sender_fs
+                cursors = {}
+                if any(r.type == "not_replicated" for r in rules):
+                    cursors = {p: sender.replication_cursor(p, d) for p, d in datasets.items()}
+
+                def destroy(key, ds, snaps, stop):
+                    return sender.destroy_snapshots(key, snaps, stop)
+            else:
+                datasets = {p: d for p, d in receiver.list_filesystems().items()
+                            if p in sender_fs and not d.is_placeholder}
+                cursors = {}
+
+                def destroy(key, ds, snaps, stop):
+                    return receiver.destroy_snapshots(key, snaps, stop)
+        except ZreplError as e:
+            self.log("error", "pruning", f"cannot prune the {side}: {e}", prune_side=side)
+            return {"side": side, "state": "failed", "dry_run": dry_run,
+                    "error": error_json(e), "filesystems": []}
+        pruner = Pruner(destroy, side, rules, self.log, self.control.should_stop)
+        return pruner.run(datasets, cursors=cursors, error_counts=prune_error_counts(prev, side),
                           dry_run=dry_run, explain=explain)
 
     def run_snap_job(self, job, mode, dry_run):
@@ -4406,10 +5930,6 @@ def cmd_once(args, zfs, out, log):
     config = _load(args)
     _apply_logging(config, log, args)
     jobs = _select_jobs(config, args.jobs)
-    for job in jobs:
-        if job.type != "snap":
-            raise UsageError(f"job {job.name} ({job.type}): replication is not in this "
-                             f"version of zrepl.py yet; run snap jobs by name")
     _check_host(config, zfs)
     rundir = config.global_.rundir
     if not args.dry_run:
@@ -4448,7 +5968,11 @@ def _once_job(runner, job, args, rundir, control, log):
                       errors=[error_json(e)])
         return report
     try:
-        report = runner.run_snap_job(job, args.snapshot, args.dry_run)
+        if job.type == "snap":
+            report = runner.run_snap_job(job, args.snapshot, args.dry_run)
+        else:
+            progress = Progress(sys.stderr, sys.stderr.isatty() and not args.no_progress)
+            report = runner.run_active_job(job, args.snapshot, args.dry_run, progress)
         if lock:
             atomic_write(last_report_path(rundir, job.name),
                          json.dumps(report, indent=1) + "\n", mode=0o600)
@@ -4462,9 +5986,6 @@ def cmd_prune(args, zfs, out, log):
     config = _load(args)
     _apply_logging(config, log, args)
     job = _select_jobs(config, [args.job])[0]
-    if job.type != "snap":
-        raise UsageError(f"job {job.name} ({job.type}): pruning through a replication peer "
-                         f"is not in this version of zrepl.py yet")
     _check_host(config, zfs)
     rundir = config.global_.rundir
     control = RunControl()
@@ -4474,20 +5995,32 @@ def cmd_prune(args, zfs, out, log):
         prepare_rundir(rundir)
         lock = JobLock(rundir, job.name)
         lock.acquire()
+    parts = []
     try:
         prev = load_last_report(rundir, job.name)
-        part = JobRunner(config, zfs, log, control).prune_local(job, prev, args.dry_run,
-                                                                explain=args.json)
+        runner = JobRunner(config, zfs, log, control)
+        if job.type == "snap":
+            parts.append(runner.prune_local(job, prev, args.dry_run, explain=args.json))
+        else:
+            sender, receiver, _ = connect_peer(config, job, zfs, log, rundir)
+            sides = ("sender", "receiver") if args.side == "both" else (args.side,)
+            for side in sides:
+                if control.should_stop():
+                    break
+                parts.append(runner.prune_side(job, side, sender, receiver, prev,
+                                               args.dry_run, explain=args.json))
     finally:
         if lock:
             lock.release()
-    code = 130 if control.interrupted else 1 if part["state"] == "failed" else 0
+    code = 130 if control.interrupted else 1 if any(p["state"] == "failed"
+                                                    for p in parts) else 0
     if args.json:
         out.write(json.dumps({"schema": "zrepl.py/prune/1", "job": job.name,
-                              "dry_run": args.dry_run, "exit_code": code, "sides": [part]},
+                              "dry_run": args.dry_run, "exit_code": code, "sides": parts},
                              indent=2) + "\n")
     else:
-        out.write(render_prune_report(part, args.dry_run))
+        out.write(("\n" if args.dry_run else "").join(render_prune_report(p, args.dry_run)
+                                                      for p in parts))
     return code
 
 
