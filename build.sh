@@ -3,7 +3,7 @@
 #
 #   ./build.sh          build zrepl.pyz at the repo top (shiv, in a cached throwaway venv)
 #   ./build.sh test     do all set-up (apt, venv, zfs-fuse), build, run every test lane
-#   ./build.sh demo     build, make two small demo pools, run a job on them (demo clean: remove)
+#   ./build.sh demo     build, make two small demo pools, replicate one to the other (demo clean)
 #   ./build.sh clean    remove build artefacts
 #
 # Environment: PYTHON (interpreter for the build venv, default python3),
@@ -263,7 +263,7 @@ run_tests() {
 DEMO_DIR=/var/tmp/zreplpy-demo
 DEMO_POOLS="zrdemosrc zrdemodst"
 
-# demo: a snap job on two small file-backed pools; prints what to look at
+# demo: local push -> sink replication between two small file-backed pools, with pruning
 demo() {
     if [ "${1:-}" = clean ]; then
         ZF_DIR=$DEMO_DIR sh tests/zfs-fuse/down.sh $DEMO_POOLS
@@ -276,7 +276,7 @@ demo() {
         || die "could not make the demo pools"
     local fs
     for fs in zrdemosrc/data zrdemosrc/data/projects zrdemosrc/data/photos \
-              zrdemosrc/data/scratch; do
+              zrdemosrc/data/scratch zrdemodst/backup; do
         zfs list -H -o name "$fs" >/dev/null 2>&1 || zfs create -o mountpoint=none "$fs"
     done
     zfs list -H -o name zrdemosrc/data@manual_before_upgrade >/dev/null 2>&1 \
@@ -287,21 +287,26 @@ demo() {
         show $z once --snapshot always
         sleep 1.1     # snapshot names have one-second resolution
     done
-    # a snapshot no rule keeps: the dry-run explains why it will go
-    show zfs snapshot zrdemosrc/data/projects@foreign
-    show $z prune --job demo_snap --dry-run
+    # a snapshot no rule keeps but not_replicated: the dry-run explains why it stays for now
+    zfs list -H -o name zrdemosrc/data/projects@foreign >/dev/null 2>&1 \
+        || show zfs snapshot zrdemosrc/data/projects@foreign
+    show $z prune --job demo_push --side sender --dry-run
     show $z once --snapshot always
     show $z status
+    show $z zfs-abstraction list --fs "zrdemosrc<:ok,zrdemodst<:ok"
     cat <<MSG
 
 What happened: four snapshot rounds of zrdemosrc/data and its children (not
-zrdemosrc/data/scratch, which the filter rejects), each round one atomic
-\`zfs snapshot -r\` where the subtree allows it; pruning kept the newest three
-zrepl_ snapshots and @manual_before_upgrade, and destroyed @foreign, as the
-dry-run said it would.
-Look at:   zfs list -t snapshot -r -o name,creation zrdemosrc
+zrdemosrc/data/scratch, which the filter rejects), each replicated to
+zrdemodst/backup/demohost/... (initial full sends, then incrementals, checked by GUID;
+zrdemodst/backup/demohost and .../zrdemosrc are placeholders). The dry-run kept @foreign
+only because it was not replicated yet (not_replicated); the last run replicated it,
+and then no rule kept it, so pruning destroyed it on both sides, while the newest three
+zrepl_ snapshots and @manual_before_upgrade stay. The replication cursor is a hold
+(zfs-fuse has no bookmarks): see the zfs-abstraction list above.
+Look at:   zfs list -t all -r -o name,zrepl:placeholder,userrefs zrdemosrc zrdemodst
            $z status --json
-           $z prune --job demo_snap --dry-run
+           $z prune --job demo_push --dry-run
 Clean up:  ./build.sh demo clean
 MSG
 }

@@ -5583,6 +5583,89 @@ class JobRunner:
 
 
 
+# --- zrepl's abstractions on this host's pools (SPEC §1.5.9, §3.5) ----------------------------
+
+ABSTRACTION_TYPES = ("step-hold", "last-received-hold", "replication-cursor-bookmark-v1",
+                     "replication-cursor-bookmark-v2", "tentative-replication-cursor-bookmark-v2",
+                     "replication-cursor-hold")
+
+
+def list_abstractions(zfs, fs_filter=None, job=None, types=None):
+    """Every zrepl hold and bookmark on the imported pools -> (records, errors)."""
+    datasets, _ = zfs.list_datasets()
+    out, errors = [], []
+    for ds in datasets.values():
+        if fs_filter is not None and not fs_filter(ds.name):
+            continue
+        try:
+            tags = zfs.holds([v for v in ds.snapshots if v.userrefs or v.holds_record])
+        except ZFSError as e:
+            errors.append(e)
+            tags = {}
+        for v in ds.versions:
+            found = []
+            if v.type == "bookmark":
+                parsed = parse_abstraction_bookmark(v.name, v.guid)
+                if parsed:
+                    found.append((parsed[0], parsed[1], None))
+            else:
+                for tag in tags.get(v.full_name, ()):
+                    parsed = parse_abstraction_hold(tag)
+                    if parsed:
+                        found.append((parsed[0], parsed[1], tag))
+            for kind, owner, tag in found:
+                if types and kind not in types:
+                    continue
+                if job is not None and owner not in (job, None):
+                    continue
+                text = (f'{kind} "{tag}" on {v.full_name}' if tag else f"{kind} {v.full_name}")
+                out.append({"type": kind, "fs": ds.name, "name": v.name, "full_path":
+                            v.full_name, "tag": tag, "job": owner, "createtxg": v.createtxg,
+                            "guid": str(v.guid), "string": text, "_version": v})
+    out.sort(key=lambda a: (a["fs"], a["createtxg"], a["type"]))
+    return out, errors
+
+
+def stale_abstractions(records):
+    """SPEC §3.5: which of the records are stale (pure)."""
+    cutoff = {}
+    for a in records:
+        if a["type"] in ("replication-cursor-bookmark-v2", "replication-cursor-hold"):
+            key = (a["fs"], a["job"])
+            cutoff[key] = max(cutoff.get(key, -1), a["createtxg"])
+    newest = {}
+    for a in records:
+        key = (a["fs"], a["job"], a["type"])
+        newest[key] = max(newest.get(key, -1), a["createtxg"])
+    newest_snap = {}
+    for a in records:
+        if a["type"] == "step-hold":
+            newest_snap[(a["fs"], a["job"])] = max(newest_snap.get((a["fs"], a["job"]), -1),
+                                                   a["createtxg"])
+    stale = []
+    for a in records:
+        if a["job"] is None or a["type"] == "tentative-replication-cursor-bookmark-v2":
+            continue
+        if a["type"] == "step-hold":
+            cut = cutoff.get((a["fs"], a["job"]))
+            if (cut is not None and a["createtxg"] <= cut) or \
+                    (cut is None and a["createtxg"] < newest_snap[(a["fs"], a["job"])]):
+                stale.append(a)
+        elif a["createtxg"] < newest[(a["fs"], a["job"], a["type"])]:
+            stale.append(a)
+    return stale
+
+
+def release_abstraction(zfs, a):
+    """Destroy a bookmark abstraction or release a hold one; raises on failure."""
+    if a["tag"] is None:
+        zfs.destroy_bookmark(a["full_path"])
+        return
+    for err in zfs.release(a["tag"], [a["_version"]]).values():
+        if err is not None:
+            raise err
+
+
 ###############################################################################
 # 13. Status, metrics and logging — what the user and their monitoring read
 ###############################################################################
@@ -5632,10 +5715,39 @@ def render_prune_line(label, part):
     errors = sum(len(f["errors"]) for f in files)
     lines = [f"  {label}: {part['state']} destroyed={destroyed}/{planned} held={held} "
              f"errors={errors}"]
-    rows = [(f["fs"], f"ERROR  {e['error']['class']}: {e['snapshot']}: {e['error']['message']}")
+    rows = [(f["fs"], f"ERROR  {e['error']['class']}: {e['snapshot'] or '-'}: "
+                      f"{e['error']['message']}")
             for f in files for e in f["errors"]]
     if part.get("error"):
         rows.append(("-", f"ERROR  {part['error']['class']}: {part['error']['message']}"))
+    return lines + _fs_rows(rows)
+
+
+def render_replication(repl):
+    """The `replication:` block of status (SPEC §1.5.4)."""
+    files = repl.get("filesystems", [])
+    count = lambda *states: sum(1 for f in files if f["state"] in states)  # noqa: E731
+    lines = [f"  replication: {repl['state']} attempts={repl['attempts']} fs={len(files)} "
+             f"done={count('done')} uptodate={count('uptodate')} "
+             f"failed={count('error', 'conflict')} bytes={format_bytes(repl['bytes_replicated'])}"]
+    rows = []
+    for f in files:
+        if f.get("conflict"):
+            c = f["conflict"]
+            rows.append((f["fs"], f"CONFLICT  {c['kind']}: {c['message']}"))
+            continue
+        if f["state"] == "error" and f.get("error"):
+            rows.append((f["fs"], f"ERROR  {f['error']['class']}: {f['error']['message']}"))
+            continue
+        size = format_bytes(f["bytes_replicated"])
+        if f.get("bytes_expected"):
+            size += "/" + format_bytes(f["bytes_expected"])
+        row = f"{f['state'].upper()}  steps={f['steps_done']}/{f['steps_total']}  bytes={size}"
+        if f.get("last_replicated"):
+            row += f"  last=@{f['last_replicated']['name']}"
+        if f.get("lag_s") is not None:
+            row += f"  lag={format_duration(f['lag_s'])}"
+        rows.append((f["fs"], row))
     return lines + _fs_rows(rows)
 
 
@@ -5661,6 +5773,9 @@ def render_job_status(job_name, job_type, state, report):
                      f"not-due={count('not_due')} failed={count('failed', 'skipped')}")
         lines += _fs_rows([(f["fs"], f"ERROR  {f['error']['class']}: {f['error']['message']}")
                            for f in files if f.get("error")])
+    repl = report.get("replication")
+    if repl is not None:
+        lines += render_replication(repl)
     pruning = report.get("pruning") or {}
     if job_type == "snap":
         if pruning.get("local"):
@@ -6084,6 +6199,72 @@ def cmd_status(args, out):
             return 0
 
 
+def _fs_filter_arg(text):
+    """--fs: one dataset (exact), or `pattern:ok,pattern:!` pairs with filter syntax."""
+    if text is None:
+        return None
+    if ":" not in text.replace("::", ""):
+        why = dataset_name_problem(text)
+        if why:
+            raise UsageError(f"--fs: {why}")
+        return lambda name: name == text
+    patterns = []
+    for part in text.split(","):
+        pattern, sep, verdict = part.rpartition(":")
+        if not sep or verdict not in ("ok", "!"):
+            raise UsageError(f"--fs: {part!r} must be <pattern>:ok or <pattern>:!")
+        base = pattern[:-1] if pattern.endswith("<") else pattern
+        why = dataset_name_problem(base) if base else None
+        if why:
+            raise UsageError(f"--fs: {why}")
+        patterns.append((pattern, verdict == "ok"))
+    return lambda name: filter_accepts(patterns, name)
+
+
+def cmd_zfs_abstraction(args, zfs, out):
+    types = None
+    if args.type:
+        types = [t for t in args.type.split(",") if t]
+        unknown = [t for t in types if t not in ABSTRACTION_TYPES]
+        if unknown:
+            raise UsageError(f"--type: unknown abstraction type {unknown[0]!r} (types: "
+                             f"{', '.join(ABSTRACTION_TYPES)})")
+    records, errors = list_abstractions(zfs, _fs_filter_arg(args.fs), args.job, types)
+    failed = bool(errors)
+    if args.action != "list":
+        todo = records if args.action == "release-all" else stale_abstractions(records)
+        for a in todo:
+            a["released"], a["error"] = False, None
+            if args.dry_run:
+                continue
+            try:
+                release_abstraction(zfs, a)
+                a["released"] = True
+            except ZreplError as e:
+                a["error"] = error_json(e, a["fs"])
+                failed = True
+        records = todo
+    code = 1 if failed else 0
+    if args.json:
+        doc = {"schema": "zrepl.py/abstractions/1",
+               "abstractions": [{k: v for k, v in a.items() if not k.startswith("_")}
+                                for a in records], "errors": [error_json(e) for e in errors]}
+        if args.action != "list":
+            doc["dry_run"] = args.dry_run
+        out.write(json.dumps(doc, indent=2) + "\n")
+        return code
+    for a in records:
+        if args.action == "list":
+            out.write(a["string"] + "\n")
+        elif a.get("error"):
+            out.write(f"error {a['string']}: {a['error']['message']}\n")
+        else:
+            out.write(f"{'would release' if args.dry_run else 'released'} {a['string']}\n")
+    for e in errors:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+    return code
+
+
 def _duration_arg(text):
     try:
         value = parse_zrepl_duration(text)
@@ -6140,6 +6321,14 @@ def build_parser():
     st.add_argument("--json", action="store_true")
     st.add_argument("--watch", action="store_true", help="redraw every second")
 
+    za = sub.add_parser("zfs-abstraction", help="list or release zrepl's holds and bookmarks")
+    za.add_argument("action", choices=("list", "release-all", "release-stale"))
+    za.add_argument("--fs", help="one dataset, or pattern:ok,pattern:! pairs (filter syntax)")
+    za.add_argument("--job", help="only abstractions of this job (and job-less ones)")
+    za.add_argument("--type", help="comma list of: " + ", ".join(ABSTRACTION_TYPES))
+    za.add_argument("--dry-run", action="store_true", help="release nothing (list ignores it)")
+    za.add_argument("--json", action="store_true")
+
     t = sub.add_parser("test", help="check filters and placeholders")
     tsub = t.add_subparsers(dest="test_command", metavar="WHAT", parser_class=_ArgumentParser)
     tsub.required = True
@@ -6179,6 +6368,8 @@ def main(argv=None):
             return cmd_prune(args, zfs, out, log)
         if args.command == "status":
             return cmd_status(args, out)
+        if args.command == "zfs-abstraction":
+            return cmd_zfs_abstraction(args, zfs, out)
         if args.command == "test" and args.test_command == "filesystems":
             return cmd_test_filesystems(args, zfs, out)
         if args.command == "test" and args.test_command == "placeholder":
