@@ -3623,6 +3623,12 @@ class ZFS:
                 result[fs] = e
         return result
 
+    def snapshot_names(self, root, name):
+        """The filesystems under root (root included) that have snapshot `name`."""
+        r = self.run(["zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r", root], fs=root)
+        return {ln.rpartition("@")[0] for ln in r.stdout.splitlines()
+                if ln.rpartition("@")[2] == name}
+
     def snapshot_recursive(self, root, name):
         """One atomic `zfs snapshot -r root@name` for a whole subtree."""
         self.run(["zfs", "snapshot", "-r", f"{root}@{name}"], fs=root)
@@ -5026,6 +5032,7 @@ class Replication:
 # not mean snapper needs to stop for all others").
 
 HOOK_OUTPUT_TAIL = 64 * 1024
+RUNNING_HOOKS = set()          # hook processes a SIGTERM/SIGINT must reach (SPEC §10.3)
 
 
 def error_json(err, fs=None):
@@ -5038,6 +5045,24 @@ def error_json(err, fs=None):
     return doc
 
 
+def signal_process_group(proc, sig):
+    try:
+        os.killpg(proc.pid, sig)
+    except OSError:
+        pass
+
+
+def kill_process_group(proc):
+    """SIGTERM to the hook's group, 5 s grace, SIGKILL; drain and reap."""
+    import signal
+    signal_process_group(proc, signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        signal_process_group(proc, signal.SIGKILL)
+        return proc.communicate()
+
+
 def run_hook(hook, edge, fs, snapname, log):
     """Run one command hook edge (SPEC §6.2) -> its report entry; never raises."""
     env = dict(os.environ, ZREPL_HOOKTYPE=f"{edge}_snapshot", ZREPL_FS=fs,
@@ -5047,20 +5072,28 @@ def run_hook(hook, edge, fs, snapname, log):
     entry = {"path": hook.path, "edge": edge, "exit_status": None, "duration_s": 0.0,
              "output_tail": "", "error": None}
     try:
+        # its own process group: a signal or timeout reaches the hook's children too
+        # (a `sleep &` of the hook would otherwise hold its output pipe open)
         proc = subprocess.Popen([hook.path], cwd="/", env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                close_fds=True)
+                                close_fds=True, start_new_session=True)
     except OSError as e:
         entry["error"] = error_json(ZreplError(f"hook {hook.path} for {fs}: cannot run: "
                                                f"{e.strerror}", kind="hook", fs=fs,
                                                local_to_fs=True), fs)
         return entry
     timed_out = False
+    RUNNING_HOOKS.add(proc)
     try:
         out, err = proc.communicate(timeout=hook.timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        out, err = ZFS._kill(proc)
+        out, err = kill_process_group(proc)
+    except BaseException:
+        kill_process_group(proc)
+        raise
+    finally:
+        RUNNING_HOOKS.discard(proc)
     entry["duration_s"] = round(time.monotonic() - started, 3)
     entry["exit_status"] = proc.returncode
     text_out, text_err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
@@ -5137,9 +5170,12 @@ class Snapper:
             err = results.get(name)
             if err is None and name in results:
                 entries[name].update(state="taken", snapshot=f"{name}@{snapname}")
+            elif err is None:
+                # the run was stopped (--max-runtime, a signal) before this snapshot
+                entries[name].update(state="skipped", error=error_json(ZreplError(
+                    f"snapshot of {name} not taken: the run was stopped", kind="cancelled",
+                    temporary=True, local_to_fs=True, fs=name), name))
             else:
-                err = err or ZreplError(f"snapshot of {name} not taken: the run was stopped",
-                                        kind="cancelled", fs=name)
                 entries[name].update(state="failed", error=error_json(err, name))
                 self.log("error", "snapshot", f"cannot snapshot {name}@{snapname}: {err}",
                          fs=name)
@@ -5183,6 +5219,14 @@ class Snapper:
             try:
                 self.zfs.snapshot_recursive(root, snapname)
                 results.update({n: None for n in members})
+                if self.cfg.hooks:
+                    # a hook may have destroyed or renamed a member since the listing
+                    taken = self.zfs.snapshot_names(root, snapname)
+                    for n in members:
+                        if n not in taken:
+                            results[n] = ZreplError(f"{n} was not snapshotted: it no longer "
+                                                    "exists", kind="missing",
+                                                    local_to_fs=True, fs=n)
             except ZFSError:
                 # nothing of a failed -r was created: one call each isolates the failure
                 results.update(self.zfs.snapshot(members, snapname))
@@ -5193,7 +5237,8 @@ class Snapper:
 
 def round_failed(snap_report):
     """A round fails if any snapshot or any hook failed, fatal or not (as zrepl)."""
-    return any(f["state"] in ("failed", "skipped") or
+    return any(f["state"] == "failed" or
+               (f["state"] == "skipped" and (f["error"] or {}).get("kind") != "cancelled") or
                any(h["error"] for h in f["hooks"]) for f in snap_report["filesystems"])
 
 
@@ -5396,6 +5441,8 @@ class RunControl:
             if self.interrupted:        # the second signal: stop waiting for children
                 raise KeyboardInterrupt
             self.interrupted = True
+            for proc in list(RUNNING_HOOKS):   # running hooks get the signal too
+                signal_process_group(proc, signal.SIGTERM)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, handler)
 
@@ -5406,7 +5453,8 @@ EXIT_PRECEDENCE = (2, 130, 1, 4, 3, 0)
 
 def combine_exit_codes(codes):
     """When several apply, the first of 2, 130, 1, 4, 3, 0 wins (SPEC §1.3)."""
-    return next((c for c in EXIT_PRECEDENCE if c in set(codes)), 0)
+    codes = set(codes)
+    return next((c for c in EXIT_PRECEDENCE if c in codes), 0)
 
 
 def new_job_report(job, dry_run, started_at):
@@ -6037,8 +6085,9 @@ def _select_jobs(config, names):
         if job.type in ("sink", "source"):
             raise UsageError(f"job {name} is passive; it is served by `stdinserver` or the "
                              "daemon")
-        out.append(job)
-    return out
+        if job not in out:
+            out.append(job)
+    return sorted(out, key=config.jobs.index)     # configuration order (SPEC §1.5.2)
 
 
 def cmd_once(args, zfs, out, log):
