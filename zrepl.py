@@ -4519,9 +4519,11 @@ class TokenBucket:
                 self.stamp = now
                 got = min(n, int(self.tokens))
                 self.tokens -= got
+                # sleep until the bucket holds what is still needed (at most a bucketful)
+                wait = (min(n - got, self.capacity) - self.tokens) / self.rate
             n -= got
             if n > 0:
-                time.sleep(min(0.1, max(0.005, n / self.rate)))
+                time.sleep(min(0.1, max(0.001, wait)))
 
 
 class StepRun:
@@ -4604,13 +4606,14 @@ class Progress:
         self.runs = []
         self.total_fs = 0
         self.done_fs = 0
+        self.finished_bytes = 0   # bytes of steps that ended, so the total never shrinks
         self.samples = []         # (time, total bytes) for the 10-second rate
         self.lines = 0
         self.lock = threading.Lock()
 
     def lines_now(self):
         now = time.monotonic()
-        total = sum(r.bytes for r in self.runs)
+        total = self.finished_bytes + sum(r.bytes for r in self.runs)
         self.samples.append((now, total))
         self.samples = [s for s in self.samples if now - s[0] <= 10]
         span = now - self.samples[0][0]
@@ -4914,6 +4917,7 @@ class Replication:
                 f.running = None
                 if run in self.progress.runs:
                     self.progress.runs.remove(run)
+                    self.progress.finished_bytes += run.bytes
                 self.cond.notify_all()
 
     def _estimate(self, f, step):
