@@ -3788,6 +3788,16 @@ class ZFS:
             argv += ["-o", "encryption=off"]
         self.run(argv + [name], fs=name)
 
+    def exists(self, name):
+        """Does this one dataset exist? (no recursion)"""
+        try:
+            self.run(["zfs", "list", "-H", "-o", "name", name], fs=name)
+            return True
+        except ZFSError as e:
+            if e.kind == "missing":
+                return False
+            raise
+
     def get_local_property(self, name, prop):
         """The locally set value of prop on one dataset, or None."""
         r = self.run(["zfs", "get", "-H", "-o", "value,source", prop, name], fs=name)
@@ -4305,9 +4315,12 @@ class LocalReceiver:
         return name
 
     def list_filesystems(self):
-        """{sender path: Dataset} under root; a missing root_fs is an error."""
-        datasets, missing = self.zfs.list_datasets([self.job.root_fs])
-        if missing:
+        """{sender path: Dataset} under root, one listing of root only (never another
+        identity's subtree); a missing root_fs is an error, a missing root_fs/<identity>
+        an empty listing (it is created at the first receive)."""
+        datasets, missing = self.zfs.list_datasets([self.root])
+        if missing and (self.root == self.job.root_fs or
+                        not self.zfs.exists(self.job.root_fs)):
             raise ZreplError(f"root_fs {self.job.root_fs} does not exist",
                              kind="root-fs-missing",
                              hint=f"create it (zfs create -o mountpoint=none "
@@ -4443,7 +4456,7 @@ class LocalReceiver:
 
     def destroy_snapshots(self, path, snapshots, should_stop=None):
         target = self.target(path)
-        datasets, _ = self.zfs.list_datasets([self.job.root_fs])
+        datasets, _ = self.zfs.list_datasets([self.root])
         ds = datasets.get(target)
         if ds is None:
             raise ZreplError(f"receiver filesystem {target} does not exist", kind="missing",
@@ -5595,8 +5608,12 @@ class JobRunner:
                 def destroy(key, ds, snaps, stop):
                     return sender.destroy_snapshots(key, snaps, stop)
             else:
-                datasets = {p: d for p, d in receiver.list_filesystems().items()
+                mine = receiver.list_filesystems()
+                datasets = {p: d for p, d in mine.items()
                             if p in sender_fs and not d.is_placeholder}
+                # a filesystem removed from the filter is no longer pruned (as zrepl)
+                orphans = sorted(p for p, d in mine.items()
+                                 if p not in sender_fs and not d.is_placeholder)
                 cursors = {}
 
                 def destroy(key, ds, snaps, stop):
@@ -5606,8 +5623,16 @@ class JobRunner:
             return {"side": side, "state": "failed", "dry_run": dry_run,
                     "error": error_json(e), "filesystems": []}
         pruner = Pruner(destroy, side, rules, self.log, self.control.should_stop)
-        return pruner.run(datasets, cursors=cursors, error_counts=prune_error_counts(prev, side),
+        part = pruner.run(datasets, cursors=cursors, error_counts=prune_error_counts(prev, side),
                           dry_run=dry_run, explain=explain)
+        if side == "receiver":
+            part["filesystems"] += [
+                {"fs": p, "state": "skipped", "skip_reason": "no corresponding sender "
+                 "filesystem", "snapshots": len(mine[p].snapshots), "planned_destroy": [],
+                 "destroyed": [], "kept_held": [], "errors": [], "error_count": 0}
+                for p in orphans]
+            part["filesystems"].sort(key=lambda e: e["fs"])
+        return part
 
     def run_snap_job(self, job, mode, dry_run):
         started = time.time()

@@ -1,0 +1,919 @@
+"""Replication (sections 6, 8, 9 `local`, 10, 12) through `once`, `prune`, `status` and
+`zfs-abstraction`, against real ZFS: push + sink in one configuration over `local`.
+
+SPEC §2.12 (the local replication example), §3.2-§3.5 (hold tags, the holds-only cursor
+`zrepl_CURSOR_J_<job>`, the `zrepl:holds` record, staleness), §8 (planner, receiving side,
+placeholders, protection, batching), §1.5.2 (`once`), §1.5.4 (`status`), §1.5.9
+(`zfs-abstraction`), §1.6.2 (the job report), §13 items 17, 18, 21 (batching), 22, 23, 28,
+29. Conflicts are in test_replication_conflicts.py, interrupted transfers (SIGKILL,
+--max-runtime) in test_replication_interrupt.py; both import the helpers below.
+
+Every test runs on its own subtree of the module's two pools: the sender's datasets under
+`<src>/<tag>`, the sink's root_fs `<dst>/<tag>` (so `<src>/<tag>/z` arrives at
+`<dst>/<tag>/host1/<src>/<tag>/z`). Every test checks what ZFS really has afterwards.
+Calls are counted with a logging `zfs` first in PATH that then execs the real one.
+"""
+import json
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+from conftest import assert_no_traceback, hold, make_tree, run_cli, snap, state, zfs
+
+REAL_ZFS = shutil.which("zfs", path="/usr/sbin:/sbin:/usr/bin:/bin")
+KEEP_ALL = '[{type: regex, regex: ".*"}]'
+PERIODIC = "{type: periodic, prefix: zrepl_, interval: 10m}"
+MANUAL = "{type: manual}"
+CURSOR_TAG = "zrepl_CURSOR_J_push"
+LAST_RECEIVED_TAG = "zrepl_last_received_J_sink"
+STEP_TAG = "zrepl_STEP_J_push"
+MUTATING = {"snapshot", "destroy", "hold", "release", "set", "inherit", "create", "receive",
+            "recv", "rename", "rollback", "bookmark"}
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+# --- helpers (shared with the other test_replication_* modules) -----------------------------
+
+def q(text):
+    """A YAML double-quoted scalar (JSON string syntax is valid YAML for ASCII)."""
+    return json.dumps(str(text))
+
+
+class Rig:
+    """One test's sender subtree `<src>/<tag>`, the sink's root_fs `<dst>/<tag>` (both
+    created with mountpoint=none), its rundir and its configuration file."""
+
+    def __init__(self, pools, tmp_path, tag):
+        self.src = "%s/%s" % (pools.src, tag)
+        self.sink = "%s/%s" % (pools.dst, tag)
+        self.recv_root = self.sink + "/host1"
+        self.rundir = tmp_path / "run"
+        self.cfg = tmp_path / "zrepl.yml"
+        make_tree(self.src, [])
+        make_tree(self.sink, [])
+
+    def fs(self, rel):
+        return "%s/%s" % (self.src, rel)
+
+    def target(self, fs):
+        """Where the sink keeps sender filesystem `fs`."""
+        return "%s/%s" % (self.recv_root, fs)
+
+    def configure(self, filesystems, *, snapshotting=MANUAL, keep_sender=KEEP_ALL,
+                  keep_receiver=KEEP_ALL, push_extra=()):
+        """Write the push + sink configuration (SPEC §2.12) and return its path.
+
+        filesystems: a list of sender names (each accepted), or a {pattern: bool} dict.
+        push_extra: extra YAML lines for the push job (indented by this function).
+        """
+        if not isinstance(filesystems, dict):
+            filesystems = {f: True for f in filesystems}
+        fs = ", ".join("%s: %s" % (q(k), "true" if v else "false")
+                       for k, v in filesystems.items())
+        lines = ["global: {rundir: %s}" % q(self.rundir),
+                 "jobs:",
+                 "  - name: sink",
+                 "    type: sink",
+                 "    root_fs: %s" % q(self.sink),
+                 "    serve: {type: local, listener_name: disk}",
+                 "  - name: push",
+                  "    type: push",
+                  "    connect: {type: local, listener_name: disk, client_identity: host1}",
+                  "    filesystems: {%s}" % fs,
+                  "    snapshotting: %s" % snapshotting]
+        lines += ["    " + ln for ln in push_extra]
+        lines += ["    pruning:",
+                  "      keep_sender: %s" % keep_sender,
+                  "      keep_receiver: %s" % keep_receiver]
+        self.cfg.write_text("\n".join(lines) + "\n")
+        return self.cfg
+
+    def once(self, *args, env=None, timeout=120):
+        """`once --json ARGS` -> (CompletedProcess, document); no traceback allowed."""
+        cp = run_cli("once", "--json", *args, config=self.cfg, env=env, timeout=timeout)
+        assert_no_traceback(cp)
+        try:
+            doc = json.loads(cp.stdout)
+        except ValueError:
+            raise AssertionError("once --json printed no JSON (exit %d):\n%s\n%s"
+                                 % (cp.returncode, cp.stdout, cp.stderr))
+        return cp, doc
+
+    def ok(self, *args, env=None):
+        """`once` that must succeed completely -> the push job's report."""
+        cp, doc = self.once(*args, env=env)
+        assert cp.returncode == 0 and doc["exit_code"] == 0, cp.stderr
+        job = push_report(doc)
+        assert job["state"] == "done", (job["errors"], cp.stderr)
+        return job
+
+    def abstractions(self):
+        """`zfs-abstraction list` restricted to this test's two subtrees -> its lines."""
+        cp = run_cli("zfs-abstraction", "list", "--fs",
+                     "%s<:ok,%s<:ok" % (self.src, self.sink))
+        assert_no_traceback(cp)
+        assert cp.returncode == 0, cp.stderr
+        return cp.stdout.splitlines()
+
+    def trees(self):
+        """{name: guid} of both subtrees: "unchanged" in SPEC §13 compares these."""
+        return {n: v["guid"] for root in (self.src, self.sink) for n, v in state(root).items()}
+
+
+def assert_exit(cp, want, doc=None):
+    """The process exit code and the `once` document's exit_code (SPEC §1.3)."""
+    got = (cp.returncode, doc["exit_code"] if doc is not None else want)
+    assert got == (want, want), "want exit %d, got %r; stderr:\n%s" % (want, got, cp.stderr)
+
+
+def push_report(doc):
+    jobs = {j["job"]: j for j in doc["jobs"]}
+    assert list(jobs) == ["push"], list(jobs)
+    return jobs["push"]
+
+
+def fs_reports(job):
+    return {f["fs"]: f for f in job["replication"]["filesystems"]}
+
+
+def snap_guids(fs):
+    """{"@name": guid} of fs's own snapshots (not its children's)."""
+    return {n[len(fs):]: v["guid"] for n, v in state(fs).items() if n.startswith(fs + "@")}
+
+
+def snap_order(fs):
+    """fs's own snapshot names ("@x"), oldest first by createtxg."""
+    st = {n: v for n, v in state(fs).items() if n.startswith(fs + "@")}
+    return [n[len(fs):] for n in sorted(st, key=lambda n: st[n]["createtxg"])]
+
+
+def assert_guids_equal(rig, fs):
+    """SPEC §13 "GUIDs equal": same snapshot names with the same GUIDs on both sides."""
+    sent = snap_guids(fs)
+    assert sent, "%s has no snapshots" % fs
+    assert snap_guids(rig.target(fs)) == sent
+
+
+def holds_view(root):
+    """{snapshot: (userrefs, local zrepl:holds tags)} of every snapshot under root."""
+    out = zfs("get", "-Hp", "-r", "-o", "name,property,value,source", "userrefs,zrepl:holds",
+              root).stdout
+    refs, tags = {}, {}
+    for line in out.splitlines():
+        name, prop, rest = line.split("\t", 2)
+        value, _, source = rest.rpartition("\t")
+        if "@" not in name:
+            continue
+        if prop == "userrefs":
+            refs[name] = int(value)
+        elif source == "local":
+            tags[name] = tuple(value.split(","))
+    return {n: (refs[n], tags.get(n, ())) for n in refs}
+
+
+def assert_only_known_holds(root):
+    """Every snapshot's userrefs equals the number of zrepl tags recorded on it: no leaked
+    `.send-<pid>-0` or other hold that zfs-fuse could not show (zfs holds is broken)."""
+    bad = {n: v for n, v in holds_view(root).items() if v[0] != len(v[1])}
+    assert not bad, "snapshots with holds nobody recorded: %r" % bad
+
+
+def local_prop(name, prop):
+    value, source = zfs("get", "-H", "-o", "value,source", prop, name).stdout.rstrip(
+        "\n").split("\t")
+    return value if source == "local" else None
+
+
+def zfs_logger(tmp_path, action=""):
+    """A `zfs` first in PATH: logs its argv (tab-separated, one line a call), runs the shell
+    snippet `action` (which sees "$@"), then execs the real zfs -> (env, log path)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    log = tmp_path / "zfs-calls.log"
+    wrapper = bindir / "zfs"
+    wrapper.write_text('#!/bin/sh\nIFS="$(printf \'\\t\')"\necho "$*" >> %s\nIFS=" "\n%s\n'
+                       'exec %s "$@"\n' % (q(log), action, REAL_ZFS))
+    wrapper.chmod(0o755)
+    return {"PATH": "%s:%s" % (bindir, os.environ.get("PATH", "/usr/bin:/bin"))}, log
+
+
+def logged_calls(log, *roots):
+    """Logged argvs that name a dataset under one of roots (probes of bogus names are not)."""
+    if not log.exists():
+        return []
+    out = []
+    for line in log.read_text().splitlines():
+        argv = line.split("\t")
+        if any(a == r or a.startswith((r + "/", r + "@")) for a in argv[1:] for r in roots):
+            out.append(argv)
+    return out
+
+
+# --- SPEC §13 item 17: the initial push -----------------------------------------------------
+
+def test_initial_push_creates_placeholders_and_mounts_nothing(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "init")
+    make_tree(rig.src, ["x", "x/y", "z"])
+    xy, z = rig.fs("x/y"), rig.fs("z")
+    rig.configure([xy, z], snapshotting=PERIODIC)
+    job = rig.ok("--snapshot", "always")
+
+    # one round, one shared name, replicated in full
+    name = job["snapshotting"]["name"]
+    assert re.fullmatch(r"zrepl_\d{8}_\d{6}_000", name), name
+    for fs in (xy, z):
+        assert snap_guids(fs) == {"@" + name: snap_guids(fs)["@" + name]}
+        assert_guids_equal(rig, fs)
+    reports = fs_reports(job)
+    assert sorted(reports) == [xy, z]
+    for fs, f in reports.items():
+        assert f["state"] == "done" and f["receiver_fs"] == rig.target(fs)
+        assert [(s["kind"], s["from"], s["to"], s["state"]) for s in f["steps"]] == \
+            [("full", None, "@" + name, "done")]
+
+    # the datasets in between are placeholders (SPEC §3.3), set locally
+    for ph in (rig.recv_root, rig.target(pools.src), rig.target(rig.src),
+               rig.target(rig.fs("x"))):
+        assert local_prop(ph, "zrepl:placeholder") == "on", ph
+        assert local_prop(ph, "mountpoint") == "none", ph
+        assert local_prop(ph, "canmount") == "off", ph
+    # the received filesystems are not (an inherited value does not count)
+    for fs in (xy, z):
+        assert local_prop(rig.target(fs), "zrepl:placeholder") is None
+    cp = run_cli("test", "placeholder", "--dataset", rig.target(rig.fs("x")))
+    assert cp.returncode == 0 and cp.stdout.splitlines()[1].startswith("yes\t"), cp.stdout
+    cp = run_cli("test", "placeholder", "--dataset", rig.target(xy))
+    assert cp.returncode == 0 and cp.stdout.splitlines()[1].startswith("no\t"), cp.stdout
+
+    # received with -u: nothing on either side is mounted
+    for root in (rig.src, rig.sink):
+        mounted = zfs("get", "-H", "-r", "-o", "name,value", "mounted", root).stdout
+        assert {ln.split("\t")[1] for ln in mounted.splitlines()} <= {"no", "-"}, mounted
+
+
+# --- SPEC §13 items 18 and 22: incrementals, a no-change cycle, the holds -------------------
+
+def test_incremental_then_no_change_cycle_and_moving_holds(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "incr")
+    make_tree(rig.src, ["x", "x/y", "z"])
+    xy, z = rig.fs("x/y"), rig.fs("z")
+    rig.configure([xy, z], snapshotting=PERIODIC)
+    first = rig.ok("--snapshot", "always")["snapshotting"]["name"]
+
+    # item 22, after 17: cursor hold on the sender's newest, last-received on the receiver's
+    def assert_holds(newest, old, listing=True):
+        for fs in (xy, z):
+            sender = holds_view(fs)
+            receiver = holds_view(rig.target(fs))
+            assert sender["%s@%s" % (fs, newest)] == (1, (CURSOR_TAG,))
+            assert receiver["%s@%s" % (rig.target(fs), newest)] == (1, (LAST_RECEIVED_TAG,))
+            for o in old:
+                assert sender["%s@%s" % (fs, o)] == (0, ())
+                assert receiver["%s@%s" % (rig.target(fs), o)] == (0, ())
+        if not listing:      # `zfs-abstraction` lists every pool of the host: seconds
+            return
+        assert rig.abstractions() == sorted(
+            ['replication-cursor-hold "%s" on %s@%s' % (CURSOR_TAG, fs, newest)
+             for fs in (xy, z)] +
+            ['last-received-hold "%s" on %s@%s' % (LAST_RECEIVED_TAG, rig.target(fs), newest)
+             for fs in (xy, z)], key=lambda line: line.rsplit(" on ", 1)[1].split("@")[0])
+    assert_holds(first, [])
+
+    # item 18: a new snapshot -> one incremental per filesystem
+    time.sleep(1.05)                 # snapshot names have one-second resolution
+    env, log = zfs_logger(tmp_path)
+    job = rig.ok("--snapshot", "always", env=env)
+    second = job["snapshotting"]["name"]
+    assert second != first
+    for fs in (xy, z):
+        assert_guids_equal(rig, fs)
+        assert snap_order(fs) == ["@" + first, "@" + second]
+        sends = [a for a in logged_calls(log, fs) if a[0] == "send"]
+        assert sends == [["send", "-i", "%s@%s" % (fs, first), "%s@%s" % (fs, second)]]
+        f = fs_reports(job)[fs]
+        assert [(s["kind"], s["from"], s["to"]) for s in f["steps"]] == \
+            [("incremental", "@" + first, "@" + second)]
+    assert_holds(second, [first])
+
+    # a no-change cycle: no mutating command, each side listed once
+    log.unlink()
+    job = rig.ok("--snapshot", "never", env=env)
+    assert {f["state"] for f in job["replication"]["filesystems"]} == {"uptodate"}
+    calls = logged_calls(log, rig.src, rig.sink)
+    assert [a for a in calls if a[0] in MUTATING] == []
+    listings = [a for a in calls if a[:3] == ["get", "-Hp", "-r"]]
+    # Observed: exactly 2 -- one listing of the sender's filter roots, one of the sink's
+    # root_fs. Pruning both sides reuses them: nothing mutating ran, so the listing cache
+    # (SPEC §4.3 "a no-change cycle lists each side once") was never invalidated. At most
+    # 4 would still be one listing per side per phase (replication, pruning).
+    assert len(listings) == 2, listings
+    assert sorted(a[-1] for a in listings) == sorted([z, rig.recv_root])
+    assert [a for a in listings if a[-2:] == [xy, z]], listings
+    assert_holds(second, [first], listing=False)
+
+    # item 22: a user property on the receiver's newest snapshot does not break the next
+    # incremental receive
+    for fs in (xy, z):
+        zfs("set", "test:note=checked by hand", "%s@%s" % (rig.target(fs), second))
+    time.sleep(1.05)
+    job = rig.ok("--snapshot", "always")
+    third = job["snapshotting"]["name"]
+    for fs in (xy, z):
+        assert_guids_equal(rig, fs)
+        assert fs_reports(job)[fs]["steps"][0]["kind"] == "incremental"
+        assert zfs("get", "-H", "-o", "value", "test:note",
+                   "%s@%s" % (rig.target(fs), second)).stdout.strip() == "checked by hand"
+    assert_holds(third, [first, second], listing=False)
+
+
+def test_receiver_listing_root_is_the_identity_root(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "lroot")
+    make_tree(rig.src, ["a"])
+    make_tree(rig.sink, ["otherclient"])            # another identity's tree under root_fs
+    a = rig.fs("a")
+    rig.configure([a])
+    snap(a, "s1")
+    env, log = zfs_logger(tmp_path)
+    rig.ok(env=env)
+    listings = [argv for argv in logged_calls(log, rig.sink)
+                if argv[:3] == ["get", "-Hp", "-r"]]
+    assert listings and all(argv[-1] == rig.recv_root for argv in listings), listings
+
+
+# --- SPEC §7 on both sides of a push; §13 item 23 --------------------------------------------
+
+def test_receiver_pruning_keeps_last_n(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "prrecv")
+    make_tree(rig.src, ["a"])
+    a = rig.fs("a")
+    for s in ("s1", "s2", "s3", "s4"):
+        snap(a, s)
+    rig.configure([a], keep_receiver="[{type: last_n, count: 2}]",
+                  push_extra=["conflict_resolution: {initial_replication: all}"])
+    job = rig.ok()
+    assert snap_order(a) == ["@s1", "@s2", "@s3", "@s4"]          # keep_sender keeps all
+    assert snap_order(rig.target(a)) == ["@s3", "@s4"]
+    assert snap_guids(rig.target(a)) == {k: v for k, v in snap_guids(a).items()
+                                         if k in ("@s3", "@s4")}
+    [recv] = job["pruning"]["receiver"]["filesystems"]
+    assert (recv["fs"], recv["state"], sorted(recv["destroyed"])) == (a, "done", ["s1", "s2"])
+    assert recv["kept_held"] == ["s4"]                # the last-received hold
+    [send] = job["pruning"]["sender"]["filesystems"]
+    assert send["destroyed"] == [] and send["planned_destroy"] == []
+
+
+def test_sender_pruning_keeps_every_snapshot_newer_than_the_cursor(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "prsend")
+    make_tree(rig.src, ["a"])
+    a = rig.fs("a")
+    rig.configure([a], keep_sender="[{type: not_replicated}, {type: last_n, count: 1}]")
+    snap(a, "s1")
+    rig.ok()
+    snap(a, "s2")
+    job = rig.ok()
+    assert snap_order(a) == ["@s2"]          # s1 is replicated and not the newest: destroyed
+    assert snap_order(rig.target(a)) == ["@s1", "@s2"]
+    [send] = job["pruning"]["sender"]["filesystems"]
+    assert send["destroyed"] == ["s1"]
+
+    # item 23: the sink's root_fs disappears (renamed away, so that it can come back);
+    # new snapshots cannot be replicated
+    gone = rig.sink + "_gone"
+    zfs("rename", rig.sink, gone)
+    snap(a, "s3")
+    snap(a, "s4")
+    cp, doc = rig.once()
+    job = push_report(doc)
+    assert (job["state"], job["exit_code"]) == ("failed", 1)
+    assert (job["replication"]["state"], job["replication"]["attempts"]) == ("failed", 1)
+    assert "root_fs %s does not exist" % rig.sink in json.dumps(job["errors"])
+    assert "root_fs %s does not exist" % rig.sink in cp.stderr
+    assert snap_order(a) == ["@s2", "@s3", "@s4"]      # nothing newer than the cursor went
+    assert holds_view(a)[a + "@s2"] == (1, (CURSOR_TAG,))
+    assert job["pruning"]["receiver"]["state"] == "failed"
+
+    # the sink comes back: s3 and s4 follow incrementally, then the sender keeps only s4
+    zfs("rename", gone, rig.sink)
+    job = rig.ok()
+    [f] = job["replication"]["filesystems"]
+    assert [(s["kind"], s["from"], s["to"]) for s in f["steps"]] == \
+        [("incremental_batch", "@s2", "@s4")]
+    assert snap_order(rig.target(a)) == ["@s1", "@s2", "@s3", "@s4"]
+    assert snap_order(a) == ["@s4"]
+    assert holds_view(a) == {a + "@s4": (1, (CURSOR_TAG,))}
+    assert_exit(cp, 1, doc)
+
+
+# --- SPEC §8.5: batch_incrementals, §13 item 21 ------------------------------------------------
+
+def test_batched_and_unbatched_incrementals_give_the_same_result(pools, tmp_path):
+    sends = {}
+    for batch in (True, False):
+        tag = "batch%s" % ("T" if batch else "F")
+        (tmp_path / tag).mkdir()
+        rig = Rig(pools, tmp_path / tag, tag)
+        make_tree(rig.src, ["a"])
+        a = rig.fs("a")
+        for s in ("c", "b", "a"):                     # created in this order
+            snap(a, s)
+        rig.configure([a], push_extra=[
+            "conflict_resolution: {initial_replication: all}",
+            "replication: {batch_incrementals: %s}" % ("true" if batch else "false")])
+        env, log = zfs_logger(tmp_path / tag)
+        job = rig.ok(env=env)
+        assert_guids_equal(rig, a)
+        assert snap_order(rig.target(a)) == ["@c", "@b", "@a"]
+        assert holds_view(a)[a + "@a"] == (1, (CURSOR_TAG,))
+        assert_only_known_holds(rig.src)
+        [f] = job["replication"]["filesystems"]
+        steps = [(s["kind"], s["from"], s["to"]) for s in f["steps"]]
+        sends[batch] = [argv for argv in logged_calls(log, a) if argv[0] == "send"]
+        if batch:
+            assert steps == [("full", None, "@c"), ("incremental_batch", "@c", "@a")]
+            assert sends[batch] == [["send", a + "@c"], ["send", "-I", a + "@c", a + "@a"]]
+            # the batch's `.sends` entry (SPEC §8.5) is gone once the batch ended normally
+            assert (rig.rundir / "push.sends").read_text().strip() == ""
+        else:
+            assert steps == [("full", None, "@c"), ("incremental", "@c", "@b"),
+                             ("incremental", "@b", "@a")]
+            assert sends[batch] == [["send", a + "@c"], ["send", "-i", a + "@c", a + "@b"],
+                                    ["send", "-i", a + "@b", a + "@a"]]
+    assert len(sends[False]) > len(sends[True])
+
+
+# --- SPEC §8.6: protection kinds on a pool without bookmarks ----------------------------------
+
+@pytest.mark.parametrize("kind", ["guarantee_incremental", "guarantee_nothing"])
+def test_protection_kinds_without_bookmarks(pools, tmp_path, kind):
+    rig = Rig(pools, tmp_path, "prot" + kind.split("_")[1])
+    make_tree(rig.src, ["a"])
+    a = rig.fs("a")
+    rig.configure([a], keep_sender="[{type: not_replicated}, {type: last_n, count: 1}]",
+                  push_extra=["replication: {protection: {initial: %s, incremental: %s}}"
+                              % (kind, kind)])
+    env, log = zfs_logger(tmp_path)
+    snap(a, "s1")
+    rig.ok(env=env)
+    snap(a, "s2")
+    rig.ok(env=env)
+    assert snap_guids(rig.target(a))["@s2"] == snap_guids(a)["@s2"]
+    holds = [argv for argv in logged_calls(log, rig.src, rig.sink) if argv[0] == "hold"]
+    if kind == "guarantee_incremental":
+        # no bookmarks: no tentative cursor, no step hold; `from` is held by the cursor hold
+        assert sorted(argv[1] for argv in holds) == sorted([CURSOR_TAG, LAST_RECEIVED_TAG] * 2)
+        assert holds_view(a) == {a + "@s2": (1, (CURSOR_TAG,))}       # s1 pruned
+        assert holds_view(rig.target(a)) == {rig.target(a) + "@s1": (0, ()),
+                                             rig.target(a) + "@s2": (1, (LAST_RECEIVED_TAG,))}
+    else:
+        # nothing is held on either side, so not_replicated finds no cursor and keeps all
+        assert holds == []
+        assert holds_view(a) == {a + "@s1": (0, ()), a + "@s2": (0, ())}
+        assert holds_view(rig.target(a)) == {rig.target(a) + "@s1": (0, ()),
+                                             rig.target(a) + "@s2": (0, ())}
+
+
+# --- SPEC §13 item 28: names that a shell would mangle ---------------------------------------
+
+def _hostile_names(root):
+    """SPEC item 28's names where ZFS accepts them; zfs-fuse and OpenZFS both refuse `;`,
+    `$`, `(`, `)` and `'` ("invalid character"), so fall back to what ZFS allows that a
+    shell or an option parser would still mangle: spaces, a leading `-`, `:`."""
+    wanted = [root + "/sp ace/a;b$(x)", root + "/quo'te"]
+    cp = zfs("create", "-p", "-o", "mountpoint=none", wanted[0], check=False)
+    if cp.returncode == 0:
+        zfs("create", "-o", "mountpoint=none", wanted[1])
+        return wanted
+    assert "invalid character" in cp.stderr, cp.stderr
+    names = [root + "/sp ace/a:b -rf", root + "/-quo te"]
+    make_tree(root, ["sp ace", "sp ace/a:b -rf", "-quo te"])
+    return names
+
+
+def test_names_with_spaces_and_dashes_replicate_and_prune(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "names")
+    odd = _hostile_names(rig.src)
+    rig.configure(odd, keep_sender='[{type: not_replicated}, {type: last_n, count: 1}]',
+                  keep_receiver='[{type: last_n, count: 2}]',
+                  push_extra=["conflict_resolution: {initial_replication: all}"])
+    for fs in odd:
+        for s in ("-n one", "two: 2", "3 three"):
+            snap(fs, s)
+    job = rig.ok()
+    for fs in odd:
+        assert fs_reports(job)[fs]["state"] == "done"
+        assert snap_order(fs) == ["@3 three"]                      # sender pruned
+        assert snap_order(rig.target(fs)) == ["@two: 2", "@3 three"]   # receiver pruned
+        assert snap_guids(rig.target(fs))["@3 three"] == snap_guids(fs)["@3 three"]
+        assert holds_view(fs) == {fs + "@3 three": (1, (CURSOR_TAG,))}
+    # the placeholder between root and `a:b -rf` kept its name too
+    assert local_prop(rig.target(rig.src + "/sp ace"), "zrepl:placeholder") == "on"
+    # and the next run is an incremental with the same names
+    for fs in odd:
+        snap(fs, "four 4")
+    job = rig.ok()
+    for fs in odd:
+        assert [(s["kind"], s["from"], s["to"]) for s in fs_reports(job)[fs]["steps"]] == \
+            [("incremental", "@3 three", "@four 4")]
+        assert snap_order(rig.target(fs)) == ["@3 three", "@four 4"]
+
+
+# --- SPEC §3.5, §1.5.9, §13 item 29: release-stale ------------------------------------------
+
+def test_release_stale_releases_an_old_step_hold_and_keeps_the_cursor(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "stale")
+    make_tree(rig.src, ["a"])
+    a = rig.fs("a")
+    rig.configure([a])
+    snap(a, "s1")
+    rig.ok()
+    snap(a, "s2")
+    rig.ok()
+    assert holds_view(a) == {a + "@s1": (0, ()), a + "@s2": (1, (CURSOR_TAG,))}
+    snap(a, "s3")                                     # newer than the cursor: not replicated
+    # hand-made step holds; zfs-fuse cannot list holds, so record the tag as zrepl.py does
+    # (SPEC §3.4): on s1 (older than the cursor: stale) and on s3 (newer: live)
+    for s in ("s1", "s3"):
+        zfs("set", "zrepl:holds=" + STEP_TAG, "%s@%s" % (a, s))
+        hold("%s@%s" % (a, s), STEP_TAG)
+    fs_arg = "%s<:ok,%s<:ok" % (rig.src, rig.sink)
+    before = rig.trees(), holds_view(rig.src), holds_view(rig.sink)
+
+    cp = run_cli("zfs-abstraction", "release-stale", "--dry-run", "--fs", fs_arg)
+    assert_no_traceback(cp)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.splitlines() == ['would release step-hold "%s" on %s@s1' % (STEP_TAG, a)]
+    assert (rig.trees(), holds_view(rig.src), holds_view(rig.sink)) == before
+
+    cp = run_cli("zfs-abstraction", "release-stale", "--json", "--fs", fs_arg)
+    assert_no_traceback(cp)
+    assert cp.returncode == 0, cp.stderr
+    adoc = json.loads(cp.stdout)
+    assert (adoc["schema"], adoc["dry_run"], adoc["errors"]) == \
+        ("zrepl.py/abstractions/1", False, [])
+    [entry] = adoc["abstractions"]
+    assert {k: entry.get(k) for k in ("type", "fs", "name", "full_path", "tag", "job",
+                                      "guid", "string", "released", "error")} == {
+        "type": "step-hold", "fs": a, "name": "s1", "full_path": a + "@s1", "tag": STEP_TAG,
+        "job": "push", "guid": str(state(a + "@s1")[a + "@s1"]["guid"]),
+        "string": 'step-hold "%s" on %s@s1' % (STEP_TAG, a), "released": True, "error": None}
+    assert holds_view(a) == {a + "@s1": (0, ()), a + "@s2": (1, (CURSOR_TAG,)),
+                             a + "@s3": (1, (STEP_TAG,))}
+    assert holds_view(rig.sink) == before[2]
+    assert rig.trees() == before[0]
+
+    # the released snapshot no longer blocks pruning; the held ones are kept as held
+    rig.configure([a], keep_sender="[{type: last_n, count: 1}]")
+    cp = run_cli("prune", "--job", "push", "--side", "sender", "--json", config=rig.cfg)
+    assert_no_traceback(cp)
+    assert cp.returncode == 0, cp.stderr
+    [side] = json.loads(cp.stdout)["sides"]
+    [f] = side["filesystems"]
+    assert (f["destroyed"], sorted(f["kept_held"]), f["errors"]) == (["s1"], ["s2", "s3"], [])
+    assert snap_order(a) == ["@s2", "@s3"]
+
+
+# --- SPEC §1.5.4 (status), §1.6.2-§1.6.3 (the once document) ---------------------------------
+
+ERROR_KEYS = {"class", "temporary", "local_to_fs", "kind", "message", "fs", "hint"}
+
+
+def check_error(e):
+    assert set(e) >= ERROR_KEYS, e
+    assert e["class"] in ("temporary", "local_to_fs", "permanent")
+    assert isinstance(e["temporary"], bool) and isinstance(e["local_to_fs"], bool)
+    assert isinstance(e["kind"], str) and isinstance(e["message"], str) and e["message"]
+    assert e["fs"] is None or isinstance(e["fs"], str)
+    assert e["hint"] is None or isinstance(e["hint"], str)
+
+
+def check_time(value, nullable=False):
+    assert (nullable and value is None) or RFC3339.match(value), value
+
+
+def check_job_report(job):
+    """SPEC §1.6.2, member by member (unknown members are allowed)."""
+    assert set(job) >= {"schema", "job", "type", "state", "exit_code", "dry_run", "started_at",
+                        "finished_at", "version", "snapshotting", "replication", "pruning",
+                        "errors"}, sorted(job)
+    assert job["schema"] == "zrepl.py/job-report/1"
+    assert job["type"] in ("push", "pull", "snap", "sink", "source")
+    assert job["state"] in ("running", "done", "failed", "interrupted", "timed_out", "locked")
+    assert isinstance(job["exit_code"], int) and isinstance(job["dry_run"], bool)
+    check_time(job["started_at"])
+    check_time(job["finished_at"], nullable=True)
+    assert isinstance(job["version"], str)
+    for e in job["errors"]:
+        check_error(e)
+    snapping = job["snapshotting"]
+    if snapping is not None:
+        assert snapping["type"] in ("periodic", "cron", "manual")
+        assert snapping["mode"] in ("due", "always", "never", "schedule")
+        for f in snapping["filesystems"]:
+            assert set(f) >= {"fs", "state", "snapshot", "error", "hooks"}
+    repl = job["replication"]
+    if repl is not None:
+        assert set(repl) >= {"state", "attempts", "started_at", "finished_at", "error",
+                             "bytes_expected", "bytes_replicated", "filesystems"}
+        assert repl["state"] in ("done", "failed", "skipped", "cancelled", "running")
+        assert isinstance(repl["attempts"], int) and repl["attempts"] >= 1
+        check_time(repl["started_at"])
+        check_time(repl["finished_at"], nullable=True)
+        assert repl["bytes_expected"] is None or isinstance(repl["bytes_expected"], int)
+        assert isinstance(repl["bytes_replicated"], int)
+        if repl["error"] is not None:
+            check_error(repl["error"])
+        for f in repl["filesystems"]:
+            assert set(f) >= {"fs", "receiver_fs", "state", "steps_total", "steps_done",
+                              "bytes_expected", "bytes_replicated", "steps", "last_replicated",
+                              "lag_s", "conflict", "error", "error_count"}, sorted(f)
+            assert f["state"] in ("done", "uptodate", "stepping", "pending", "planned", "error",
+                                  "conflict", "skipped", "cancelled")
+            assert f["steps_total"] == len(f["steps"]) and 0 <= f["steps_done"] <= len(f["steps"])
+            assert isinstance(f["bytes_replicated"], int) and isinstance(f["error_count"], int)
+            for s in f["steps"]:
+                assert set(s) >= {"kind", "from", "to", "state", "bytes_expected",
+                                  "bytes_replicated", "resumed"}
+                assert s["kind"] in ("full", "incremental", "incremental_batch", "resume")
+                assert s["from"] is None or re.match(r"^[@#].", s["from"])
+                assert re.match(r"^@.", s["to"])
+                assert s["state"] in ("planned", "pending", "running", "done", "failed",
+                                      "cancelled")
+                assert isinstance(s["resumed"], bool)
+            last = f["last_replicated"]
+            if last is not None:
+                assert set(last) >= {"name", "guid", "creation"}
+                assert isinstance(last["guid"], str) and re.fullmatch(r"[0-9]+", last["guid"])
+                check_time(last["creation"])
+                assert isinstance(f["lag_s"], (int, float)) and f["lag_s"] >= 0
+            else:
+                assert f["lag_s"] is None
+            if f["conflict"] is not None:
+                assert set(f["conflict"]) >= {"kind", "message", "sender_newest",
+                                              "receiver_newest", "common", "hint"}
+            if f["error"] is not None:
+                check_error(f["error"])
+    assert set(job["pruning"]) >= {"sender", "receiver", "local"}
+    for part in job["pruning"].values():
+        if part is None:
+            continue
+        assert part["side"] in ("sender", "receiver", "local")
+        assert part["state"] in ("done", "failed", "skipped")
+        assert isinstance(part["dry_run"], bool)
+        for f in part["filesystems"]:
+            assert set(f) >= {"fs", "state", "skip_reason", "snapshots", "planned_destroy",
+                              "destroyed", "kept_held", "errors", "error_count"}, sorted(f)
+
+
+def check_once_doc(doc):
+    assert set(doc) >= {"schema", "version", "started_at", "finished_at", "exit_code",
+                        "dry_run", "jobs"}
+    assert doc["schema"] == "zrepl.py/once/1"
+    check_time(doc["started_at"])
+    check_time(doc["finished_at"])
+    for job in doc["jobs"]:
+        check_job_report(job)
+
+
+def test_once_json_document_and_status_lines(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "report")
+    make_tree(rig.src, ["a", "longer-name"])
+    a, b = rig.fs("a"), rig.fs("longer-name")
+    rig.configure([a, b], snapshotting=PERIODIC)
+    snap(a, "old")
+    snap(b, "old")
+    cp, doc = rig.once("--snapshot", "always")
+    assert_exit(cp, 0, doc)
+    check_once_doc(doc)
+    assert doc["dry_run"] is False
+    job = push_report(doc)
+    name = job["snapshotting"]["name"]
+    for fs in (a, b):
+        f = fs_reports(job)[fs]
+        assert f["state"] == "done" and f["receiver_fs"] == rig.target(fs)
+        assert f["bytes_replicated"] > 0
+        assert f["bytes_replicated"] == sum(s["bytes_replicated"] for s in f["steps"])
+        # last_replicated: the newest sender snapshot on the receiver, GUID as a decimal string
+        props = dict(line.split("\t")[1:3] for line in zfs(
+            "get", "-Hp", "-o", "name,property,value", "guid,creation",
+            "%s@%s" % (fs, name)).stdout.splitlines())
+        assert f["last_replicated"] == {
+            "name": name, "guid": props["guid"],
+            "creation": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(props["creation"])))}
+        assert 0 <= f["lag_s"] <= 60
+    assert job["replication"]["bytes_replicated"] == sum(
+        f["bytes_replicated"] for f in job["replication"]["filesystems"])
+    # the report file is the same document
+    saved = json.loads((rig.rundir / "last" / "push.json").read_text())
+    assert saved["replication"]["filesystems"] == job["replication"]["filesystems"]
+
+    cp = run_cli("status", config=rig.cfg)
+    assert_no_traceback(cp)
+    assert cp.returncode == 0, cp.stderr
+    lines = cp.stdout.splitlines()
+    assert lines[0] == "daemon: not running (last reports from %s)" % (rig.rundir / "last")
+    i = lines.index("job push (push): idle")
+    assert lines[lines.index("job sink (sink): never-run") + 1] == ""
+    assert re.fullmatch(r"  last: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ took=(\d+h)?(\d+m)?\d+s "
+                        r"result=done exit=0", lines[i + 1]), lines[i + 1]
+    assert lines[i + 2] == "  snapshot: %s taken=2 not-due=0 failed=0" % name
+    human = r"(\d+ B|\d+\.\d (KiB|MiB|GiB|TiB))"
+    assert re.fullmatch(r"  replication: done attempts=1 fs=2 done=2 uptodate=0 failed=0 "
+                        r"bytes=" + human, lines[i + 3]), lines[i + 3]
+    width = len(b)
+    for line, fs in zip(lines[i + 4:i + 6], (a, b)):
+        assert re.fullmatch(r"    %s  DONE  steps=1/1  bytes=%s  last=@%s  lag=(\d+m)?\d+s"
+                            % (re.escape(fs.ljust(width)), human, name), line), line
+    assert re.fullmatch(r"  prune sender: done destroyed=0/0 held=2 errors=0", lines[i + 6])
+    assert re.fullmatch(r"  prune receiver: done destroyed=0/0 held=2 errors=0", lines[i + 7])
+
+    cp = run_cli("status", "--json", config=rig.cfg)
+    sdoc = json.loads(cp.stdout)
+    assert sdoc["schema"] == "zrepl.py/status/1" and sdoc["source"] == "last-reports"
+    check_job_report(sdoc["jobs"]["push"]["last"])
+    assert sdoc["jobs"]["push"]["state"] == "idle"
+
+
+# --- SPEC §1.5.2 --dry-run ----------------------------------------------------------------
+
+def test_dry_run_changes_nothing_and_plans_steps(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "dry")
+    make_tree(rig.src, ["a", "b"])
+    a, b = rig.fs("a"), rig.fs("b")
+    prune = dict(keep_sender="[{type: last_n, count: 1}]",
+                 keep_receiver="[{type: last_n, count: 1}]")
+    rig.configure([a], snapshotting=PERIODIC, **prune)
+    snap(a, "s1")
+    rig.ok("--snapshot", "never")
+    # now a has new snapshots (an incremental batch), b one snapshot (a full), and the
+    # sender something its keep rules would destroy
+    rig.configure([a, b], snapshotting=PERIODIC, **prune)
+    snap(a, "s2")
+    snap(a, "s3")
+    snap(b, "s1")
+    report = (rig.rundir / "last" / "push.json").read_text()
+    before = state(pools.src), state(pools.dst)
+
+    env, log = zfs_logger(tmp_path)
+    cp, doc = rig.once("--dry-run", "--snapshot", "always", env=env)
+    assert (state(pools.src), state(pools.dst)) == before
+    assert [argv for argv in logged_calls(log, rig.src, rig.sink)
+            if argv[0] in MUTATING | {"send"}] == []
+    assert (rig.rundir / "last" / "push.json").read_text() == report
+    check_once_doc(doc)
+    job = push_report(doc)
+    assert doc["dry_run"] is True and job["dry_run"] is True
+    assert {f["state"] for f in job["snapshotting"]["filesystems"]} <= {"planned", "taken"}
+    reports = fs_reports(job)
+    assert reports[a]["state"] == reports[b]["state"] == "planned"
+    assert [(s["kind"], s["from"], s["to"], s["state"]) for s in reports[a]["steps"]] == \
+        [("incremental_batch", "@s1", "@s3", "planned")]
+    assert [(s["kind"], s["from"], s["to"], s["state"]) for s in reports[b]["steps"]] == \
+        [("full", None, "@s1", "planned")]
+    sender = {f["fs"]: f for f in job["pruning"]["sender"]["filesystems"]}
+    assert sender[a]["planned_destroy"] == ["s2"] and sender[a]["destroyed"] == []
+    assert [d["action"] for d in sender[a]["decisions"]] == ["keep", "destroy", "keep"]
+    assert_exit(cp, 0, doc)
+
+
+# --- filesystems that disappear between runs ----------------------------------------------
+
+def test_sender_filesystem_destroyed_between_runs(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "sgone")
+    make_tree(rig.src, ["a", "b"])
+    a, b = rig.fs("a"), rig.fs("b")
+    rig.configure([a, b])
+    snap(a, "s1")
+    snap(b, "s1")
+    rig.ok()
+    copy = {n: v for n, v in state(rig.target(b)).items()}
+    # the user destroys b on the sender (its cursor hold must go first)
+    zfs("release", CURSOR_TAG, b + "@s1")
+    zfs("destroy", "-r", b)
+    snap(a, "s2")
+    cp, doc = rig.once()
+    job = push_report(doc)
+    assert fs_reports(job)[a]["state"] == "done"
+    assert b not in fs_reports(job)
+    assert_guids_equal(rig, a)
+    assert state(rig.target(b)) == copy                       # untouched, hold included
+    assert holds_view(rig.target(b)) == {rig.target(b) + "@s1": (1, (LAST_RECEIVED_TAG,))}
+    assert_exit(cp, 0, doc)
+
+
+def test_receiver_copy_destroyed_before_a_run_is_replicated_again(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "rgone")
+    make_tree(rig.src, ["a"])
+    a = rig.fs("a")
+    rig.configure([a])
+    snap(a, "s1")
+    rig.ok()
+    zfs("release", LAST_RECEIVED_TAG, rig.target(a) + "@s1")
+    zfs("destroy", "-r", rig.target(a))
+    snap(a, "s2")
+    job = rig.ok()
+    # SPEC §8.2 rule 5: a missing receiver is an initial replication (most_recent)
+    [f] = job["replication"]["filesystems"]
+    assert [(s["kind"], s["from"], s["to"]) for s in f["steps"]] == [("full", None, "@s2")]
+    assert snap_guids(rig.target(a)) == {"@s2": snap_guids(a)["@s2"]}
+    assert holds_view(a) == {a + "@s1": (0, ()), a + "@s2": (1, (CURSOR_TAG,))}
+    assert holds_view(rig.target(a)) == {rig.target(a) + "@s2": (1, (LAST_RECEIVED_TAG,))}
+
+
+def test_receiver_filesystem_without_sender_is_reported_skipped_by_pruning(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "orphan")
+    make_tree(rig.src, ["a", "b"])
+    a, b = rig.fs("a"), rig.fs("b")
+    rig.configure([a, b], keep_receiver="[{type: last_n, count: 1}]")
+    for fs in (a, b):
+        snap(fs, "s1")
+    rig.ok()
+    for fs in (a, b):
+        snap(fs, "s2")
+    rig.configure([a], keep_receiver="[{type: last_n, count: 1}]")   # b leaves the filter
+    copy = state(rig.target(b))
+    job = rig.ok()
+    assert state(rig.target(b)) == copy                     # never pruned, never touched
+    cp = run_cli("prune", "--job", "push", "--side", "receiver", "--dry-run", config=rig.cfg)
+    assert_no_traceback(cp)
+    assert cp.returncode == 0, cp.stderr
+    entries = {f["fs"]: f for f in job["pruning"]["receiver"]["filesystems"]}
+    assert entries[a]["state"] == "done"
+    assert "%s (receiver): skipped: no corresponding sender filesystem" % b in \
+        cp.stdout.splitlines(), cp.stdout
+    assert (entries[b]["state"], entries[b]["skip_reason"]) == \
+        ("skipped", "no corresponding sender filesystem"), entries.get(b)
+
+
+# --- SPEC §7.3 / §13 item 24: a grid whose first bucket keeps one ---------------------------
+
+def test_receiver_grid_keeps_the_newest_as_held_without_error(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "grid")
+    make_tree(rig.src, ["a"])
+    a = rig.fs("a")
+    rig.configure([a], keep_receiver='[{type: grid, grid: "1x1h | 24x1h", regex: ".*"}]')
+    snap(a, "s1")
+    rig.ok()
+    snap(a, "s2")
+    job = rig.ok()
+    [p] = job["pruning"]["receiver"]["filesystems"]
+    # bucket 0 keeps its oldest (s1); s2 carries the last-received hold: kept as held
+    assert (p["state"], p["destroyed"], p["kept_held"], p["errors"]) == \
+        ("done", [], ["s2"], [])
+    assert snap_order(rig.target(a)) == ["@s1", "@s2"]
+    cp = run_cli("prune", "--job", "push", "--side", "receiver", "--dry-run", config=rig.cfg)
+    assert cp.returncode == 0, cp.stderr
+    lines = cp.stdout.splitlines()
+    assert lines[0] == "%s (receiver): 2 snapshots, keep 2, destroy 0" % a
+    assert re.fullmatch(r"  KEEP     s2  held \(userrefs=1\); no rule keeps it", lines[2]), lines
+
+
+# --- SPEC §3.3, §8.4, §8.9: placeholders and the order of initial replications -----------------
+
+def test_parent_initial_replication_runs_before_its_childs(pools, tmp_path):
+    """The child's snapshot is older, so the queue (oldest `to` first) would pick it first;
+    SPEC §8.9 holds it back while its ancestor has a pending initial step, so the parent is
+    received as a real filesystem and never becomes a placeholder."""
+    rig = Rig(pools, tmp_path, "order")
+    make_tree(rig.src, ["p", "p/c"])
+    p, c = rig.fs("p"), rig.fs("p/c")
+    snap(c, "s1")
+    time.sleep(1.05)                   # creation has one-second resolution
+    snap(p, "s1")
+    rig.configure({p + "<": True})
+    env, log = zfs_logger(tmp_path)
+    rig.ok(env=env)
+    receives = [argv[-1] for argv in logged_calls(log, rig.sink) if argv[0] == "receive"]
+    assert receives == [rig.target(p), rig.target(c)]
+    for fs in (p, c):
+        assert_guids_equal(rig, fs)
+        assert local_prop(rig.target(fs), "zrepl:placeholder") is None
+
+
+def test_placeholder_becomes_a_real_filesystem_when_its_sender_is_added(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "convert")
+    make_tree(rig.src, ["p", "p/c"])
+    p, c = rig.fs("p"), rig.fs("p/c")
+    snap(c, "s1")
+    rig.configure([c])
+    rig.ok()
+    assert local_prop(rig.target(p), "zrepl:placeholder") == "on"
+    snap(p, "s1")
+    rig.configure([p, c])
+    env, log = zfs_logger(tmp_path)
+    job = rig.ok(env=env)
+    assert [(s["kind"], s["to"]) for s in fs_reports(job)[p]["steps"]] == [("full", "@s1")]
+    # a full receive with -F onto the empty placeholder, then the flag and canmount flip
+    assert [argv for argv in logged_calls(log, rig.target(p)) if argv[0] == "receive"] == \
+        [["receive", "-u", "-F", rig.target(p)]]
+    assert_guids_equal(rig, p)
+    assert_guids_equal(rig, c)                       # the child survived the -F
+    assert local_prop(rig.target(p), "zrepl:placeholder") == "off"
+    assert local_prop(rig.target(p), "canmount") == "on"
+    assert local_prop(rig.target(p), "mountpoint") == "none"
+    cp = run_cli("test", "placeholder", "--dataset", rig.target(p))
+    assert cp.stdout.splitlines()[1] == "no\t%s\toff" % rig.target(p), cp.stdout
+    mounted = zfs("get", "-H", "-r", "-o", "value", "mounted", rig.sink).stdout.split()
+    assert set(mounted) <= {"no", "-"}

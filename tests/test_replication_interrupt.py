@@ -1,0 +1,185 @@
+"""Interrupted transfers against real ZFS (1 GiB pools): SIGKILL of `once` mid-transfer and
+`--max-runtime` with a bandwidth limit. SPEC §1.3, §1.5.2 (--max-runtime), §8.5 (the
+`.sends` record of `zfs send -I` batches and the cleanup of leaked `.send-<pid>-0` holds),
+§8.6, §8.9 (cancelling), §9.7 (bandwidth limit), §13 items 25 and 26.
+
+zfs-fuse keeps a transfer going when its `zfs` client dies; only cutting the stream stops
+it, and a dying `zfs send -I` leaks `.send-<pid>-0` holds that `zfs holds` cannot show
+(zfs-fuse.md §3.3-§3.4). So after every interruption the tests check that each sender
+snapshot's `userrefs` equals the number of zrepl tags recorded on it.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ZREPL_PY, make_tree, snap, state, write_data, zfs
+from test_replication import (CURSOR_TAG, LAST_RECEIVED_TAG, STEP_TAG, Rig, assert_exit,
+                              assert_guids_equal, assert_only_known_holds, fs_reports,
+                              holds_view, push_report, snap_order)
+
+pytestmark = pytest.mark.poolsize("1G")
+MiB = 1 << 20
+
+
+def start_once(rig, *args):
+    return subprocess.Popen([sys.executable, str(ZREPL_PY), "--config", str(rig.cfg), "once",
+                             "--json", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+
+
+def _children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_when(proc, ready, timeout=20):
+    """SIGKILL `proc` as soon as ready() is true; wait until its zfs children are gone too
+    (they are not killed with it: the test wants what a real SIGKILL leaves behind)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError("once ended (exit %d) before the kill:\n%s" % (proc.returncode,
+                                                                                err))
+        assert time.monotonic() < deadline, "the moment to kill never came"
+        time.sleep(0.005)
+    kids = _children(proc.pid)
+    assert proc.poll() is None, "once ended before the kill"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    deadline = time.monotonic() + 60
+    while any(_alive(k) for k in kids):
+        assert time.monotonic() < deadline, "zfs children of the killed once still run"
+        time.sleep(0.05)
+    return kids
+
+
+def exists(name):
+    return zfs("list", "-H", "-o", "name", name, check=False).returncode == 0
+
+
+# --- SPEC §13 item 25: SIGKILL mid-transfer, then a rerun -------------------------------------
+
+def test_sigkill_mid_transfer_then_rerun_leaves_only_cursor_and_last_received(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "kill")
+    make_tree(rig.src, ["big"])
+    big = rig.fs("big")
+    target = rig.target(big)
+    rig.configure([big])
+    write_data(big, 150 * MiB)
+    snap(big, "s1")
+
+    # 1. the full send of 150 MiB: killed once the receiver dataset shows up
+    proc = start_once(rig)
+    kill_when(proc, lambda: exists(target))
+    assert holds_view(big) == {big + "@s1": (1, (STEP_TAG,))}     # what the rerun must clean
+    # the kill cut the stream: zfs-fuse leaves no half-received dataset (zfs-fuse.md §3.3)
+    assert not exists(target)
+    cp, doc = rig.once()
+    assert_exit(cp, 0, doc)
+    [f] = push_report(doc)["replication"]["filesystems"]
+    assert [(s["kind"], s["to"], s["state"]) for s in f["steps"]] == [("full", "@s1", "done")]
+    assert_guids_equal(rig, big)
+    assert holds_view(big) == {big + "@s1": (1, (CURSOR_TAG,))}
+    assert holds_view(target) == {target + "@s1": (1, (LAST_RECEIVED_TAG,))}
+    assert_only_known_holds(rig.src)
+    assert_only_known_holds(rig.sink)
+
+    # 2. an incremental `-I` batch of 48 MiB: killed while it streams
+    write_data(big, 48 * MiB)
+    snap(big, "s2")
+    snap(big, "s3")
+    sends = rig.rundir / "push.sends"
+    proc = start_once(rig)
+    kill_when(proc, lambda: sends.exists() and sends.read_text().strip() != "")
+    assert '"pid"' in sends.read_text()          # the killed batch is on record
+    held = holds_view(big)
+    assert STEP_TAG in held[big + "@s1"][1] and STEP_TAG in held[big + "@s3"][1], held
+    cp, doc = rig.once()
+    assert_exit(cp, 0, doc)
+    [f] = push_report(doc)["replication"]["filesystems"]
+    assert [(s["kind"], s["from"], s["to"], s["state"]) for s in f["steps"]] == \
+        [("incremental_batch", "@s1", "@s3", "done")]
+    assert_guids_equal(rig, big)
+    assert sends.read_text().strip() == ""
+    assert rig.abstractions() == [
+        'replication-cursor-hold "%s" on %s@s3' % (CURSOR_TAG, big),
+        'last-received-hold "%s" on %s@s3' % (LAST_RECEIVED_TAG, target)]
+    # no leaked `.send-<pid>-0` and no stray step hold on any sender snapshot
+    assert holds_view(big) == {big + "@s1": (0, ()), big + "@s2": (0, ()),
+                               big + "@s3": (1, (CURSOR_TAG,))}
+    assert_only_known_holds(rig.sink)
+
+    # 3. the next prune destroys what the rules allow: nothing blocks it
+    snap(big, "s4")
+    rig.configure([big], keep_sender="[{type: not_replicated}, {type: last_n, count: 1}]",
+                  keep_receiver="[{type: last_n, count: 1}]")
+    cp, doc = rig.once()
+    job = push_report(doc)
+    for side in ("sender", "receiver"):
+        [p] = job["pruning"][side]["filesystems"]
+        assert (sorted(p["destroyed"]), p["errors"]) == (["s1", "s2", "s3"], []), p
+    assert snap_order(big) == ["@s4"] and snap_order(target) == ["@s4"]
+    assert_guids_equal(rig, big)
+    assert_exit(cp, 0, doc)
+
+
+# --- SPEC §1.5.2 --max-runtime with §9.7 bandwidth_limit; §13 item 26 ------------------------
+
+def test_max_runtime_cuts_a_throttled_transfer_cleanly(pools, tmp_path):
+    rig = Rig(pools, tmp_path, "deadline")
+    make_tree(rig.src, ["slow"])
+    slow = rig.fs("slow")
+    target = rig.target(slow)
+    write_data(slow, 40 * MiB)
+    snap(slow, "s1")
+    rig.configure([slow], push_extra=["send: {bandwidth_limit: {max: 1 MiB}}"])
+    t0 = time.monotonic()
+    cp, doc = rig.once("--max-runtime", "1s")
+    took = time.monotonic() - t0
+    assert took < 15, took
+    job = push_report(doc)
+    assert (job["state"], job["exit_code"]) == ("timed_out", 4)
+    assert job["replication"]["state"] == "cancelled"
+    f = fs_reports(job)[slow]
+    assert f["state"] == "cancelled" and [s["state"] for s in f["steps"]] == ["cancelled"]
+    assert 0 < f["bytes_replicated"] < 40 * MiB
+    # no pruning after the deadline (SPEC §1.5.2)
+    assert job["pruning"]["sender"] is None and job["pruning"]["receiver"] is None
+    # nothing of the cut transfer is left: no receiver dataset, no hold anywhere
+    assert not exists(target)
+    assert all("%recv" not in n for n in state(pools.dst))
+    assert holds_view(slow) == {slow + "@s1": (0, ())}
+    assert_only_known_holds(rig.src)
+    saved = json.loads((rig.rundir / "last" / "push.json").read_text())   # still written
+    assert (saved["state"], saved["exit_code"]) == ("timed_out", 4)
+    assert_exit(cp, 4, doc)
+
+    # a later run without the limit completes
+    rig.configure([slow])
+    job = rig.ok()
+    assert fs_reports(job)[slow]["state"] == "done"
+    assert_guids_equal(rig, slow)
+    assert holds_view(slow) == {slow + "@s1": (1, (CURSOR_TAG,))}
