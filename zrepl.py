@@ -36,6 +36,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -5050,6 +5051,7 @@ class Replication:
 
 HOOK_OUTPUT_TAIL = 64 * 1024
 RUNNING_HOOKS = set()          # hook processes a SIGTERM/SIGINT must reach (SPEC §10.3)
+HOOKS_STOPPED = threading.Event()   # set by the signal handler: hooks started now get TERM
 
 
 def error_json(err, fs=None):
@@ -5071,7 +5073,6 @@ def signal_process_group(proc, sig):
 
 def kill_process_group(proc):
     """SIGTERM to the hook's group, 5 s grace, SIGKILL; drain and reap."""
-    import signal
     signal_process_group(proc, signal.SIGTERM)
     try:
         return proc.communicate(timeout=KILL_GRACE)
@@ -5101,6 +5102,8 @@ def run_hook(hook, edge, fs, snapname, log):
         return entry
     timed_out = False
     RUNNING_HOOKS.add(proc)
+    if HOOKS_STOPPED.is_set():       # the signal came between Popen and the line above
+        signal_process_group(proc, signal.SIGTERM)
     try:
         out, err = proc.communicate(timeout=hook.timeout)
     except subprocess.TimeoutExpired:
@@ -5206,6 +5209,11 @@ class Snapper:
         ran = {}
         for name in due:
             ran[name] = []
+            if self.should_stop():
+                entries[name].update(state="skipped", error=error_json(ZreplError(
+                    f"snapshot of {name} not taken: the run was stopped", kind="cancelled",
+                    temporary=True, local_to_fs=True, fs=name), name))
+                continue
             for hook in self.cfg.hooks:
                 if not filter_accepts(hook.filesystems, name):
                     continue
@@ -5452,12 +5460,11 @@ class RunControl:
         return False
 
     def install_signal_handlers(self):
-        import signal
-
         def handler(signum, frame):
             if self.interrupted:        # the second signal: stop waiting for children
                 raise KeyboardInterrupt
             self.interrupted = True
+            HOOKS_STOPPED.set()
             for proc in list(RUNNING_HOOKS):   # running hooks get the signal too
                 signal_process_group(proc, signal.SIGTERM)
         for sig in (signal.SIGINT, signal.SIGTERM):

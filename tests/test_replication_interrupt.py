@@ -183,3 +183,33 @@ def test_max_runtime_cuts_a_throttled_transfer_cleanly(pools, tmp_path):
     assert fs_reports(job)[slow]["state"] == "done"
     assert_guids_equal(rig, slow)
     assert holds_view(slow) == {slow + "@s1": (1, (CURSOR_TAG,))}
+
+
+def test_watchdog_cancels_a_step_that_moves_no_bytes(pools, tmp_path):
+    # SPEC §8.9: a step that moves no stream bytes for replication.timeout is cancelled as
+    # kind `timeout` (temporary), retried, and the filesystem fails when retries run out.
+    # A 1-byte-per-second bandwidth limit makes the relay stall on its first chunk.
+    rig = Rig(pools, tmp_path, "watchdog")
+    fs = rig.fs("slow")
+    make_tree(fs, [])
+    write_data(fs, 2 << 20)
+    snap(fs, "s1")
+    rig.configure([fs], push_extra=["replication: {timeout: 2s}",
+                                    "send: {bandwidth_limit: {max: 1 B}}"])
+    t0 = time.monotonic()
+    cp, doc = rig.once(env={"ZREPL_REPLICATION_MAX_ATTEMPTS": "1"}, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert cp.returncode == 1, cp.stderr
+    entry = {f["fs"]: f for f in push_report(doc)["replication"]["filesystems"]}[fs]
+    assert entry["state"] == "error"
+    assert entry["error"]["kind"] == "timeout" and entry["error"]["temporary"] is True
+    assert entry["error_count"] == 3            # the first try and two retries
+    assert elapsed < 60
+    # nothing half-received, no step hold left, no orphaned zfs process (the once process
+    # has exited, so its reaped children cannot linger as zombies either)
+    assert rig.target(fs) not in state(pools.dst)
+    assert state(fs)[fs + "@s1"]["userrefs"] == 0
+    ps = subprocess.run(["ps", "-eo", "stat=,args="], stdout=subprocess.PIPE,
+                        universal_newlines=True).stdout
+    assert not [ln for ln in ps.splitlines()
+                if ("zfs send" in ln and fs in ln) or ("zfs receive" in ln and rig.sink in ln)]
