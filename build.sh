@@ -158,6 +158,24 @@ with zipfile.ZipFile(src) as zin, open(dst, "wb") as out:
         for info in zin.infolist():
             data = LAUNCHER if info.filename == "__main__.py" else zin.read(info)
             zout.writestr(info, data)
+            if info.filename == "site-packages/zrepl.py":
+                # zipimport cannot cache bytecode, so every start would compile ~6,000 lines;
+                # an unchecked-hash .pyc beside the source serves hosts whose Python has this
+                # build's bytecode version (others ignore it and compile the source)
+                import importlib.util, tempfile, py_compile
+                with tempfile.TemporaryDirectory() as tmp:
+                    srcfile = os.path.join(tmp, "zrepl.py")
+                    with open(srcfile, "wb") as f:
+                        f.write(data)
+                    pyc = py_compile.compile(
+                        srcfile, cfile=os.path.join(tmp, "zrepl.pyc"), doraise=True,
+                        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+                    with open(pyc, "rb") as f:
+                        code = f.read()
+                pycinfo = zipfile.ZipInfo("site-packages/zrepl.pyc", date_time=info.date_time)
+                pycinfo.compress_type = info.compress_type
+                pycinfo.external_attr = info.external_attr
+                zout.writestr(pycinfo, code)
 os.chmod(dst, 0o755)
 PY
     mv -f "$PYZ.tmp" "$PYZ"

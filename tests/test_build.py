@@ -20,7 +20,7 @@ NO_HOME = "/nonexistent"
 
 # shiv's launcher files and zrepl.py with its own metadata; nothing else may be in the archive
 ALLOWED_MEMBER = re.compile(r"^(__main__\.py|environment\.json|_bootstrap/\w+\.py"
-                            r"|site-packages/zrepl\.py|site-packages/zrepl[._-]py-[^/]+\.dist-info/[^/]+)$")
+                            r"|site-packages/zrepl\.pyc?|site-packages/zrepl[._-]py-[^/]+\.dist-info/[^/]+)$")
 
 pytestmark = pytest.mark.skipif(not PYZ.exists(), reason="zrepl.pyz is not built (run ./build.sh)")
 
