@@ -2563,6 +2563,12 @@ def filter_accepts(patterns, dataset):
     return best
 
 
+def ancestors(name):
+    """`a/b/c` -> [`a/b`, `a`]: whole components, so `a` is not an ancestor of `aa`."""
+    parts = name.split("/")
+    return ["/".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
 def filter_roots(patterns):
     """The fewest datasets whose subtrees cover every accepting pattern; [] means all pools."""
     bases = []
@@ -4808,12 +4814,14 @@ class Replication:
     # -- execution --
     def _eligible(self, now):
         pending = [f for f in self.fs.values() if not f.finished]
+        # a child waits while an ancestor still has its initial step to do (SPEC §8.9);
+        # a set of those ancestors keeps this linear in the number of filesystems
+        initial = {g.path for g in pending if g.has_pending_initial()}
         out = []
         for f in pending:
             if f.running is not None or f.ready_at > now or f.next_step is None:
                 continue
-            if any(g.has_pending_initial() and (f.path.startswith(g.path + "/"))
-                   for g in pending if g is not f):
+            if initial and any(a in initial for a in ancestors(f.path)):
                 continue
             out.append(f)
         # the seed's queue: healthy first, oldest pending snapshot first, then by name
@@ -4861,16 +4869,17 @@ class Replication:
 
     def _fail_orphans(self):
         """Children of a filesystem whose initial step failed cannot be received."""
+        failed = {g.path for g in self.fs.values() if g.state == "error" and g.finished
+                  and g.done == 0 and g.steps and g.steps[0].is_initial}
+        if not failed:
+            return
         for f in self.fs.values():
             if f.finished or f.running:
                 continue
-            for g in self.fs.values():
-                if g.state == "error" and g.done == 0 and g.steps and g.steps[0].is_initial \
-                        and f.path.startswith(g.path + "/") and g.finished:
-                    self._fail(f, ZreplError(f"parent {g.path} failed its initial "
-                                             "replication", kind="parent-failed",
-                                             local_to_fs=True, fs=f.path))
-                    break
+            parent = next((a for a in ancestors(f.path) if a in failed), None)
+            if parent is not None:
+                self._fail(f, ZreplError(f"parent {parent} failed its initial replication",
+                                         kind="parent-failed", local_to_fs=True, fs=f.path))
 
     def _watchdog(self, fatal):
         timeout = self.options.timeout
