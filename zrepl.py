@@ -3705,15 +3705,9 @@ class ZFS:
         recorded in the snapshot's zrepl:holds property so it can be found again.
         """
         result = {}
-        use_record = not self.capabilities()["holds_list"]
-        for v in versions:
-            if use_record and tag not in v.holds_record:
-                record = v.holds_record + (tag,)
-                try:
-                    self.set_property(v.full_name, "zrepl:holds", ",".join(record))
-                    v.holds_record = record
-                except ZFSError as e:
-                    result[v.full_name] = e
+        if not self.capabilities()["holds_list"]:
+            result.update(self._write_records(
+                [(v, v.holds_record + (tag,)) for v in versions if tag not in v.holds_record]))
         todo = [v.full_name for v in versions if v.full_name not in result]
         result.update(self._hold_release("hold", tag, todo))
         for v in versions:   # keep the caller's listing true to what ZFS now holds
@@ -3728,19 +3722,34 @@ class ZFS:
             for v in versions:
                 if result.get(v.full_name) is None and tag in v.holds_record and v.userrefs:
                     v.userrefs -= 1
-            for v in versions:
-                if result.get(v.full_name) is None and tag in v.holds_record:
-                    record = tuple(t for t in v.holds_record if t != tag)
-                    try:
-                        if record:
-                            self.set_property(v.full_name, "zrepl:holds", ",".join(record))
-                        else:
-                            self.run(["zfs", "inherit", "zrepl:holds", v.full_name],
-                                     fs=v.fs)
-                        v.holds_record = record
-                    except ZFSError as e:
-                        result[v.full_name] = e
+            result.update(self._write_records(
+                [(v, tuple(t for t in v.holds_record if t != tag)) for v in versions
+                 if result.get(v.full_name) is None and tag in v.holds_record]))
         return result
+
+    def _write_records(self, changes):
+        """Set zrepl:holds records [(version, new tags)]: one `zfs set` (or `zfs inherit`
+        for an empty record) per distinct new value, for all its snapshots at once (zfs
+        takes several datasets per call, but one property only) -> {name: error}."""
+        groups = {}
+        for v, record in changes:
+            groups.setdefault(record, []).append(v)
+        errors = {}
+        for record, group in groups.items():
+            argv = (["zfs", "set", "zrepl:holds=" + ",".join(record)] if record
+                    else ["zfs", "inherit", "zrepl:holds"])
+            for part, r in self._run_chunked(argv, [v.full_name for v in group]):
+                failed = {}
+                if r.rc != 0:
+                    err = classify(argv + part, r.rc, r.stderr, part[0].split("@")[0])
+                    failed = {n: err for n in part}
+                for v in group:
+                    if v.full_name in part:
+                        if v.full_name in failed:
+                            errors[v.full_name] = failed[v.full_name]
+                        else:
+                            v.holds_record = record
+        return errors
 
     _CANNOT_HOLD = re.compile(r"^cannot (?:hold|release) (?:'[^']*' from )?'([^']+)': (.*)$")
 
@@ -4086,6 +4095,8 @@ class LocalSender:
         self.rundir = rundir
         self._lock = threading.Lock()
         self._datasets = {}
+        self._prepared = set()
+        self._pending_cursors = {}
 
     # -- ListFilesystems --
     def list_filesystems(self):
@@ -4140,14 +4151,78 @@ class LocalSender:
         return caps.pools.get(path.split("/")[0], {}).get("bookmarks", False)
 
     # -- Send --
+    # On pools without bookmarks every hold is a `zfs hold` plus a zrepl:holds record write,
+    # each a txg sync (~10 ms on zfs-fuse): done per step that is ~12 calls per filesystem,
+    # several times the transfer itself. So a phase places all its step holds at once
+    # (prepare) and moves all cursors and drops all step holds at once (flush). A crash in
+    # between leaves the cursor behind, which only keeps more snapshots (never fewer).
+
+    def prepare(self, plans):
+        """Before a phase's transfers: drop stale step holds and hold every planned step's
+        snapshots, in a few calls for all filesystems -> {path: error} of those that failed."""
+        tag = step_hold_tag(self.job.name)
+        need, stale, owner = {}, [], {}
+        for path, steps in plans.items():
+            ds = self._dataset(path)
+            keep = set()
+            for step in steps:
+                if step.protection != "guarantee_resumability":
+                    continue
+                for ref in (step.from_, step.to):
+                    if ref is not None and ref.type == "snapshot":
+                        v = self._version(ds, ref)
+                        need[v.full_name] = v
+                        owner[v.full_name] = path
+                        keep.add(v.guid)
+            stale += [v for v in tagged_snapshots(self.zfs, ds, tag) if v.guid not in keep]
+            self._prepared.add(path)
+        errors = {}
+        if stale:
+            for name, err in self.zfs.release(tag, stale).items():
+                if err is not None:
+                    self.log("warn", "repl", f"cannot release stale step hold on {name}: {err}")
+        if need:
+            for name, err in self.zfs.hold(tag, list(need.values())).items():
+                if err is not None:
+                    errors.setdefault(owner[name], err)
+        return errors
+
+    def flush(self):
+        """After a phase's transfers: move the holds-only cursors to what the receiver
+        confirmed and release the step holds, in a few calls -> {path: error}."""
+        errors = {}
+        moves, self._pending_cursors = self._pending_cursors, {}
+        prepared, self._prepared = self._prepared, set()
+        if moves:
+            tag = cursor_hold_tag(self.job.name)
+            for name, err in self.zfs.hold(tag, [to for _, to in moves.values()]).items():
+                if err is not None:
+                    errors.setdefault(name.split("@")[0], err)
+            old = [v for path, (ds, to) in moves.items() if path not in errors
+                   for v in tagged_snapshots(self.zfs, ds, tag) if v.guid != to.guid]
+            if old:
+                for name, err in self.zfs.release(tag, old).items():
+                    if err is not None:
+                        errors.setdefault(name.split("@")[0], err)
+        tag = step_hold_tag(self.job.name)
+        held = [v for path in sorted(prepared) for v in
+                tagged_snapshots(self.zfs, self._dataset(path), tag)]
+        if held:
+            for name, err in self.zfs.release(tag, held).items():
+                if err is not None:
+                    self.log("warn", "repl", f"cannot release step hold on {name}: {err}")
+        return errors
+
     def send(self, path, step):
         """Protect the step's snapshots, then start `zfs send` -> ZFSProcess (SPEC §8.6)."""
         ds = self._dataset(path)
         to = self._version(ds, step.to)
         frm = self._version(ds, step.from_) if step.from_ is not None else None
         flags = self.send_flags(ds)
-        self._release_stale_step_holds(ds, keep=[v for v in (frm, to) if v is not None])
-        if step.protection == "guarantee_resumability":
+        if path in self._prepared:
+            pass                                  # prepare() held this phase's snapshots
+        elif step.protection == "guarantee_resumability":
+            self._release_stale_step_holds(ds, keep=[v for v in (frm, to) if v is not None])
             need = [v for v in (frm, to) if v is not None and v.type == "snapshot"]
             self._check(self.zfs.hold(step_hold_tag(self.job.name), need), path)
         elif step.protection == "guarantee_incremental" and self._has_bookmarks(path):
@@ -4193,6 +4268,9 @@ class LocalSender:
                         "replication-cursor-bookmark-v2",
                         "tentative-replication-cursor-bookmark-v2"):
                     self.zfs.destroy_bookmark(v.full_name)
+        elif path in self._prepared:
+            self._pending_cursors[path] = (ds, to)     # moved by flush(), with the others
+            return
         else:
             # holds-only cursor: hold the new one first, then release the old ones
             tag = cursor_hold_tag(job)
@@ -4200,7 +4278,8 @@ class LocalSender:
             old = [v for v in tagged_snapshots(self.zfs, ds, tag) if v.guid != to.guid]
             if old:
                 self._check(self.zfs.release(tag, old), path)
-        self._release_stale_step_holds(ds, keep=[])
+        if path not in self._prepared:
+            self._release_stale_step_holds(ds, keep=[])
 
     def _release_stale_step_holds(self, ds, keep):
         tag = step_hold_tag(self.job.name)
@@ -4314,6 +4393,7 @@ class LocalReceiver:
         self._placeholder_lock = threading.Lock()
         self._checked = set()
         self._datasets = None
+        self._pending_holds = {}
 
     def target(self, path):
         name = f"{self.root}/{_check_path(path)}"
@@ -4404,7 +4484,10 @@ class LocalReceiver:
         if force and existing is not None and existing.is_placeholder:
             self.finish_placeholder_conversion(path)
         if step.protection != "guarantee_nothing":
-            self._move_last_received_hold(existing, target, received)
+            received.fs = target
+            with self._placeholder_lock:          # moved by flush(), with the others
+                prev = self._pending_holds.get(target)
+                self._pending_holds[target] = (prev[0] if prev else existing, received)
         with self._placeholder_lock:
             ds = datasets.get(target) or Dataset(target, "filesystem")
             datasets[target] = dataclasses.replace(ds, placeholder_value=None if force
@@ -4440,18 +4523,27 @@ class LocalReceiver:
             raise ZreplError(f"zfs receive into {self.root}/{path} stopped reading",
                              kind="stream-broken", temporary=True, local_to_fs=True, fs=path)
 
-    def _move_last_received_hold(self, before, target, received):
-        """Hold the new snapshot, then release the tag from the ones the listing showed."""
+    def flush(self):
+        """Move the last-received holds of everything received in this phase: hold the new
+        snapshots, then release the tag from the older ones, in a few calls -> {path: err}."""
+        with self._placeholder_lock:
+            moves, self._pending_holds = self._pending_holds, {}
+        if not moves:
+            return {}
         tag = last_received_hold_tag(self.job.name)
-        received.fs = target
-        for err in self.zfs.hold(tag, [received]).values():
+        prefix = self.root + "/"
+        errors = {}
+        for name, err in self.zfs.hold(tag, [r for _, r in moves.values()]).items():
             if err is not None:
-                raise err
-        if before is not None:
-            old = [v for v in tagged_snapshots(self.zfs, before, tag) if v.guid != received.guid]
-            for err in (self.zfs.release(tag, old) if old else {}).values():
+                errors.setdefault(name.split("@")[0][len(prefix):], err)
+        old = [v for target, (before, received) in moves.items() if before is not None
+               and target[len(prefix):] not in errors
+               for v in tagged_snapshots(self.zfs, before, tag) if v.guid != received.guid]
+        if old:
+            for name, err in self.zfs.release(tag, old).items():
                 if err is not None:
-                    raise err
+                    errors.setdefault(name.split("@")[0][len(prefix):], err)
+        return errors
 
     def abort_partial_receive(self, path):
         self.zfs.abort_receive(self.target(path))
@@ -4773,7 +4865,23 @@ class Replication:
                                           self.prev_errors.get(path, 0))
             f.retries, f.ready_at = 0, 0.0
             self._plan(f, sender_fs[path], receiver_fs.get(path))
-        return self._execute()
+        if self.dry_run:
+            return None
+        todo = {p: f.steps[f.done:] for p, f in self.fs.items() if not f.finished and f.steps}
+        if todo and hasattr(self.sender, "prepare"):
+            for path, err in self.sender.prepare(todo).items():
+                self._fail(self.fs[path], err)
+        try:
+            return self._execute()
+        finally:
+            for side in (self.receiver, self.sender):
+                if hasattr(side, "flush"):
+                    for path, err in side.flush().items():
+                        f = self.fs.get(path)
+                        if f is not None:
+                            self.log("error", "repl", f"{path}: cannot move holds: {err}",
+                                     fs=path)
+                            self._fail(f, err)
 
     def _plan(self, f, sds, rds):
         token = None
