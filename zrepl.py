@@ -3820,16 +3820,42 @@ class ZFS:
         value, _, source = r.stdout.rstrip("\n").rpartition("\t")
         return value if source == "local" else None
 
-    def snapshot_guids(self, fs):
-        """{short name: guid} of fs's snapshots, one `zfs get -d 1` (incremental pre-check)."""
+    def snapshot_guids(self, filesystems):
+        """{fs: {short name: guid}} for existing filesystems, one `zfs get -d 1` for all
+        (the incremental pre-check); a filesystem that does not exist is left out."""
         depth = ["-d", "1"] if self.capabilities()["depth"] else ["-r"]
-        r = self.run(["zfs", "get", "-Hp"] + depth + ["-o", "name,property,value", "guid", fs],
-                     fs=fs)
         out = {}
-        for line in r.stdout.splitlines():
-            name, _, rest = line.partition("\t")
-            if name.startswith(fs + "@"):
-                out[name[len(fs) + 1:]] = int(rest.rpartition("\t")[2])
+        for part, r in self._run_chunked(["zfs", "get", "-Hp"] + depth +
+                                         ["-o", "name,property,value", "guid"], filesystems):
+            for line in r.stdout.splitlines():
+                name, _, rest = line.partition("\t")
+                fs, at, short = name.partition("@")
+                if fs in part:
+                    snaps = out.setdefault(fs, {})
+                    if at:
+                        snaps[short] = int(rest.rpartition("\t")[2])
+            if r.rc != 0 and not all(re.match(r"^cannot open '.*': dataset does not exist$",
+                                               ln.strip()) for ln in r.stderr.splitlines()
+                                     if ln.strip()):
+                raise classify(["zfs", "get", "guid"] + part, r.rc, r.stderr, part[0])
+        return out
+
+    def get_versions(self, full_names):
+        """Exact guid/createtxg/creation of many snapshots at once -> {full name: Version};
+        ones that do not exist are left out (verifies a phase's receives in one call)."""
+        out = {}
+        argv = ["zfs", "get", "-Hp", "-o", "name,property,value,source",
+                "type,guid,createtxg,creation,userrefs"]
+        for part, r in self._run_chunked(argv, list(full_names)):
+            fss = {n.split("@")[0] for n in part}
+            text = "".join(f"{fs}\ttype\tfilesystem\t-\n" for fs in fss) + r.stdout
+            for ds in parse_listing(text).values():
+                for v in ds.versions:
+                    if v.full_name in part:
+                        out[v.full_name] = v
+            if r.rc != 0 and not all("dataset does not exist" in ln
+                                     for ln in r.stderr.splitlines() if ln.strip()):
+                raise classify(argv + part, r.rc, r.stderr, part[0].split("@")[0])
         return out
 
     # -- bookmarks --
@@ -4187,11 +4213,13 @@ class LocalSender:
                     errors.setdefault(owner[name], err)
         return errors
 
-    def flush(self):
+    def flush(self, exclude=()):
         """After a phase's transfers: move the holds-only cursors to what the receiver
-        confirmed and release the step holds, in a few calls -> {path: error}."""
+        confirmed (not for `exclude`: their receive failed verification) and release the
+        step holds, in a few calls -> {path: error}."""
         errors = {}
         moves, self._pending_cursors = self._pending_cursors, {}
+        moves = {p: m for p, m in moves.items() if p not in exclude}
         prepared, self._prepared = self._prepared, set()
         if moves:
             tag = cursor_hold_tag(self.job.name)
@@ -4394,6 +4422,7 @@ class LocalReceiver:
         self._checked = set()
         self._datasets = None
         self._pending_holds = {}
+        self._precheck_errors = {}
 
     def target(self, path):
         name = f"{self.root}/{_check_path(path)}"
@@ -4456,18 +4485,14 @@ class LocalReceiver:
             else:
                 self._ensure_parents(target, datasets)
         elif path not in self._checked:
-            # ZFS redirects an incremental stream to another dataset holding the source
-            # snapshot when the named target is missing (zfs-fuse.md §3.2): check first
             if existing is None:
                 raise ZreplError(f"receiver filesystem {target} does not exist (destroyed "
                                  "since the listing?)", kind="missing", local_to_fs=True,
                                  fs=path)
-            guids = self.zfs.snapshot_guids(target)
-            if step.from_ is not None and step.from_.guid not in guids.values():
-                raise ZreplError(f"{target} no longer has the incremental source "
-                                 f"{version_ref(step.from_)}", kind="missing",
-                                 local_to_fs=True, fs=path)
-            self._checked.add(path)
+            self.prepare({path: [step]})
+            err = self._precheck_errors.pop(path, None)
+            if err is not None:
+                raise err
         recv = self.job.recv or RecvOptions()
         pool = target.split("/")[0]
         resumable = self.zfs.capabilities().pools.get(pool, {}).get("resume", False)
@@ -4475,19 +4500,15 @@ class LocalReceiver:
                                 inherit=recv.properties_inherit,
                                 override=recv.properties_override)
         self._relay(source, proc, path)
-        received = self.zfs.get_version(f"{target}@{step.to.name}")
-        if received is None or received.guid != step.to.guid:
-            raise ZreplError(f"after receiving, {target}@{step.to.name} "
-                             f"{'is missing' if received is None else 'has another GUID'}; "
-                             "the received state is left for inspection", kind="verify",
-                             local_to_fs=True, fs=path)
         if force and existing is not None and existing.is_placeholder:
+            # an interruption before this flip is repaired by planner rule 4
             self.finish_placeholder_conversion(path)
-        if step.protection != "guarantee_nothing":
-            received.fs = target
-            with self._placeholder_lock:          # moved by flush(), with the others
-                prev = self._pending_holds.get(target)
-                self._pending_holds[target] = (prev[0] if prev else existing, received)
+        received = Version("snapshot", target, step.to.name, step.to.guid,
+                           step.to.createtxg, step.to.creation, 0)
+        with self._placeholder_lock:   # verified by GUID and held by flush(), with the others
+            prev = self._pending_holds.get(target)
+            self._pending_holds[target] = (prev[0] if prev else existing, received,
+                                           step.protection != "guarantee_nothing")
         with self._placeholder_lock:
             ds = datasets.get(target) or Dataset(target, "filesystem")
             datasets[target] = dataclasses.replace(ds, placeholder_value=None if force
@@ -4523,9 +4544,38 @@ class LocalReceiver:
             raise ZreplError(f"zfs receive into {self.root}/{path} stopped reading",
                              kind="stream-broken", temporary=True, local_to_fs=True, fs=path)
 
+    def prepare(self, plans):
+        """Before a phase's transfers: the incremental pre-check of every planned
+        filesystem in one `zfs get -d 1`. ZFS redirects an incremental stream to another
+        dataset holding the source snapshot when the named target is missing (zfs-fuse.md
+        §3.2), so the target must exist and have the source GUID -> {path: error}."""
+        todo = {}
+        for path, steps in plans.items():
+            first = steps[0] if steps else None
+            if first is not None and first.from_ is not None and path not in self._checked:
+                todo[self.target(path)] = (path, first.from_)
+        if not todo:
+            return {}
+        found = self.zfs.snapshot_guids(sorted(todo))
+        for target, (path, frm) in todo.items():
+            if target not in found:
+                err = ZreplError(f"receiver filesystem {target} does not exist (destroyed "
+                                 "since the listing?)", kind="missing", local_to_fs=True,
+                                 fs=path)
+            elif frm.guid not in found[target].values():
+                err = ZreplError(f"{target} no longer has the incremental source "
+                                 f"{version_ref(frm)}", kind="missing", local_to_fs=True,
+                                 fs=path)
+            else:
+                self._checked.add(path)
+                continue
+            self._precheck_errors[path] = err
+        return {p: e for p, e in self._precheck_errors.items() if p in plans}
+
     def flush(self):
-        """Move the last-received holds of everything received in this phase: hold the new
-        snapshots, then release the tag from the older ones, in a few calls -> {path: err}."""
+        """After a phase's transfers: verify every received snapshot by GUID (one `zfs
+        get`), then move the last-received holds: hold the new snapshots, release the tag
+        from the older ones, in a few calls for all filesystems -> {path: error}."""
         with self._placeholder_lock:
             moves, self._pending_holds = self._pending_holds, {}
         if not moves:
@@ -4533,10 +4583,23 @@ class LocalReceiver:
         tag = last_received_hold_tag(self.job.name)
         prefix = self.root + "/"
         errors = {}
-        for name, err in self.zfs.hold(tag, [r for _, r in moves.values()]).items():
+        got = self.zfs.get_versions([r.full_name for _, r, _ in moves.values()])
+        for target, (_, received, _) in list(moves.items()):
+            v = got.get(received.full_name)
+            if v is None or v.guid != received.guid:
+                errors[target[len(prefix):]] = ZreplError(
+                    f"after receiving, {received.full_name} "
+                    f"{'is missing' if v is None else 'has another GUID'}; the received "
+                    "state is left for inspection", kind="verify", local_to_fs=True,
+                    fs=target[len(prefix):])
+                del moves[target]
+        moves = {t: m for t, m in moves.items() if m[2]}    # guarantee_nothing: no hold
+        if not moves:
+            return errors
+        for name, err in self.zfs.hold(tag, [r for _, r, _ in moves.values()]).items():
             if err is not None:
                 errors.setdefault(name.split("@")[0][len(prefix):], err)
-        old = [v for target, (before, received) in moves.items() if before is not None
+        old = [v for target, (before, received, _) in moves.items() if before is not None
                and target[len(prefix):] not in errors
                for v in tagged_snapshots(self.zfs, before, tag) if v.guid != received.guid]
         if old:
@@ -4868,20 +4931,33 @@ class Replication:
         if self.dry_run:
             return None
         todo = {p: f.steps[f.done:] for p, f in self.fs.items() if not f.finished and f.steps}
-        if todo and hasattr(self.sender, "prepare"):
-            for path, err in self.sender.prepare(todo).items():
-                self._fail(self.fs[path], err)
+        for side in (self.receiver, self.sender):
+            if todo and hasattr(side, "prepare"):
+                for path, err in side.prepare(todo).items():
+                    f = self.fs[path]
+                    if not f.finished:      # its first step fails before it starts
+                        f.step_reports[f.done] = f.steps[f.done].to_json("failed")
+                        f.error_count += 1
+                        self.log("error", "repl", f"{path}: {err}", fs=path)
+                        self._fail(f, err)
         try:
             return self._execute()
         finally:
-            for side in (self.receiver, self.sender):
-                if hasattr(side, "flush"):
-                    for path, err in side.flush().items():
-                        f = self.fs.get(path)
-                        if f is not None:
-                            self.log("error", "repl", f"{path}: cannot move holds: {err}",
-                                     fs=path)
-                            self._fail(f, err)
+            self._flush()
+
+    def _flush(self):
+        """The receiver verifies and holds what it got; only then do cursors move."""
+        failed = {}
+        if hasattr(self.receiver, "flush"):
+            failed = self.receiver.flush()
+        if hasattr(self.sender, "flush"):
+            failed.update({p: e for p, e in self.sender.flush(exclude=set(failed)).items()
+                           if p not in failed})
+        for path, err in failed.items():
+            f = self.fs.get(path)
+            if f is not None:
+                self.log("error", "repl", f"{path}: {err}", fs=path)
+                self._fail(f, err)
 
     def _plan(self, f, sds, rds):
         token = None
