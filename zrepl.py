@@ -4539,6 +4539,7 @@ class LocalReceiver:
                                 inherit=recv.properties_inherit,
                                 override=recv.properties_override)
         self._relay(source, proc, path)
+        self._checked.add(path)          # it exists now, holding `to`: no pre-check needed
         if force and existing is not None and existing.is_placeholder:
             # an interruption before this flip is repaired by planner rule 4
             self.finish_placeholder_conversion(path)
