@@ -5936,9 +5936,10 @@ ABSTRACTION_TYPES = ("step-hold", "last-received-hold", "replication-cursor-book
                      "replication-cursor-hold")
 
 
-def list_abstractions(zfs, fs_filter=None, job=None, types=None):
-    """Every zrepl hold and bookmark on the imported pools -> (records, errors)."""
-    datasets, _ = zfs.list_datasets()
+def list_abstractions(zfs, fs_filter=None, job=None, types=None, roots=()):
+    """Every zrepl hold and bookmark under roots (default: all imported pools) ->
+    (records, errors)."""
+    datasets, _ = zfs.list_datasets(roots)
     out, errors = [], []
     for ds in datasets.values():
         if fs_filter is not None and not fs_filter(ds.name):
@@ -6547,14 +6548,15 @@ def cmd_status(args, out):
 
 
 def _fs_filter_arg(text):
-    """--fs: one dataset (exact), or `pattern:ok,pattern:!` pairs with filter syntax."""
+    """--fs: one dataset (exact), or `pattern:ok,pattern:!` pairs with filter syntax ->
+    (predicate, listing roots) so only the selected subtrees are listed."""
     if text is None:
-        return None
-    if ":" not in text.replace("::", ""):
+        return None, ()
+    if not re.search(r":(ok|!)(,|$)", text):
         why = dataset_name_problem(text)
         if why:
             raise UsageError(f"--fs: {why}")
-        return lambda name: name == text
+        return (lambda name: name == text), (text,)
     patterns = []
     for part in text.split(","):
         pattern, sep, verdict = part.rpartition(":")
@@ -6565,7 +6567,7 @@ def _fs_filter_arg(text):
         if why:
             raise UsageError(f"--fs: {why}")
         patterns.append((pattern, verdict == "ok"))
-    return lambda name: filter_accepts(patterns, name)
+    return (lambda name: filter_accepts(patterns, name)), tuple(filter_roots(patterns))
 
 
 def cmd_zfs_abstraction(args, zfs, out):
@@ -6576,7 +6578,8 @@ def cmd_zfs_abstraction(args, zfs, out):
         if unknown:
             raise UsageError(f"--type: unknown abstraction type {unknown[0]!r} (types: "
                              f"{', '.join(ABSTRACTION_TYPES)})")
-    records, errors = list_abstractions(zfs, _fs_filter_arg(args.fs), args.job, types)
+    predicate, roots = _fs_filter_arg(args.fs)
+    records, errors = list_abstractions(zfs, predicate, args.job, types, roots)
     failed = bool(errors)
     if args.action != "list":
         todo = records if args.action == "release-all" else stale_abstractions(records)
