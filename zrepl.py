@@ -5817,6 +5817,19 @@ class JobRunner:
         return pruner.run(datasets, error_counts=prune_error_counts(prev, side),
                           dry_run=dry_run, explain=explain)
 
+    def snapshot_phase(self, job, report, mode, now, dry_run):
+        """The snapshot round of `job` into report["snapshotting"] -> did it fail?"""
+        if self.control.should_stop():
+            return False
+        try:
+            snap = Snapper(self.zfs, job, self.log, self.control.should_stop)
+            report["snapshotting"] = snap.run(mode, now, dry_run)
+            return round_failed(report["snapshotting"])
+        except ZreplError as e:
+            report["errors"].append(error_json(e))
+            self.log("error", "snapshot", str(e), job=job.name)
+            return True
+
     def run_active_job(self, job, mode, dry_run, progress=None):
         """push: snapshot -> replicate -> prune sender -> prune receiver; pull: the same
         with the source's snapshot round (SPEC §10.1). Phases never overlap."""
@@ -5834,15 +5847,8 @@ class JobRunner:
         snap_job = job if job.type == "push" else peer
         if not dry_run:
             sender.release_leaked_send_holds()
-        if not self.control.should_stop() and snap_job.snapshotting is not None:
-            try:
-                snap = Snapper(self.zfs, snap_job, self.log, self.control.should_stop)
-                report["snapshotting"] = snap.run(mode, started, dry_run)
-                failed = round_failed(report["snapshotting"])
-            except ZreplError as e:
-                failed = True
-                report["errors"].append(error_json(e))
-                self.log("error", "snapshot", str(e))
+        if snap_job.snapshotting is not None:
+            failed = self.snapshot_phase(snap_job, report, mode, started, dry_run)
         if not self.control.should_stop():
             repl = Replication(job, sender, receiver, self.log, self.control,
                                dry_run=dry_run, progress=progress, prev_report=prev)
@@ -5907,16 +5913,7 @@ class JobRunner:
         started = time.time()
         report = new_job_report(job, dry_run, started)
         prev = load_last_report(self.rundir, job.name)
-        failed = False
-        if not self.control.should_stop():
-            try:
-                snap = Snapper(self.zfs, job, self.log, self.control.should_stop)
-                report["snapshotting"] = snap.run(mode, started, dry_run)
-                failed = round_failed(report["snapshotting"])
-            except ZreplError as e:
-                failed = True
-                report["errors"].append(error_json(e))
-                self.log("error", "snapshot", str(e), job=job.name)
+        failed = self.snapshot_phase(job, report, mode, started, dry_run)
         if not self.control.should_stop():
             part = self.prune_local(job, prev, dry_run)
             report["pruning"]["local"] = part
