@@ -96,6 +96,16 @@ class ZreplError(Exception):
                 "message": self.message, "fs": self.fs, "hint": self.hint}
 
 
+def error_json(err, fs=None):
+    """Any exception -> the Error document of SPEC §1.6.1."""
+    if not isinstance(err, ZreplError):
+        err = ZreplError(f"{type(err).__name__}: {err}", kind="internal")
+    doc = err.to_json()
+    if doc["fs"] is None:
+        doc["fs"] = fs
+    return doc
+
+
 class UsageError(ZreplError):
     """Bad command line: exit 2, nothing was done."""
     kind = "usage"
@@ -3353,14 +3363,19 @@ class ZFS:
                                  hint="install ZFS (OpenZFS, or zfs-fuse on old Debian)")
         return path
 
-    def run(self, argv, *, fs=None, input=None, timeout=None, check=True):
-        """Run one zfs/zpool command to completion -> Result; raises classify()'s error."""
+    def _begin(self, argv):
+        """Every command: find the binary, count it, and forget listings it may change."""
         exe = self._binary(argv[0])
-        started = time.monotonic()
         with self._calls_lock:
             self.calls += 1
-            if argv[0] == "zfs" and argv[1] in _MUTATING:
+            if argv[0] == "zfs" and len(argv) > 1 and argv[1] in _MUTATING:
                 self._listings.clear()
+        return exe
+
+    def run(self, argv, *, fs=None, input=None, timeout=None, check=True):
+        """Run one zfs/zpool command to completion -> Result; raises classify()'s error."""
+        exe = self._begin(argv)
+        started = time.monotonic()
         try:
             proc = subprocess.Popen([exe] + list(argv[1:]), env=self.env, close_fds=True,
                                     stdin=subprocess.PIPE if input is not None
@@ -3930,11 +3945,7 @@ class ZFS:
 
     def start(self, argv, *, fs=None, stdin=False, stdout=False):
         """Start a streaming command; the caller drains or feeds it, then calls finish()."""
-        exe = self._binary(argv[0])
-        with self._calls_lock:
-            self.calls += 1
-            if argv[1] in _MUTATING:
-                self._listings.clear()
+        exe = self._begin(argv)
         try:
             proc = subprocess.Popen([exe] + list(argv[1:]), env=self.env, close_fds=True,
                                     stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -4150,6 +4161,15 @@ def tagged_snapshots(zfs, dataset, tag):
     return [v for v in held if tag in tags.get(v.full_name, ())]
 
 
+def select_filesystems(zfs, patterns, log):
+    """One listing of a filter's roots -> (every listed Dataset, the accepted ones by name;
+    placeholders included: the planner needs them, the snapper and pruner skip them)."""
+    datasets, missing = zfs.list_datasets(filter_roots(patterns))
+    for root in missing:
+        log("warn", "snapshot", f"filesystems pattern {root!r} matches no dataset")
+    return datasets, {n: d for n, d in datasets.items() if filter_accepts(patterns, n)}
+
+
 class LocalSender:
     """The sending side on this host: a push job, or a source job serving a pull."""
 
@@ -4166,8 +4186,7 @@ class LocalSender:
     # -- ListFilesystems --
     def list_filesystems(self):
         """{path: Dataset} of every filesystem the job's filter accepts (one listing)."""
-        datasets, _ = self.zfs.list_datasets(filter_roots(self.job.filesystems))
-        accepted = {n: d for n, d in datasets.items() if filter_accepts(self.job.filesystems, n)}
+        _, accepted = select_filesystems(self.zfs, self.job.filesystems, self.log)
         with self._lock:
             self._datasets = accepted
         return accepted
@@ -4291,7 +4310,7 @@ class LocalSender:
         elif step.protection == "guarantee_resumability":
             self._release_stale_step_holds(ds, keep=[v for v in (frm, to) if v is not None])
             need = [v for v in (frm, to) if v is not None and v.type == "snapshot"]
-            self._check(self.zfs.hold(step_hold_tag(self.job.name), need), path)
+            self._check(self.zfs.hold(step_hold_tag(self.job.name), need))
         elif step.protection == "guarantee_incremental" and self._has_bookmarks(path):
             for v in (frm, to):
                 if v is not None and v.type == "snapshot":
@@ -4301,7 +4320,8 @@ class LocalSender:
             self._record_send(proc.pid, ds, frm, to)
         return proc
 
-    def _check(self, results, path):
+    @staticmethod
+    def _check(results):
         for name, err in results.items():
             if err is not None:
                 raise err
@@ -4341,19 +4361,23 @@ class LocalSender:
         else:
             # holds-only cursor: hold the new one first, then release the old ones
             tag = cursor_hold_tag(job)
-            self._check(self.zfs.hold(tag, [to]), path)
+            self._check(self.zfs.hold(tag, [to]))
             old = [v for v in tagged_snapshots(self.zfs, ds, tag) if v.guid != to.guid]
             if old:
-                self._check(self.zfs.release(tag, old), path)
+                self._check(self.zfs.release(tag, old))
         if path not in self._prepared:
             self._release_stale_step_holds(ds, keep=[])
+
+    def release_step_holds(self, path):
+        """Drop this job's step holds on path (a failed transfer that cannot resume)."""
+        self._release_stale_step_holds(self._dataset(path), keep=[])
 
     def _release_stale_step_holds(self, ds, keep):
         tag = step_hold_tag(self.job.name)
         keep_guids = {v.guid for v in keep}
         stale = [v for v in tagged_snapshots(self.zfs, ds, tag) if v.guid not in keep_guids]
         if stale:
-            self._check(self.zfs.release(tag, stale), ds.name)
+            self._check(self.zfs.release(tag, stale))
 
     # -- leaked `.send-<pid>-0` holds of dying `zfs send -I` (zfs-fuse.md §3.4) --
     def _sends_path(self):
@@ -4392,7 +4416,7 @@ class LocalSender:
             tag = f".send-{e['pid']}-0"
             versions = [Version("snapshot", n.split("@")[0], n.split("@", 1)[1], 0, 0, 0)
                         for n in e.get("snapshots", [])]
-            results = self.zfs._hold_release("release", tag, [v.full_name for v in versions])
+            results = self.zfs.release(tag, versions)
             for name, err in results.items():
                 if err is not None and err.kind != "missing":
                     self.log("warn", "repl", f"cannot release leaked hold {tag} on {name}: "
@@ -4909,7 +4933,7 @@ class Replication:
     """One replication phase of an active job between a sender and a receiver endpoint."""
 
     def __init__(self, job, sender, receiver, log, control, *, dry_run=False,
-                 progress=None, prev_report=None, zfs=None):
+                 progress=None, prev_report=None):
         self.job = job
         self.sender = sender
         self.receiver = receiver
@@ -5092,7 +5116,7 @@ class Replication:
             with self.cond:
                 while True:
                     if self.control.should_stop():
-                        self._cancel_all("the run was stopped (--max-runtime or a signal)")
+                        self._cancel_all()
                     elif not fatal:
                         self._fail_orphans()
                         running = sum(1 for f in self.fs.values() if f.running)
@@ -5148,7 +5172,7 @@ class Replication:
                              fs=f.path)
                     run.cancel("timeout")
 
-    def _cancel_all(self, why):
+    def _cancel_all(self):
         for f in self.fs.values():
             if f.running is not None:
                 f.running.cancel("stopped")
@@ -5243,10 +5267,9 @@ class Replication:
 
     def _after_failed_send(self, f, step):
         """Without resumable receive nothing of the step survives: drop its step holds."""
-        if hasattr(self.sender, "send_completed") and hasattr(self.sender, "_dataset"):
+        if hasattr(self.sender, "release_step_holds"):
             try:
-                ds = self.sender._dataset(f.path)
-                self.sender._release_stale_step_holds(ds, keep=[])
+                self.sender.release_step_holds(f.path)
             except ZreplError as e:
                 self.log("warn", "repl", f"{f.path}: cannot release step holds: {e}",
                          fs=f.path)
@@ -5314,16 +5337,6 @@ class Replication:
 HOOK_OUTPUT_TAIL = 64 * 1024
 RUNNING_HOOKS = set()          # hook processes a SIGTERM/SIGINT must reach (SPEC §10.3)
 HOOKS_STOPPED = threading.Event()   # set by the signal handler: hooks started now get TERM
-
-
-def error_json(err, fs=None):
-    """Any exception -> the Error document of SPEC §1.6.1."""
-    if not isinstance(err, ZreplError):
-        err = ZreplError(f"{type(err).__name__}: {err}", kind="internal")
-    doc = err.to_json()
-    if doc["fs"] is None:
-        doc["fs"] = fs
-    return doc
 
 
 def signal_process_group(proc, sig):
@@ -5394,17 +5407,6 @@ def run_hook(hook, edge, fs, snapname, log):
     return entry
 
 
-def _selected_filesystems(zfs, patterns, log):
-    """One listing of the filter's roots -> (every listed name, accepted non-placeholders)."""
-    roots = filter_roots(patterns)
-    datasets, missing = zfs.list_datasets(roots)
-    for root in missing:
-        log("warn", "snapshot", f"filesystems pattern {root!r} matches no dataset")
-    accepted = {n: d for n, d in datasets.items()
-                if filter_accepts(patterns, n) and not d.is_placeholder}
-    return datasets, accepted
-
-
 class Snapper:
     """One snapshot round of a job (SPEC §6): due-ness, hooks, atomic groups, report."""
 
@@ -5427,7 +5429,8 @@ class Snapper:
                                              "effect")
             return report
         zone = load_timezone(cfg.timestamp_location)
-        listed, accepted = _selected_filesystems(self.zfs, self.job.filesystems, self.log)
+        listed, accepted = select_filesystems(self.zfs, self.job.filesystems, self.log)
+        accepted = {n: d for n, d in accepted.items() if not d.is_placeholder}
         due, entries = [], {}
         for name in sorted(accepted):
             newest = newest_prefixed(accepted[name], cfg.prefix)
@@ -5802,8 +5805,8 @@ class JobRunner:
 
     def local_prune_datasets(self, job):
         """The snap job's (or push sender's) filesystems to prune, from one listing."""
-        _, accepted = _selected_filesystems(self.zfs, job.filesystems, self.log)
-        return accepted
+        _, accepted = select_filesystems(self.zfs, job.filesystems, self.log)
+        return {n: d for n, d in accepted.items() if not d.is_placeholder}
 
     def prune_local(self, job, prev, dry_run, explain=False):
         side = "local"
