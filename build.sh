@@ -4,6 +4,10 @@
 #   ./build.sh          build zrepl.pyz at the repo top (shiv, in a cached throwaway venv)
 #   ./build.sh test     do all set-up (apt, venv, zfs-fuse), build, run every test lane
 #   ./build.sh demo     build, make two small demo pools, replicate one to the other (demo clean)
+#   ./build.sh test-openzfs   the whole suite inside a VM with OpenZFS 2.x (tests/openzfs-vm/):
+#                       builds the image once (cached in $OPENZFS_VM_DIR), boots it, copies the
+#                       project in, runs pytest there, brings the results back to
+#                       .build/openzfs/, stops the VM (OPENZFS_VM_KEEP=1 leaves it running)
 #   ./build.sh clean    remove build artefacts
 #
 # Environment: PYTHON (interpreter for the build venv, default python3),
@@ -278,6 +282,38 @@ run_tests() {
     echo "all test lanes passed"
 }
 
+# test_openzfs [PYTEST ARGS...]: the suite against OpenZFS in the VM of tests/openzfs-vm/
+test_openzfs() {
+    local vm=tests/openzfs-vm out=$BUILD/openzfs rc=0 t0 args
+    t0=$(now_ms)
+    is_root || die "the OpenZFS lane needs root (debootstrap, qemu)"
+    mkdir -p "$out"
+    bash "$vm/build.sh" >"$out/vm-build.log" 2>&1 \
+        || { tail -n 20 "$out/vm-build.log" >&2; die "building the OpenZFS VM failed (log: $out/vm-build.log)"; }
+    say "OpenZFS VM image ready after $(secs_since "$t0")s; booting"
+    bash "$vm/start.sh" >"$out/vm-start.log" 2>&1 \
+        || { tail -n 20 "$out/vm-start.log" >&2; die "starting the OpenZFS VM failed (log: $out/vm-start.log)"; }
+    grep -h '^zfs-' "$out/vm-start.log" | head -n 1 >&2 || true
+    bash "$vm/push.sh" "$top" /root/zreplpy >/dev/null || die "copying the project into the VM failed"
+    args=${*:-tests}
+    say "pytest in the OpenZFS VM ($args)"
+    # ZREPLPY_LANE names the ZFS whose capabilities tests/test_zfs.py must find exactly
+    bash "$vm/ssh.sh" "cd /root/zreplpy && ZREPLPY_LANE=openzfs timeout 4000 python3 -m pytest \
+        -ra --durations=15 -p no:cacheprovider --junitxml=/root/openzfs-junit.xml $args" \
+        2>&1 | tee "$out/pytest.log" || true
+    rc=${PIPESTATUS[0]}
+    bash "$vm/ssh.sh" cat /root/openzfs-junit.xml >"$out/junit.xml" 2>/dev/null || true
+    if [ "${OPENZFS_VM_KEEP:-0}" != 1 ]; then
+        bash "$vm/stop.sh" >"$out/vm-stop.log" 2>&1 || say "stopping the VM failed (see $out/vm-stop.log)"
+    fi
+    echo "OpenZFS lane: pytest rc $rc, results in $out/, total $(secs_since "$t0")s"
+    case $rc in
+        0) return 0 ;;
+        5) say "error: OpenZFS lane: no tests ran"; return 1 ;;
+        *) return 1 ;;
+    esac
+}
+
 DEMO_DIR=/var/tmp/zreplpy-demo
 DEMO_POOLS="zrdemosrc zrdemodst"
 
@@ -337,8 +373,9 @@ clean() {
 case ${1:-build} in
     build) build ;;
     test) run_tests ;;
+    test-openzfs) shift; test_openzfs "$@" ;;
     demo) demo "${2:-}" ;;
     clean) clean ;;
-    -h|--help|help) sed -n '2,7s/^# \{0,1\}//p' "$top/build.sh" ;;
-    *) die "unknown command '$1' (build, test, demo, clean)" ;;
+    -h|--help|help) sed -n '2,11s/^# \{0,1\}//p' "$top/build.sh" ;;
+    *) die "unknown command '$1' (build, test, test-openzfs, demo, clean)" ;;
 esac

@@ -2782,7 +2782,10 @@ def parse_listing(text, wanted_types=("filesystem", "volume", "snapshot", "bookm
             value, source = p.get(key, ("-", "-"))
             return value if source == "local" and value != "-" else None
         if dtype in ("filesystem", "volume"):
-            token = local("receive_resume_token")
+            # receive_resume_token is a read-only property: OpenZFS shows its source as
+            # `-`, never `local`; a filter on `local` would never see a token at all
+            token = p.get("receive_resume_token", ("-", "-"))[0]
+            token = None if token in ("-", "") else token
             datasets[name] = Dataset(name, dtype, _int_or_none(p.get("guid", ("-",))[0]),
                                      local("zrepl:placeholder"), token,
                                      p.get("encryption", (None,))[0])
@@ -3285,18 +3288,48 @@ CAPABILITY_PROBES = (
     ("send_estimate", [["zfs", "send", "-n", "-v", "-P", "{X}@x"]]),
     ("depth", [["zfs", "get", "-H", "-d", "1", "-o", "name", "name", "{X}"]]),
     ("encryption", [["zfs", "load-key", "-n", "{X}"]]),
+    ("recv_c", [["zfs", "receive", "-c", "{X}@x"]]),   # corrective receive: `heal`
 )
 CAPABILITY_NAMES = tuple(name for name, _ in CAPABILITY_PROBES)
 _UNSUPPORTED_MARKERS = ("invalid option", "unrecognized command", "invalid type",
-                        "bad property list", "too many arguments", "usage:")
+                        "bad property list", "too many arguments")
+# answers that mean "cannot tell": the probe never reached the option under test
+_UNDECIDED_MARKERS = ("permission denied", "insufficient privileges",
+                      "make sure that the zfs-fuse daemon is running",
+                      "failed to initialize zfs library", "/dev/zfs")
+
+
+def probe_verdict(rc, text, *, killed=False):
+    """One probe's answer -> (True | False | None, why). SPEC §4.2, as measured:
+
+    - no: rc 2 naming the option or type (`invalid option 'c'`, `unrecognized command`,
+      ...) or a bare usage text; rc 255 `internal error` (zfs-fuse's `zfs holds`);
+    - yes: anything that shows zfs parsed the option and went on to work: rc 0/1, or an
+      error of its own before the usage text. OpenZFS 2.x prints its usage after
+      "dataset does not exist" for `snapshot a@x b@x` and `receive -A`, and after "saved
+      send must specify the dataset..." for `send -S`: reading any usage text as "no"
+      made resume, multi_snapshot and send_S silently vanish on OpenZFS;
+    - None (undecided, reported by `version`): the probe was killed, or refused before
+      it could reach the option (permissions, a ZFS that does not answer).
+    """
+    low = text.lower()
+    if killed:
+        return None, "the probe did not answer in time"
+    first = next((ln.strip() for ln in low.splitlines() if ln.strip()), "")
+    if any(m in low for m in _UNDECIDED_MARKERS):
+        return None, f"the probe was refused: {first}"
+    if rc == 255 and "internal error" in low:
+        return False, first
+    if rc == 2 and (any(m in low for m in _UNSUPPORTED_MARKERS) or first.startswith("usage:")):
+        return False, first
+    if rc < 0:
+        return None, f"the probe was killed by signal {-rc}"
+    return True, first or f"exit status {rc}"
 
 
 def probe_says_unsupported(rc, stderr):
-    """SPEC §4.2: unsupported iff rc 2 with a usage-style complaint, or 255 `internal error`."""
-    low = stderr.lower()
-    if rc == 2 and any(m in low for m in _UNSUPPORTED_MARKERS):
-        return True
-    return rc == 255 and "internal error" in low
+    """True iff the probe answer is a clear "no" (see probe_verdict)."""
+    return probe_verdict(rc, stderr)[0] is False
 
 
 @dataclass
@@ -3308,6 +3341,9 @@ class Capabilities:
     version: Optional[str] = None
     flags: dict = field(default_factory=dict)        # capability name -> bool
     pools: dict = field(default_factory=dict)        # pool -> {bookmarks, resume, encryption}
+    # name -> why its probe could not decide; such a capability is not used (flags says
+    # False) and every report says so: a quiet "no" would hide a lost feature
+    undecided: dict = field(default_factory=dict)
 
     def __getitem__(self, name):
         return self.flags.get(name, False)
@@ -3315,11 +3351,15 @@ class Capabilities:
     def get(self, name, default=False):
         return self.flags.get(name, default)
 
+    def word(self, name):
+        return "unknown" if name in self.undecided else "yes" if self[name] else "no"
+
     def to_json(self):
         return {"available": self.available, "error": self.error,
                 "implementation": self.implementation, "version": self.version,
-                "capabilities": {n: bool(self.flags.get(n)) for n in CAPABILITY_NAMES},
-                "pools": self.pools}
+                "capabilities": {n: None if n in self.undecided else bool(self.flags.get(n))
+                                 for n in CAPABILITY_NAMES},
+                "undecided": dict(self.undecided), "pools": self.pools}
 
 
 @dataclass
@@ -3327,6 +3367,7 @@ class Result:
     rc: int
     stdout: str
     stderr: str
+    killed: bool = False          # by our time limit
 
 
 def _zfs_env():
@@ -3402,7 +3443,7 @@ class ZFS:
         if check and (proc.returncode != 0 or killed):
             raise classify(list(argv), proc.returncode, stderr, fs, killed_by_us=killed,
                            signal_kill=proc.returncode < 0)
-        return Result(proc.returncode, stdout, stderr)
+        return Result(proc.returncode, stdout, stderr, killed)
 
     @staticmethod
     def _kill(proc):
@@ -3456,20 +3497,31 @@ class ZFS:
                                         for t in templates or ()]
         # about 25 tiny processes: run them side by side, `version` waits for the slowest
         results = self._run_parallel(argvs)
-        flags = {}
+        flags, undecided = {}, {}
         for name, templates in CAPABILITY_PROBES:
             if templates is None:
                 usage = results[("zfs", "destroy")]
                 flags[name] = "[,...]" in usage.stderr + usage.stdout
                 continue
-            # zfs-fuse prints its `zfs holds` "internal error" on stdout
-            flags[name] = not any(
-                probe_says_unsupported(r.rc, r.stderr + r.stdout)
-                for r in (results[tuple(a.replace("{X}", bogus) for a in t)]
-                          for t in templates))
+            verdicts = []
+            for t in templates:
+                argv = tuple(a.replace("{X}", bogus) for a in t)
+                r = results[argv]
+                # zfs-fuse prints its `zfs holds` "internal error" on stdout
+                value, why = probe_verdict(r.rc, r.stderr + r.stdout, killed=r.killed)
+                verdicts.append((value, why, argv))
+            flags[name] = all(v is True for v, _, _ in verdicts)
+            if not any(v is False for v, _, _ in verdicts):
+                unsure = [(why, argv) for v, why, argv in verdicts if v is None]
+                if unsure:
+                    why, argv = unsure[0]
+                    undecided[name] = f"`{' '.join(argv)}`: {why}"
+        for name, why in undecided.items():
+            self.log("warn", "zfs", f"capability {name} could not be probed ({why}); "
+                                    "zrepl.py runs without it")
         impl, version = self._implementation()
         return Capabilities(True, implementation=impl, version=version, flags=flags,
-                            pools=self._pool_features(flags))
+                            pools=self._pool_features(flags), undecided=undecided)
 
     @staticmethod
     def _parallel(items, fn, stop, results, workers):
@@ -3768,24 +3820,36 @@ class ZFS:
 
     _CANNOT_HOLD = re.compile(r"^cannot (?:hold|release) (?:'[^']*' from )?'([^']+)': (.*)$")
 
-    def _hold_release(self, verb, tag, names):
+    def _hold_release(self, verb, tag, names, retried=False):
+        """One `zfs hold|release TAG` per chunk -> {name: None | error}.
+
+        A failed chunk is attributed per snapshot from zfs's `cannot hold 'X': why` lines.
+        OpenZFS applies a chunk all-or-nothing (one vanished snapshot and none is held),
+        zfs-fuse one by one; so the names without an error of their own are run once more
+        without the failed ones, which is right for both (a repeat is "tag already exists"
+        or "no such tag", both success)."""
         ok_kind = "hold-exists" if verb == "hold" else "no-such-tag"
         result = {}
         for part, r in self._run_chunked(["zfs", verb, tag], names):
             outcome = {n: None for n in part}
             if r.rc != 0:
-                attributed = False
+                attributed = {}
                 for line in r.stderr.splitlines():
                     m = self._CANNOT_HOLD.match(line.strip())
                     if m and m.group(1) in outcome:
-                        attributed = True
                         err = classify(["zfs", verb, tag, m.group(1)], r.rc, m.group(2),
                                        m.group(1).split("@")[0])
-                        outcome[m.group(1)] = None if err.kind == ok_kind else err
+                        attributed[m.group(1)] = None if err.kind == ok_kind else err
+                rest = [n for n in part if n not in attributed]
                 if not attributed:
                     err = classify(["zfs", verb, tag] + part, r.rc, r.stderr,
                                    part[0].split("@")[0])
                     outcome = {n: (None if err.kind == ok_kind else err) for n in part}
+                elif rest and not retried:
+                    outcome = dict(attributed)
+                    outcome.update(self._hold_release(verb, tag, rest, retried=True))
+                else:
+                    outcome.update(attributed)
             result.update(outcome)
         return result
 
@@ -4539,7 +4603,13 @@ class LocalReceiver:
         datasets = self._datasets        # the attempt's listing, plus what we made since
         existing = datasets.get(target)
         force = False
-        if step.kind in ("full",) or (step.kind == "resume" and step.from_ is None):
+        if step.kind == "resume":
+            # the partial state lives in (or beside) the target itself: it exists, with
+            # no snapshot yet for a full stream; ZFS checks the token against it
+            if existing is None:
+                raise ZreplError(f"receiver filesystem {target} with the partial receive "
+                                 "is gone", kind="missing", local_to_fs=True, fs=path)
+        elif step.kind == "full":
             if existing is not None:
                 if not existing.is_placeholder or existing.snapshots:
                     raise ZreplError(f"{target} exists: a full receive would overwrite it",
@@ -4564,7 +4634,8 @@ class LocalReceiver:
                                 override=recv.properties_override)
         self._relay(source, proc, path)
         self._checked.add(path)          # it exists now, holding `to`: no pre-check needed
-        if force and existing is not None and existing.is_placeholder:
+        full = force or (step.kind == "resume" and step.from_ is None)
+        if full and existing is not None and existing.is_placeholder:
             # an interruption before this flip is repaired by planner rule 4
             self.finish_placeholder_conversion(path)
         received = Version("snapshot", target, step.to.name, step.to.guid,
@@ -4575,7 +4646,7 @@ class LocalReceiver:
                                            step.protection != "guarantee_nothing")
         with self._placeholder_lock:
             ds = datasets.get(target) or Dataset(target, "filesystem")
-            datasets[target] = dataclasses.replace(ds, placeholder_value=None if force
+            datasets[target] = dataclasses.replace(ds, placeholder_value=None if full
                                                    else ds.placeholder_value,
                                                    versions=ds.versions + [received])
         return received
@@ -6218,8 +6289,10 @@ def cmd_version(args, zfs, out):
         out.write(f"zfs: unavailable ({caps.error})\n")
         return 0
     out.write(f"zfs: {caps.implementation} {caps.version or '-'}\n")
-    out.write("capabilities: " + " ".join(f"{n}={'yes' if caps[n] else 'no'}"
+    out.write("capabilities: " + " ".join(f"{n}={caps.word(n)}"
                                            for n in CAPABILITY_NAMES) + "\n")
+    for name, why in caps.undecided.items():
+        out.write(f"undecided: {name}: {why}\n")
     for pool, f in caps.pools.items():
         out.write(f"pool {pool}: " + " ".join(f"{k}={'yes' if v else 'no'}"
                                               for k, v in f.items()) + "\n")
