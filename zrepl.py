@@ -3979,6 +3979,12 @@ class ZFS:
             argv += ["-o", f"{prop}={value}"]
         return self.start(argv + [target], fs=target, stdin=True)
 
+    def receive_corrective(self, snapshot):
+        """Start `zfs receive -c FS@S` (OpenZFS >= 2.2): the stream of that very snapshot
+        rewrites the blocks a scrub found damaged -> ZFSProcess taking the stream."""
+        return self.start(["zfs", "receive", "-c", snapshot], fs=snapshot.split("@")[0],
+                          stdin=True)
+
     def abort_receive(self, fs):
         """Discard a partial receive state (`zfs receive -A`); none left is success."""
         r = self.run(["zfs", "receive", "-A", fs], fs=fs, check=False)
@@ -4335,10 +4341,11 @@ class LocalSender:
                     errors.setdefault(owner[name], err)
         return errors
 
-    def flush(self, exclude=()):
+    def flush(self, exclude=(), keep_step_holds=()):
         """After a phase's transfers: move the holds-only cursors to what the receiver
         confirmed (not for `exclude`: their receive failed verification) and release the
-        step holds, in a few calls -> {path: error}."""
+        step holds (not for `keep_step_holds`: a resumable partial receive needs them), in
+        a few calls -> {path: error}."""
         errors = {}
         moves, self._pending_cursors = self._pending_cursors, {}
         moves = {p: m for p, m in moves.items() if p not in exclude}
@@ -4355,7 +4362,7 @@ class LocalSender:
                     if err is not None:
                         errors.setdefault(name.split("@")[0], err)
         tag = step_hold_tag(self.job.name)
-        held = [v for path in sorted(prepared) for v in
+        held = [v for path in sorted(prepared - set(keep_step_holds)) for v in
                 tagged_snapshots(self.zfs, self._dataset(path), tag)]
         if held:
             for name, err in self.zfs.release(tag, held).items():
@@ -4627,9 +4634,7 @@ class LocalReceiver:
             if err is not None:
                 raise err
         recv = self.job.recv or RecvOptions()
-        pool = target.split("/")[0]
-        resumable = self.zfs.capabilities().pools.get(pool, {}).get("resume", False)
-        proc = self.zfs.receive(target, force=force, resumable=resumable,
+        proc = self.zfs.receive(target, force=force, resumable=self.can_resume(path),
                                 inherit=recv.properties_inherit,
                                 override=recv.properties_override)
         self._relay(source, proc, path)
@@ -4751,6 +4756,26 @@ class LocalReceiver:
                 if err is not None:
                     errors.setdefault(name.split("@")[0][len(prefix):], err)
         return errors
+
+    def send(self, path, step):
+        """Restore mode (SPEC §9.3): send a full stream of root/path@to back, raw where
+        the copy is encrypted (it was received raw, its key is not loaded here)."""
+        target = self.target(path)
+        if self._datasets is None:
+            self.list_filesystems()
+        ds = self._datasets.get(target)
+        v = next((v for v in ds.snapshots if v.name == step.to.name and
+                  v.guid == step.to.guid), None) if ds is not None else None
+        if v is None:
+            raise ZreplError(f"{target}@{step.to.name} is gone or changed on the receiver",
+                             kind="changed", local_to_fs=True, fs=path)
+        flags = ["-w"] if ds.encryption not in (None, "-", "off") else []
+        return self.zfs.send(target, Step("full", None, v, "guarantee_nothing"), flags)
+
+    def can_resume(self, path):
+        """Does an interrupted receive into root/path leave a resumable state?"""
+        pool = self.root.split("/")[0]
+        return self.zfs.capabilities().pools.get(pool, {}).get("resume", False)
 
     def abort_partial_receive(self, path):
         self.zfs.abort_receive(self.target(path))
@@ -5029,6 +5054,7 @@ class Replication:
         self.cond = threading.Condition()
         self.sender_versions = {}
         self.receiver_guids = {}
+        self.keep_step_holds = set()    # paths whose failed step can be resumed
 
     # -- the phase --
     def run(self):
@@ -5115,8 +5141,9 @@ class Replication:
         if hasattr(self.receiver, "flush"):
             failed = self.receiver.flush()
         if hasattr(self.sender, "flush"):
-            failed.update({p: e for p, e in self.sender.flush(exclude=set(failed)).items()
-                           if p not in failed})
+            failed.update({p: e for p, e in self.sender.flush(
+                exclude=set(failed), keep_step_holds=self.keep_step_holds).items()
+                if p not in failed})
         for path, err in failed.items():
             f = self.fs.get(path)
             if f is not None:
@@ -5337,7 +5364,12 @@ class Replication:
                 got.add(v.guid)
 
     def _after_failed_send(self, f, step):
-        """Without resumable receive nothing of the step survives: drop its step holds."""
+        """Without resumable receive nothing of the step survives: drop its step holds.
+        Where the receiver can resume they stay (SPEC §8.9): the partial state needs the
+        step's snapshots on the sender, and the next run's prepare drops what is stale."""
+        if self.receiver.can_resume(f.path):
+            self.keep_step_holds.add(f.path)
+            return
         if hasattr(self.sender, "release_step_holds"):
             try:
                 self.sender.release_step_holds(f.path)
@@ -5397,6 +5429,78 @@ class Replication:
                 if common else None,
                 "conflict": f.conflict.to_json() if f.conflict else None,
                 "error": f.error, "error_count": f.error_count if f.error else 0}
+
+def heal(job, sender, receiver, path, snapshot, log, *, dry_run=False):
+    """Repair this host's copy of one filesystem from the other side's (SPEC §12 heal):
+    send an existing snapshot from the healthy side into `zfs receive -c` here, so the
+    blocks of that snapshot that a scrub found damaged are rewritten from the good copy.
+
+    push: this host is the sender, the sink holds the healthy copy; pull: this host holds
+    the backup, the source the healthy copy. Nothing is created or destroyed; a snapshot
+    is used only if both sides have it with the same GUID -> report dict."""
+    local_is_sender = job.type == "push"
+    here, there = (sender, receiver) if local_is_sender else (receiver, sender)
+    mine = here.list_filesystems().get(path)
+    theirs = there.list_filesystems().get(path)
+    where = "the sink" if local_is_sender else "the source"
+    if mine is None:
+        raise ZreplError(f"{path}: no such filesystem on this host for job {job.name}",
+                         kind="missing", local_to_fs=True, fs=path)
+    if theirs is None:
+        raise ZreplError(f"{path}: {where} has no copy of it", kind="missing",
+                         local_to_fs=True, fs=path)
+    shared = {v.guid: v for v in theirs.snapshots}
+    common = [v for v in mine.snapshots if v.guid in shared]
+    if snapshot is not None:
+        common = [v for v in common if v.name == snapshot]
+        if not common:
+            raise ZreplError(f"{path}@{snapshot} is not on both sides with the same GUID",
+                             kind="missing", local_to_fs=True, fs=path,
+                             hint="pick one both sides have: zfs list -t snapshot")
+    if not common:
+        raise ZreplError(f"{path}: the two sides have no snapshot in common",
+                         kind="no-common-ancestor", local_to_fs=True, fs=path)
+    good = max(common, key=lambda v: v.createtxg)
+    local_name = (mine.name + "@" + good.name)
+    report = {"fs": path, "snapshot": good.name, "guid": str(good.guid),
+              "target": local_name, "from": "receiver" if local_is_sender else "sender",
+              "dry_run": dry_run, "bytes": 0, "state": "planned" if dry_run else "done"}
+    if dry_run:
+        return report
+    log("info", "heal", f"{path}: corrective receive of @{good.name} from {where}", fs=path)
+    step = Step("full", None, shared[good.guid], "guarantee_nothing")
+    stream = there.send(path, step)
+    try:
+        proc = here.zfs.receive_corrective(local_name)
+    except BaseException:
+        stream.cancel()
+        raise
+    moved = 0
+    try:
+        while True:
+            n = stream.splice_to(proc, RECEIVE_CHUNK)
+            if n <= 0:
+                break
+            moved += n
+    except BaseException:
+        stream.cancel()
+        proc.cancel()
+        raise
+    finally:
+        report["bytes"] = moved
+    try:
+        proc.finish()
+    except ZFSError as e:
+        stream.cancel()
+        try:
+            stream.finish(timeout=KILL_GRACE)
+        except ZFSError:
+            pass                              # the receiving side's error says why
+        e.fs = path
+        raise
+    stream.finish()
+    return report
+
 
 ###############################################################################
 # 11. Pruner and snapper — keep rules and snapshot rounds carried out through ZFS
@@ -6560,6 +6664,49 @@ def cmd_prune(args, zfs, out, log):
     return code
 
 
+def cmd_heal(args, zfs, out, log):
+    config = _load(args)
+    _apply_logging(config, log, args)
+    job = _select_jobs(config, [args.job])[0]
+    if job.type not in ("push", "pull"):
+        raise UsageError(f"job {job.name} (type {job.type}) replicates nothing; heal needs "
+                         "a push or pull job")
+    _check_host(config, zfs)
+    caps = zfs.capabilities()
+    if not caps["recv_c"]:
+        raise UsageError("heal needs corrective receive (`zfs receive -c`, OpenZFS >= "
+                         f"2.2), which this ZFS ({caps.implementation} {caps.version or ''}"
+                         ") lacks; nothing was done")
+    _check_path(args.fs)
+    sender, receiver, _ = connect_peer(config, job, zfs, log, config.global_.rundir)
+    control = RunControl()
+    control.install_signal_handlers()
+    try:
+        report = heal(job, sender, receiver, args.fs, args.snapshot, log,
+                      dry_run=args.dry_run)
+        code, error = 0, None
+    except ZreplError as e:
+        if control.interrupted:
+            raise KeyboardInterrupt() from None
+        report, code, error = {"fs": args.fs, "state": "failed"}, 1, e
+    if args.json:
+        out.write(json.dumps({"schema": "zrepl.py/heal/1", "job": job.name,
+                              "exit_code": code, "heal": report,
+                              "error": error_json(error) if error else None}, indent=2)
+                  + "\n")
+    elif error is not None:
+        sys.stderr.write(f"{PROG}: error: heal {args.fs}: {error}\n")
+    else:
+        side = "sink" if job.type == "push" else "source"
+        if args.dry_run:
+            out.write(f"would heal {report['target']} from the {side}'s copy (guid "
+                      f"{report['guid']})\n")
+        else:
+            out.write(f"healed {report['target']} from the {side}'s copy (guid "
+                      f"{report['guid']}, {format_bytes(report['bytes'])} received)\n")
+    return code
+
+
 def _status_doc(args):
     path = resolve_config_path(args.config, os.environ)
     config = load_config(path, skip_cert_check=True) if path else None
@@ -6752,6 +6899,16 @@ def build_parser():
     za.add_argument("--dry-run", action="store_true", help="release nothing (list ignores it)")
     za.add_argument("--json", action="store_true")
 
+    h = sub.add_parser("heal", help="repair blocks a scrub found damaged from the other "
+                                    "side's copy (zfs receive -c, OpenZFS >= 2.2)")
+    h.add_argument("--job", required=True, help="a push job (heals from its sink) or a "
+                                                "pull job (heals its copy from the source)")
+    h.add_argument("--fs", required=True, help="the sender-side path, e.g. tank/home")
+    h.add_argument("--snapshot", metavar="NAME", help="the snapshot to re-send (default: "
+                                                      "the newest both sides have)")
+    h.add_argument("--dry-run", action="store_true", help="only say what would be sent")
+    h.add_argument("--json", action="store_true")
+
     t = sub.add_parser("test", help="check filters and placeholders")
     tsub = t.add_subparsers(dest="test_command", metavar="WHAT", parser_class=_ArgumentParser)
     tsub.required = True
@@ -6791,6 +6948,8 @@ def main(argv=None):
             return cmd_prune(args, zfs, out, log)
         if args.command == "status":
             return cmd_status(args, out)
+        if args.command == "heal":
+            return cmd_heal(args, zfs, out, log)
         if args.command == "zfs-abstraction":
             return cmd_zfs_abstraction(args, zfs, out)
         if args.command == "test" and args.test_command == "filesystems":

@@ -103,6 +103,102 @@ def test_probe_says_unsupported(rc, text, unsupported):
     assert zrepl.probe_says_unsupported(rc, text) is unsupported
 
 
+# Captured answers to the exact probes of CAPABILITY_PROBES (bogus pool zreplpy-probe-1):
+# (capability, ZFS, rc, stdout+stderr, verdict). OpenZFS 2.3.2 prints its usage text after
+# a real error for several commands; that must read as "yes".
+_USAGE_SNAPSHOT = ("\nusage:\n\tsnapshot [-r] [-o property=value] ... "
+                   "<filesystem|volume>@<snap> ...\n")
+_USAGE_RECEIVE = ("\nusage:\n\treceive [-vMnsFhu] [-o <property>=<value>] ... "
+                  "[-x <property>] ...\n\treceive -A <filesystem|volume>\n")
+_USAGE_SEND = "\nusage:\n\tsend [-DLPbcehnpsVvw] [-i|-I snapshot]\n"
+PROBE_SAMPLES = [
+    ("multi_snapshot", "openzfs-2.3", 2,
+     "cannot open 'zreplpy-probe-1/x': dataset does not exist" + _USAGE_SNAPSHOT, True),
+    ("resume", "openzfs-2.3", 2,
+     "cannot open 'zreplpy-probe-1/x': dataset does not exist" + _USAGE_RECEIVE, True),
+    ("resume", "openzfs-2.3", 255,
+     "cannot resume send: resume token is corrupt (decompression failed)", True),
+    ("send_S", "openzfs-2.3", 2,
+     "saved send must specify the dataset with partially-received state" + _USAGE_SEND, True),
+    ("recv_c", "openzfs-2.3", 1, "cannot receive: failed to read from stream", True),
+    ("holds_list", "openzfs-2.3", 1,
+     "cannot open 'zreplpy-probe-1/x@x': dataset does not exist\nno datasets available", True),
+    ("encryption", "openzfs-2.3", 1, "0 / 0 key(s) successfully verified\n"
+     "cannot open 'zreplpy-probe-1/x': dataset does not exist", True),
+    ("send_estimate", "openzfs-2.3", 1,
+     "cannot open 'zreplpy-probe-1/x@x': dataset does not exist", True),
+    ("unknown flag", "openzfs-2.3", 2, "invalid option 'Q'" + _USAGE_SEND, False),
+    ("multi_snapshot", "zfs-fuse", 2, "too many arguments\nusage:\n\tsnapshot [-r] "
+     "[-o property=value] ... <filesystem@snapname|volume@snapname>\n", False),
+    ("resume", "zfs-fuse", 2, "invalid option 'A'\nusage:\n\treceive [-vnF] "
+     "<filesystem|volume|snapshot>\n", False),
+    ("resume", "zfs-fuse", 2, "invalid option 'n'\nusage:\n\tsend [-RDp] [-[iI] "
+     "snapshot] <snapshot>\n", False),
+    ("holds_list", "zfs-fuse", 255, "internal error: /usr/lib/zfs/pyzfs.py not found", False),
+    ("bookmarks", "zfs-fuse", 2, "invalid type 'bookmark'\nusage:\n\tlist [-rH]", False),
+    ("encryption", "zfs-fuse", 2, "unrecognized command 'load-key'\nusage: zfs command "
+     "args ...", False),
+    ("recv_c", "zfs-fuse", 2, "invalid option 'c'\nusage:\n\treceive [-vnF]", False),
+    ("send_p", "zfs-fuse", 1, "cannot open 'zreplpy-probe-1/x': dataset does not exist",
+     True),
+    ("recv_u", "zfs-fuse", 1, "cannot receive: failed to read from stream", True),
+    ("bare usage", "any", 2, "usage:\n\tsend [-RDp] <snapshot>\n", False),
+    ("as a user", "openzfs-2.3", 1, "cannot open 'x': permission denied", None),
+    ("daemon down", "zfs-fuse", 1, "connect: No such file or directory\nPlease make sure "
+     "that the zfs-fuse daemon is running.\ninternal error: failed to initialize ZFS "
+     "library", None),
+    ("killed", "any", -9, "", None),
+]
+
+
+@pytest.mark.parametrize("cap,zfs_,rc,text,verdict", PROBE_SAMPLES,
+                         ids=[f"{c[1]}-{c[0]}-{i}" for i, c in enumerate(PROBE_SAMPLES)])
+def test_probe_verdict_on_captured_answers(cap, zfs_, rc, text, verdict):
+    value, why = zrepl.probe_verdict(rc, text)
+    assert value is verdict, why
+    assert why
+
+
+def test_probe_killed_by_the_time_limit_is_undecided():
+    assert zrepl.probe_verdict(1, "", killed=True)[0] is None
+
+
+# What each ZFS the lanes run is known to have. The probes must find exactly this: a
+# probe answering "no" where the ZFS can (or "yes" where it cannot) fails here.
+EXPECTED_CAPABILITIES = {
+    "zfs-fuse": {n: n in ("recv_u", "send_p", "depth") for n in zrepl.CAPABILITY_NAMES},
+    "openzfs-2.3": {n: True for n in zrepl.CAPABILITY_NAMES},
+}
+EXPECTED_POOL_FEATURES = {
+    "zfs-fuse": {"bookmarks": False, "resume": False, "encryption": False},
+    "openzfs-2.3": {"bookmarks": True, "resume": True, "encryption": True},
+}
+
+
+def _lane_zfs(caps):
+    if caps.implementation == "zfs-fuse":
+        return "zfs-fuse"
+    if caps.implementation == "openzfs" and (caps.version or "").startswith("2.3."):
+        return "openzfs-2.3"
+    return None
+
+
+@pytest.mark.zfs
+def test_capabilities_are_exactly_what_this_zfs_has(zfs_available, pools):
+    caps = zrepl.ZFS().capabilities()
+    lane = _lane_zfs(caps)
+    want_lane = os.environ.get("ZREPLPY_LANE")
+    if want_lane == "openzfs":
+        assert lane == "openzfs-2.3", f"the OpenZFS lane runs {caps.implementation} {caps.version}"
+    if lane is None:
+        pytest.skip(f"no expected capability table for {caps.implementation} {caps.version}")
+    got = {n: caps[n] for n in zrepl.CAPABILITY_NAMES}
+    assert caps.undecided == {}
+    assert got == EXPECTED_CAPABILITIES[lane]
+    for p in (pools.src, pools.dst):
+        assert caps.pools[p] == EXPECTED_POOL_FEATURES[lane], p
+
+
 def test_chunk_names_limits_count_and_bytes():
     names = ["p/fs@%04d" % i for i in range(250)]
     chunks = list(zrepl.chunk_names(names))
@@ -154,7 +250,16 @@ def test_parse_listing_bookmark_sorts_before_snapshot_of_same_txg():
                                                                ("snapshot", "s")]
 
 
+def test_parse_listing_reads_the_resume_token_whatever_its_source():
+    # OpenZFS 2.3 lists receive_resume_token with source `-` (a read-only property)
+    text = ("p/a\ttype\tfilesystem\t-\np/a\treceive_resume_token\t1-abc-def\t-\n"
+            "p/b\ttype\tfilesystem\t-\np/b\treceive_resume_token\t-\t-\n")
+    ds = zrepl.parse_listing(text)
+    assert ds["p/a"].resume_token == "1-abc-def" and ds["p/b"].resume_token is None
+
+
 # --- against real ZFS --------------------------------------------------------------------
+
 
 @pytest.fixture
 def adapter(zfs_available):
