@@ -3180,7 +3180,9 @@ _CLASSIFY = [
     (r"connect: permission denied", None, "permission", False, False),
     (r"make sure that the zfs-fuse daemon is running|failed to initialize zfs library|/dev/zfs",
      None, "zfs-unavailable", False, False),
-    (r"^usage:|\n\s*usage:|invalid option|unrecognized command|invalid type|"
+    # a usage text counts only on its own: OpenZFS prints one after real errors too
+    # ("cannot open 'X': dataset does not exist\nusage: ..." from `zfs snapshot`)
+    (r"^\s*usage:|invalid option|unrecognized command|invalid type|"
      r"bad property list|too many arguments|missing .* argument", 2, "unsupported", False, False),
     (r"permission denied|insufficient privileges", None, "permission", False, True),
     (r"dataset does not exist|no such pool or dataset|could not find any snapshots|"
@@ -3818,7 +3820,11 @@ class ZFS:
                             v.holds_record = record
         return errors
 
-    _CANNOT_HOLD = re.compile(r"^cannot (?:hold|release) (?:'[^']*' from )?'([^']+)': (.*)$")
+    # zfs-fuse: "cannot hold 'fs@s': why", "cannot release 'tag' from 'fs@s': why";
+    # OpenZFS: "cannot hold snapshot 'fs@s': why", "cannot release hold from snapshot
+    # 'fs@s': why", and "cannot open 'fs': why" when the filesystem itself is missing
+    _CANNOT_HOLD = re.compile(r"^cannot (?:hold|release|open) (?:hold from )?(?:snapshot )?"
+                              r"(?:'[^']*' from )?'([^']+)': (.*)$")
 
     def _hold_release(self, verb, tag, names, retried=False):
         """One `zfs hold|release TAG` per chunk -> {name: None | error}.
@@ -3836,10 +3842,12 @@ class ZFS:
                 attributed = {}
                 for line in r.stderr.splitlines():
                     m = self._CANNOT_HOLD.match(line.strip())
-                    if m and m.group(1) in outcome:
-                        err = classify(["zfs", verb, tag, m.group(1)], r.rc, m.group(2),
-                                       m.group(1).split("@")[0])
-                        attributed[m.group(1)] = None if err.kind == ok_kind else err
+                    named = m and [n for n in part if n == m.group(1) or
+                                   n.split("@")[0] == m.group(1)]
+                    for name in named or ():
+                        err = classify(["zfs", verb, tag, name], r.rc, m.group(2),
+                                       name.split("@")[0])
+                        attributed[name] = None if err.kind == ok_kind else err
                 rest = [n for n in part if n not in attributed]
                 if not attributed:
                     err = classify(["zfs", verb, tag] + part, r.rc, r.stderr,

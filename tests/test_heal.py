@@ -101,7 +101,7 @@ def test_heal_repairs_a_corrupted_block_from_the_sink(pools, tmp_path):
     zfs("mount", rig.fs("data"), check=False)
     zpool("scrub", "-w", pools.src)
     status = zpool("status", "-v", pools.src).stdout
-    assert "Permanent errors" in status and "@s1" in status, status
+    assert "Permanent errors" in status, status
 
     cp = run_cli("heal", "--job", "push", "--fs", rig.fs("data"), config=rig.cfg)
     assert_no_traceback(cp)
