@@ -5401,6 +5401,11 @@ class Replication:
                 if g.running is not None and g is not f:
                     g.running.cancel("stopped")
             return
+        if err.temporary and self.receiver.can_resume(f.path):
+            # the receive may have left a resumable state: the same step again would only
+            # meet "partially-complete state"; the next attempt re-lists and resumes
+            self._fail(f, err, finished=False)
+            return
         if err.temporary and f.retries < RETRIES_PER_ATTEMPT:
             f.retries += 1
             f.ready_at = time.monotonic() + RETRY_DELAY
