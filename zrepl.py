@@ -4426,6 +4426,12 @@ class LocalSender:
         job = self.job.name
         if self._has_bookmarks(path):
             self._bookmark(to, cursor_bookmark_name(to.guid, job))
+            # a pool that gained bookmarks (`zpool upgrade`): the bookmark now is the
+            # cursor, so the holds-only cursor of before is released (SPEC §3.6)
+            old = [v for v in ds.snapshots if v.userrefs] and \
+                tagged_snapshots(self.zfs, ds, cursor_hold_tag(job))
+            if old:
+                self._check(self.zfs.release(cursor_hold_tag(job), old))
             for v in ds.versions:
                 if v.type != "bookmark":
                     continue

@@ -48,25 +48,27 @@ def token(target):
     return None if value in ("", "-") else value
 
 
-def _zfs_child(proc, verb):
+def _zfs_child(proc, verb, name):
+    """The `zfs <verb> ... <name>` child of proc (not one of the capability probes)."""
     for pid in _children(proc.pid):
         try:
             with open("/proc/%d/cmdline" % pid, "rb") as f:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if len(argv) > 1 and argv[0].endswith(b"zfs") and argv[1] == verb:
+        if len(argv) > 1 and argv[0].endswith(b"zfs") and argv[1] == verb.encode() and \
+                any(a.startswith(name.encode()) for a in argv[2:]):
             return pid
     return None
 
 
-def _kill_child_midway(proc, verb, target):
+def _kill_child_midway(proc, verb, name):
     """SIGKILL the `zfs <verb>` child of a running `once` after some bytes have landed."""
     deadline = time.monotonic() + 60
     while True:
         assert proc.poll() is None, "once ended before the kill: " + proc.communicate()[1]
         assert time.monotonic() < deadline, "no zfs %s to kill" % verb
-        pid = _zfs_child(proc, verb)
+        pid = _zfs_child(proc, verb, name)
         if pid is not None:
             break
         time.sleep(0.02)
@@ -105,7 +107,10 @@ def test_interrupted_transfer_resumes(resumable, tmp_path, how, kind):
         second = f["bytes_replicated"]
     else:
         proc = start_once(rig)
-        _kill_child_midway(proc, "send" if how == "kill-send" else "receive", target)
+        if how == "kill-send":
+            _kill_child_midway(proc, "send", big + "@s1")
+        else:
+            _kill_child_midway(proc, "receive", target)
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
         doc = json.loads(out)
@@ -142,6 +147,7 @@ def test_a_token_that_does_not_fit_is_cleared_and_reported(resumable, tmp_path):
     cp = zfs("receive", "-s", "-u", target, input=stream[:1 * MiB], check=False)
     assert cp.returncode != 0 and token(target)
     # the token's snapshot vanishes from the sender: the token no longer fits
+    zfs("destroy", fs + "@s1")
     snap(fs, "s2")
     cp, doc = rig.once()
     assert_exit(cp, 0, doc)

@@ -1,0 +1,118 @@
+"""What modern ZFS (OpenZFS 2.x) adds, against real ZFS: the cursor bookmark and
+incrementals from it after the sender pruned, a pool that gains bookmarks moving from the
+holds-only cursor to the bookmark, and raw encrypted replication (SPEC §3.2, §3.6, §8.6,
+§8.8). Each test skips, with the reason, where this ZFS lacks the capability.
+"""
+import os
+import subprocess
+
+import pytest
+
+from conftest import POOL_DIR, _destroy_pool, _new_pool_name, make_tree, snap, state, zfs, \
+    zpool
+from test_replication import CURSOR_TAG, Rig, assert_exit, assert_guids_equal, fs_reports, \
+    push_report, snap_guids
+
+import zrepl
+
+pytestmark = pytest.mark.zfs
+
+
+def _caps():
+    return zrepl.ZFS().capabilities()
+
+
+def _need(name):
+    caps = _caps()
+    if not caps[name]:
+        pytest.skip("this ZFS (%s %s) has no %s" % (caps.implementation, caps.version, name))
+
+
+def zfs_holds(snapshot):
+    out = zfs("holds", "-H", snapshot).stdout
+    return sorted(ln.split("\t")[1] for ln in out.splitlines() if ln.strip())
+
+
+def _bookmarks(fs):
+    out = zfs("list", "-H", "-o", "name", "-t", "bookmark", "-r", fs).stdout
+    return sorted(ln.split("#", 1)[1] for ln in out.splitlines() if "#" in ln)
+
+
+def test_cursor_is_a_bookmark_and_feeds_incrementals_after_the_sender_pruned(pools, tmp_path):
+    _need("bookmarks")
+    rig = Rig(pools, tmp_path, "bm")
+    make_tree(rig.src, ["a"])
+    fs = rig.fs("a")
+    rig.configure([fs], keep_sender='[{type: not_replicated, keep_snapshot_at_cursor: false}]')
+    snap(fs, "s1")
+    rig.ok()
+    guid = int(zfs("get", "-Hp", "-o", "value", "guid", fs + "@s1").stdout)
+    assert _bookmarks(fs) == ["zrepl_CURSOR_G_%016x_J_push" % guid]
+    assert fs + "@s1" not in state(fs)           # pruned: only the bookmark is left
+    snap(fs, "s2")
+    job = rig.ok()
+    [step] = fs_reports(job)[fs]["steps"]
+    assert (step["kind"], step["from"], step["to"]) == (
+        "incremental", "#zrepl_CURSOR_G_%016x_J_push" % guid, "@s2")
+    sent = snap_guids(fs)
+    assert sent and set(sent.items()) <= set(snap_guids(rig.target(fs)).items())
+
+
+def test_a_pool_that_gains_bookmarks_moves_its_cursor_to_a_bookmark(pools, tmp_path):
+    _need("bookmarks")
+    name = _new_pool_name("o")
+    img = POOL_DIR / (name + ".img")
+    POOL_DIR.mkdir(parents=True, exist_ok=True)
+    (POOL_DIR / (name + ".pid")).write_text("%d\n" % os.getpid())
+    subprocess.run(["truncate", "-s", "256M", str(img)], check=True)
+    try:
+        zpool("create", "-d", "-m", "none", name, img)    # every feature disabled
+        rig = Rig(pools, tmp_path, "upgrade")
+        fs = name + "/a"
+        make_tree(fs, [])
+        rig.configure([fs])
+        snap(fs, "s1")
+        rig.ok()
+        assert _bookmarks(fs) == []                          # holds-only cursor
+        assert zfs_holds(fs + "@s1") == [CURSOR_TAG]
+        zpool("set", "feature@extensible_dataset=enabled", name)
+        zpool("set", "feature@bookmarks=enabled", name)
+        snap(fs, "s2")
+        rig.ok()
+        guid = int(zfs("get", "-Hp", "-o", "value", "guid", fs + "@s2").stdout)
+        assert _bookmarks(fs) == ["zrepl_CURSOR_G_%016x_J_push" % guid]
+        # the old cursor hold is gone, nothing else holds the sender's snapshots
+        assert zfs_holds(fs + "@s1") == [] and zfs_holds(fs + "@s2") == []
+        assert_guids_equal(rig, fs)
+    finally:
+        _destroy_pool(name)
+
+
+def test_raw_encrypted_replication_stays_encrypted_without_the_key(pools, tmp_path):
+    _need("encryption")
+    _need("send_w")
+    rig = Rig(pools, tmp_path, "enc")
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(b"k" * 32)
+    fs = rig.src + "/secret"
+    zfs("create", "-o", "encryption=on", "-o", "keyformat=raw",
+        "-o", "keylocation=file://%s" % keyfile, "-o", "mountpoint=none", fs)
+    plain = rig.fs("plain")
+    make_tree(plain, [])
+    rig.configure([fs, plain], push_extra=["send: {encrypted: true}"])
+    snap(fs, "s1")
+    snap(plain, "s1")
+    cp, doc = rig.once()
+    assert_exit(cp, 1, doc)                 # plain is refused, secret goes on
+    reports = fs_reports(push_report(doc))
+    assert reports[plain]["error"]["kind"] == "not-encrypted"
+    assert reports[fs]["state"] == "done"
+    target = rig.target(fs)
+    got = zfs("get", "-H", "-o", "value", "encryption,keystatus", target).stdout.split()
+    assert got[0] != "off" and got[1] == "unavailable", got
+    snap(fs, "s2")
+    cp, doc = rig.once()
+    [step] = fs_reports(push_report(doc))[fs]["steps"]
+    assert (step["kind"], step["to"], step["state"]) == ("incremental", "@s2", "done")
+    assert zfs("get", "-H", "-o", "value", "keystatus", target).stdout.strip() == "unavailable"
+    assert_guids_equal(rig, fs)
