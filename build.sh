@@ -298,10 +298,13 @@ test_openzfs() {
     args=${*:-tests}
     say "pytest in the OpenZFS VM ($args)"
     # ZREPLPY_LANE names the ZFS whose capabilities tests/test_zfs.py must find exactly
+    # PIPESTATUS must be read right after the pipeline: `|| true` would reset it
+    set +e
     bash "$vm/ssh.sh" "cd /root/zreplpy && ZREPLPY_LANE=openzfs timeout 4000 python3 -m pytest \
         -ra --durations=15 -p no:cacheprovider --junitxml=/root/openzfs-junit.xml $args" \
-        2>&1 | tee "$out/pytest.log" || true
+        2>&1 | tee "$out/pytest.log"
     rc=${PIPESTATUS[0]}
+    set -e
     bash "$vm/ssh.sh" cat /root/openzfs-junit.xml >"$out/junit.xml" 2>/dev/null || true
     if [ "${OPENZFS_VM_KEEP:-0}" != 1 ]; then
         bash "$vm/stop.sh" >"$out/vm-stop.log" 2>&1 || say "stopping the VM failed (see $out/vm-stop.log)"

@@ -4260,6 +4260,8 @@ class LocalSender:
         self._datasets = {}
         self._prepared = set()
         self._pending_cursors = {}
+        self._tentatives = {}       # path -> tentative cursor bookmarks made this phase
+        self._cursors = {}          # path -> the cursor bookmark this process made last
 
     # -- ListFilesystems --
     def list_filesystems(self):
@@ -4384,16 +4386,19 @@ class LocalSender:
         to = self._version(ds, step.to)
         frm = self._version(ds, step.from_) if step.from_ is not None else None
         flags = self.send_flags(ds)
-        if path in self._prepared:
+        if step.protection == "guarantee_incremental" and self._has_bookmarks(path):
+            for v in (frm, to):
+                if v is not None and v.type == "snapshot":
+                    name = tentative_cursor_bookmark_name(v.guid, self.job.name)
+                    self._bookmark(v, name)
+                    with self._lock:
+                        self._tentatives.setdefault(path, set()).add(f"{v.fs}#{name}")
+        elif path in self._prepared:
             pass                                  # prepare() held this phase's snapshots
         elif step.protection == "guarantee_resumability":
             self._release_stale_step_holds(ds, keep=[v for v in (frm, to) if v is not None])
             need = [v for v in (frm, to) if v is not None and v.type == "snapshot"]
             self._check(self.zfs.hold(step_hold_tag(self.job.name), need))
-        elif step.protection == "guarantee_incremental" and self._has_bookmarks(path):
-            for v in (frm, to):
-                if v is not None and v.type == "snapshot":
-                    self._bookmark(v, tentative_cursor_bookmark_name(v.guid, self.job.name))
         proc = self.zfs.send(path, step, flags)
         if step.kind == "incremental_batch":
             self._record_send(proc.pid, ds, frm, to)
@@ -4425,21 +4430,31 @@ class LocalSender:
         to = self._version(ds, step.to)
         job = self.job.name
         if self._has_bookmarks(path):
+            cursor = f"{path}#{cursor_bookmark_name(to.guid, job)}"
             self._bookmark(to, cursor_bookmark_name(to.guid, job))
             # a pool that gained bookmarks (`zpool upgrade`): the bookmark now is the
             # cursor, so the holds-only cursor of before is released (SPEC §3.6)
-            old = [v for v in ds.snapshots if v.userrefs] and \
-                tagged_snapshots(self.zfs, ds, cursor_hold_tag(job))
+            old = tagged_snapshots(self.zfs, ds, cursor_hold_tag(job))
             if old:
                 self._check(self.zfs.release(cursor_hold_tag(job), old))
+            # older cursors, and every tentative cursor: the listed ones and those this
+            # phase made (an earlier step's cursor, tentatives), which the listing lacks
+            with self._lock:
+                stale = self._tentatives.pop(path, set())
+                made = self._cursors.get(path)
+                self._cursors[path] = cursor
+            if made is not None and made != cursor:
+                stale.add(made)
             for v in ds.versions:
                 if v.type != "bookmark":
                     continue
                 parsed = parse_abstraction_bookmark(v.name, v.guid)
-                if parsed and parsed[1] == job and v.guid != to.guid and parsed[0] in (
-                        "replication-cursor-bookmark-v2",
-                        "tentative-replication-cursor-bookmark-v2"):
-                    self.zfs.destroy_bookmark(v.full_name)
+                if parsed and parsed[1] == job and (
+                        parsed[0] == "tentative-replication-cursor-bookmark-v2" or
+                        parsed[0] == "replication-cursor-bookmark-v2" and v.guid != to.guid):
+                    stale.add(v.full_name)
+            for name in sorted(stale):
+                self.zfs.destroy_bookmark(name)
         elif path in self._prepared:
             self._pending_cursors[path] = (ds, to)     # moved by flush(), with the others
             return
@@ -5353,18 +5368,18 @@ class Replication:
         counted = CountedStream(run, stream, self.buckets)
         try:
             self.receiver.receive(f.path, step, counted)
-        except BaseException:
+        except BaseException as e:
             stream.cancel()
             try:
                 stream.finish(timeout=KILL_GRACE)
             except ZFSError:
                 pass                     # the receiver's error wins over a broken pipe
-            self._after_failed_send(f, step)
+            self._after_failed_send(f, step, e)
             raise
         try:
             stream.finish()
-        except ZFSError:
-            self._after_failed_send(f, step)
+        except ZFSError as e:
+            self._after_failed_send(f, step, e)
             raise
         if step.kind == "incremental_batch" and hasattr(self.sender, "send_finished"):
             self.sender.send_finished(stream.pid)
@@ -5377,11 +5392,13 @@ class Replication:
             if v is not None:
                 got.add(v.guid)
 
-    def _after_failed_send(self, f, step):
+    def _after_failed_send(self, f, step, err):
         """Without resumable receive nothing of the step survives: drop its step holds.
-        Where the receiver can resume they stay (SPEC §8.9): the partial state needs the
-        step's snapshots on the sender, and the next run's prepare drops what is stale."""
-        if self.receiver.can_resume(f.path):
+        Where the receiver can resume an interrupted transfer (a temporary failure) they
+        stay (SPEC §8.9): the partial state needs the step's snapshots on the sender, and
+        the next run's prepare drops what is stale."""
+        interrupted = not isinstance(err, ZreplError) or err.temporary
+        if interrupted and self.receiver.can_resume(f.path):
             self.keep_step_holds.add(f.path)
             return
         if hasattr(self.sender, "release_step_holds"):

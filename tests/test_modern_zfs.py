@@ -45,8 +45,8 @@ def test_cursor_is_a_bookmark_and_feeds_incrementals_after_the_sender_pruned(poo
     fs = rig.fs("a")
     rig.configure([fs], keep_sender='[{type: not_replicated, keep_snapshot_at_cursor: false}]')
     snap(fs, "s1")
-    rig.ok()
     guid = int(zfs("get", "-Hp", "-o", "value", "guid", fs + "@s1").stdout)
+    rig.ok()
     assert _bookmarks(fs) == ["zrepl_CURSOR_G_%016x_J_push" % guid]
     assert fs + "@s1" not in state(fs)           # pruned: only the bookmark is left
     snap(fs, "s2")

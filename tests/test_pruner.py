@@ -11,6 +11,8 @@ import re
 import subprocess
 import time
 
+import pytest
+
 from conftest import (_ZFS_ENV, assert_no_traceback, hold, make_tree, release, run_cli, snap,
                       state, write_data, zfs)
 from test_snapper import (ZFS_BIN, assert_exit, config, once_json, q, snap_job,
@@ -452,6 +454,10 @@ def test_destroy_failure_backs_off_and_goes_last_next_time(pool, tmp_path):
         recv.stdin.flush()
         time.sleep(0.3)
         failing = zfs("destroy", x + "@a_from", check=False)
+        if "has dependent clones" in failing.stderr:
+            # OpenZFS: the receive's %recv clone makes its origin "has dependent clones",
+            # which the pruner keeps with a reason (SPEC §7.6) instead of failing
+            pytest.skip("on this ZFS a receive in flight does not make a destroy fail")
         assert "dataset already exists" in failing.stderr, failing.stderr  # the failure is real
 
         # run 1: x fails at its first destroy and is left alone; y and z are pruned

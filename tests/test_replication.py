@@ -17,11 +17,15 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 
 import pytest
 
-from conftest import assert_no_traceback, hold, make_tree, run_cli, snap, state, zfs
+from conftest import REPO, assert_no_traceback, hold, make_tree, run_cli, snap, state, zfs
+
+sys.path.insert(0, str(REPO))
+import zrepl  # noqa: E402
 
 REAL_ZFS = shutil.which("zfs", path="/usr/sbin:/sbin:/usr/bin:/bin")
 KEEP_ALL = '[{type: regex, regex: ".*"}]'
@@ -157,8 +161,33 @@ def assert_guids_equal(rig, fs):
     assert snap_guids(rig.target(fs)) == sent
 
 
+_CAPS = []
+
+
+def caps():
+    """This host's probed ZFS capabilities (once per test session)."""
+    if not _CAPS:
+        _CAPS.append(zrepl.ZFS().capabilities())
+    return _CAPS[0]
+
+
+def pool_caps(fs):
+    """{bookmarks, resume, encryption} of fs's pool (probed again for a pool made since)."""
+    pool = fs.split("/")[0]
+    if pool not in caps().pools:
+        _CAPS[:] = [zrepl.ZFS().capabilities()]
+    return caps().pools[pool]
+
+
+def has_bookmarks(fs):
+    """Does fs's pool make bookmarks? Then the cursor is a bookmark, else a hold."""
+    return pool_caps(fs)["bookmarks"]
+
+
 def holds_view(root):
-    """{snapshot: (userrefs, local zrepl:holds tags)} of every snapshot under root."""
+    """{snapshot: (userrefs, hold tags)} of every snapshot under root. The tags are read
+    with `zfs holds` where it works (sorted), else from the local zrepl:holds record, in
+    the order placed (zfs-fuse, whose `zfs holds` is broken)."""
     out = zfs("get", "-Hp", "-r", "-o", "name,property,value,source", "userrefs,zrepl:holds",
               root).stdout
     refs, tags = {}, {}
@@ -171,7 +200,40 @@ def holds_view(root):
             refs[name] = int(value)
         elif source == "local":
             tags[name] = tuple(value.split(","))
+    if caps()["holds_list"]:
+        tags = {}
+        held = [n for n, r in refs.items() if r]
+        for i in range(0, len(held), 50):
+            for line in zfs("holds", "-H", *held[i:i + 50]).stdout.splitlines():
+                name, tag = line.split("\t")[:2]
+                tags.setdefault(name, []).append(tag)
+        tags = {n: tuple(sorted(t)) for n, t in tags.items()}
     return {n: (refs[n], tags.get(n, ())) for n in refs}
+
+
+def cursor_bookmark(snapshot, job="push"):
+    guid = int(zfs("get", "-Hp", "-o", "value", "guid", snapshot).stdout)
+    return "%s#zrepl_CURSOR_G_%016x_J_%s" % (snapshot.split("@")[0], guid, job)
+
+
+def cursor_holds(snapshot):
+    """What holds_view shows for the sender snapshot the cursor points at: the cursor hold
+    on pools without bookmarks; none on pools with them, where the cursor is a bookmark
+    (checked here to exist)."""
+    if not has_bookmarks(snapshot):
+        return (1, (CURSOR_TAG,))
+    mark = cursor_bookmark(snapshot)
+    fs = snapshot.split("@")[0]
+    marks = zfs("list", "-H", "-o", "name", "-t", "bookmark", "-r", fs).stdout.split("\n")
+    assert mark in marks, "no cursor bookmark %s (bookmarks: %s)" % (mark, marks)
+    return (0, ())
+
+
+def cursor_line(snapshot):
+    """The `zfs-abstraction list` line of the cursor at snapshot."""
+    if not has_bookmarks(snapshot):
+        return 'replication-cursor-hold "%s" on %s' % (CURSOR_TAG, snapshot)
+    return "replication-cursor-bookmark-v2 %s" % cursor_bookmark(snapshot)
 
 
 def assert_only_known_holds(root):
@@ -268,7 +330,7 @@ def test_incremental_then_no_change_cycle_and_moving_holds(pools, tmp_path):
         for fs in (xy, z):
             sender = holds_view(fs)
             receiver = holds_view(rig.target(fs))
-            assert sender["%s@%s" % (fs, newest)] == (1, (CURSOR_TAG,))
+            assert sender["%s@%s" % (fs, newest)] == cursor_holds("%s@%s" % (fs, newest))
             assert receiver["%s@%s" % (rig.target(fs), newest)] == (1, (LAST_RECEIVED_TAG,))
             for o in old:
                 assert sender["%s@%s" % (fs, o)] == (0, ())
@@ -276,10 +338,9 @@ def test_incremental_then_no_change_cycle_and_moving_holds(pools, tmp_path):
         if not listing:      # `zfs-abstraction` lists every pool of the host: seconds
             return
         assert rig.abstractions() == sorted(
-            ['replication-cursor-hold "%s" on %s@%s' % (CURSOR_TAG, fs, newest)
-             for fs in (xy, z)] +
+            [cursor_line("%s@%s" % (fs, newest)) for fs in (xy, z)] +
             ['last-received-hold "%s" on %s@%s' % (LAST_RECEIVED_TAG, rig.target(fs), newest)
-             for fs in (xy, z)], key=lambda line: line.rsplit(" on ", 1)[1].split("@")[0])
+             for fs in (xy, z)], key=lambda line: re.split(r" on |^\S+ ", line)[-1].split("@")[0].split("#")[0])
     assert_holds(first, [])
 
     # item 18: a new snapshot -> one incremental per filesystem
@@ -392,7 +453,7 @@ def test_sender_pruning_keeps_every_snapshot_newer_than_the_cursor(pools, tmp_pa
     assert "root_fs %s does not exist" % rig.sink in json.dumps(job["errors"])
     assert "root_fs %s does not exist" % rig.sink in cp.stderr
     assert snap_order(a) == ["@s2", "@s3", "@s4"]      # nothing newer than the cursor went
-    assert holds_view(a)[a + "@s2"] == (1, (CURSOR_TAG,))
+    assert holds_view(a)[a + "@s2"] == cursor_holds(a + "@s2")
     assert job["pruning"]["receiver"]["state"] == "failed"
 
     # the sink comes back: s3 and s4 follow incrementally, then the sender keeps only s4
@@ -403,7 +464,7 @@ def test_sender_pruning_keeps_every_snapshot_newer_than_the_cursor(pools, tmp_pa
         [("incremental_batch", "@s2", "@s4")]
     assert snap_order(rig.target(a)) == ["@s1", "@s2", "@s3", "@s4"]
     assert snap_order(a) == ["@s4"]
-    assert holds_view(a) == {a + "@s4": (1, (CURSOR_TAG,))}
+    assert holds_view(a) == {a + "@s4": cursor_holds(a + "@s4")}
     assert_exit(cp, 1, doc)
 
 
@@ -426,7 +487,7 @@ def test_batched_and_unbatched_incrementals_give_the_same_result(pools, tmp_path
         job = rig.ok(env=env)
         assert_guids_equal(rig, a)
         assert snap_order(rig.target(a)) == ["@c", "@b", "@a"]
-        assert holds_view(a)[a + "@a"] == (1, (CURSOR_TAG,))
+        assert holds_view(a)[a + "@a"] == cursor_holds(a + "@a")
         assert_only_known_holds(rig.src)
         [f] = job["replication"]["filesystems"]
         steps = [(s["kind"], s["from"], s["to"]) for s in f["steps"]]
@@ -444,7 +505,7 @@ def test_batched_and_unbatched_incrementals_give_the_same_result(pools, tmp_path
     assert len(sends[False]) > len(sends[True])
 
 
-# --- SPEC §8.6: protection kinds on a pool without bookmarks ----------------------------------
+# --- SPEC §8.6: protection kinds, with and without bookmarks ----------------------------------
 
 @pytest.mark.parametrize("kind", ["guarantee_incremental", "guarantee_nothing"])
 def test_protection_kinds_without_bookmarks(pools, tmp_path, kind):
@@ -461,10 +522,21 @@ def test_protection_kinds_without_bookmarks(pools, tmp_path, kind):
     rig.ok(env=env)
     assert snap_guids(rig.target(a))["@s2"] == snap_guids(a)["@s2"]
     holds = [argv for argv in logged_calls(log, rig.src, rig.sink) if argv[0] == "hold"]
-    if kind == "guarantee_incremental":
+    if kind == "guarantee_incremental" and has_bookmarks(a):
+        # tentative cursor bookmarks during the step, then the cursor bookmark; no hold on
+        # the sender at all (SPEC §8.6)
+        assert sorted(argv[1] for argv in holds) == [LAST_RECEIVED_TAG] * 2
+        marks = [argv for argv in logged_calls(log, rig.src) if argv[0] == "bookmark"]
+        assert any("zrepl_CURSORTENTATIVE__G_" in argv[2] for argv in marks), marks
+        out = zfs("list", "-H", "-o", "name", "-t", "bookmark", "-r", a).stdout.split()
+        assert out == [cursor_bookmark(a + "@s2")]          # tentative ones are gone
+        assert holds_view(a) == {a + "@s2": (0, ())}         # s1 pruned
+        assert holds_view(rig.target(a)) == {rig.target(a) + "@s1": (0, ()),
+                                             rig.target(a) + "@s2": (1, (LAST_RECEIVED_TAG,))}
+    elif kind == "guarantee_incremental":
         # no bookmarks: no tentative cursor, no step hold; `from` is held by the cursor hold
         assert sorted(argv[1] for argv in holds) == sorted([CURSOR_TAG, LAST_RECEIVED_TAG] * 2)
-        assert holds_view(a) == {a + "@s2": (1, (CURSOR_TAG,))}       # s1 pruned
+        assert holds_view(a) == {a + "@s2": cursor_holds(a + "@s2")}       # s1 pruned
         assert holds_view(rig.target(a)) == {rig.target(a) + "@s1": (0, ()),
                                              rig.target(a) + "@s2": (1, (LAST_RECEIVED_TAG,))}
     else:
@@ -507,7 +579,7 @@ def test_names_with_spaces_and_dashes_replicate_and_prune(pools, tmp_path):
         assert snap_order(fs) == ["@3 three"]                      # sender pruned
         assert snap_order(rig.target(fs)) == ["@two: 2", "@3 three"]   # receiver pruned
         assert snap_guids(rig.target(fs))["@3 three"] == snap_guids(fs)["@3 three"]
-        assert holds_view(fs) == {fs + "@3 three": (1, (CURSOR_TAG,))}
+        assert holds_view(fs) == {fs + "@3 three": cursor_holds(fs + "@3 three")}
     # the placeholder between root and `a:b -rf` kept its name too
     assert local_prop(rig.target(rig.src + "/sp ace"), "zrepl:placeholder") == "on"
     # and the next run is an incremental with the same names
@@ -531,7 +603,7 @@ def test_release_stale_releases_an_old_step_hold_and_keeps_the_cursor(pools, tmp
     rig.ok()
     snap(a, "s2")
     rig.ok()
-    assert holds_view(a) == {a + "@s1": (0, ()), a + "@s2": (1, (CURSOR_TAG,))}
+    assert holds_view(a) == {a + "@s1": (0, ()), a + "@s2": cursor_holds(a + "@s2")}
     snap(a, "s3")                                     # newer than the cursor: not replicated
     # hand-made step holds; zfs-fuse cannot list holds, so record the tag as zrepl.py does
     # (SPEC §3.4): on s1 (older than the cursor: stale) and on s3 (newer: live)
@@ -559,7 +631,7 @@ def test_release_stale_releases_an_old_step_hold_and_keeps_the_cursor(pools, tmp
         "type": "step-hold", "fs": a, "name": "s1", "full_path": a + "@s1", "tag": STEP_TAG,
         "job": "push", "guid": str(state(a + "@s1")[a + "@s1"]["guid"]),
         "string": 'step-hold "%s" on %s@s1' % (STEP_TAG, a), "released": True, "error": None}
-    assert holds_view(a) == {a + "@s1": (0, ()), a + "@s2": (1, (CURSOR_TAG,)),
+    assert holds_view(a) == {a + "@s1": (0, ()), a + "@s2": cursor_holds(a + "@s2"),
                              a + "@s3": (1, (STEP_TAG,))}
     assert holds_view(rig.sink) == before[2]
     assert rig.trees() == before[0]
@@ -726,7 +798,9 @@ def test_once_json_document_and_status_lines(pools, tmp_path):
     for line, fs in zip(lines[i + 4:i + 6], (a, b)):
         assert re.fullmatch(r"    %s  DONE  steps=1/1  bytes=%s  last=@%s  lag=(\d+m)?\d+s"
                             % (re.escape(fs.ljust(width)), human, name), line), line
-    assert re.fullmatch(r"  prune sender: done destroyed=0/0 held=2 errors=0", lines[i + 6])
+    # the sender's cursor is a hold on each fs, or a bookmark (no hold) where the pool has them
+    held = 0 if has_bookmarks(a) else 2
+    assert lines[i + 6] == "  prune sender: done destroyed=0/0 held=%d errors=0" % held
     assert re.fullmatch(r"  prune receiver: done destroyed=0/0 held=2 errors=0", lines[i + 7])
 
     cp = run_cli("status", "--json", config=rig.cfg)
@@ -773,8 +847,14 @@ def test_dry_run_changes_nothing_and_plans_steps(pools, tmp_path):
     assert [(s["kind"], s["from"], s["to"], s["state"]) for s in reports[b]["steps"]] == \
         [("full", None, "@s1", "planned")]
     sender = {f["fs"]: f for f in job["pruning"]["sender"]["filesystems"]}
-    assert sender[a]["planned_destroy"] == ["s2"] and sender[a]["destroyed"] == []
-    assert [d["action"] for d in sender[a]["decisions"]] == ["keep", "destroy", "keep"]
+    if has_bookmarks(a):
+        # the cursor is a bookmark: s1 is not held, and no rule keeps it
+        assert sender[a]["planned_destroy"] == ["s1", "s2"] and sender[a]["destroyed"] == []
+        assert [d["action"] for d in sender[a]["decisions"]] == ["destroy", "destroy", "keep"]
+    else:
+        # s1 carries the cursor hold: kept as held
+        assert sender[a]["planned_destroy"] == ["s2"] and sender[a]["destroyed"] == []
+        assert [d["action"] for d in sender[a]["decisions"]] == ["keep", "destroy", "keep"]
     assert_exit(cp, 0, doc)
 
 
@@ -789,8 +869,9 @@ def test_sender_filesystem_destroyed_between_runs(pools, tmp_path):
     snap(b, "s1")
     rig.ok()
     copy = {n: v for n, v in state(rig.target(b)).items()}
-    # the user destroys b on the sender (its cursor hold must go first)
-    zfs("release", CURSOR_TAG, b + "@s1")
+    # the user destroys b on the sender (a cursor hold must go first; a bookmark need not)
+    if not has_bookmarks(b):
+        zfs("release", CURSOR_TAG, b + "@s1")
     zfs("destroy", "-r", b)
     snap(a, "s2")
     cp, doc = rig.once()
@@ -818,7 +899,7 @@ def test_receiver_copy_destroyed_before_a_run_is_replicated_again(pools, tmp_pat
     [f] = job["replication"]["filesystems"]
     assert [(s["kind"], s["from"], s["to"]) for s in f["steps"]] == [("full", None, "@s2")]
     assert snap_guids(rig.target(a)) == {"@s2": snap_guids(a)["@s2"]}
-    assert holds_view(a) == {a + "@s1": (0, ()), a + "@s2": (1, (CURSOR_TAG,))}
+    assert holds_view(a) == {a + "@s1": (0, ()), a + "@s2": cursor_holds(a + "@s2")}
     assert holds_view(rig.target(a)) == {rig.target(a) + "@s2": (1, (LAST_RECEIVED_TAG,))}
 
 
@@ -905,9 +986,11 @@ def test_placeholder_becomes_a_real_filesystem_when_its_sender_is_added(pools, t
     env, log = zfs_logger(tmp_path)
     job = rig.ok(env=env)
     assert [(s["kind"], s["to"]) for s in fs_reports(job)[p]["steps"]] == [("full", "@s1")]
-    # a full receive with -F onto the empty placeholder, then the flag and canmount flip
+    # a full receive with -F onto the empty placeholder (resumable, -s, where the pool can),
+    # then the flag and canmount flip
+    resumable = ["-s"] if pool_caps(pools.dst)["resume"] else []
     assert [argv for argv in logged_calls(log, rig.target(p)) if argv[0] == "receive"] == \
-        [["receive", "-u", "-F", rig.target(p)]]
+        [["receive", "-u"] + resumable + ["-F", rig.target(p)]]
     assert_guids_equal(rig, p)
     assert_guids_equal(rig, c)                       # the child survived the -F
     assert local_prop(rig.target(p), "zrepl:placeholder") == "off"

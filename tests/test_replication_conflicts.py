@@ -9,9 +9,10 @@ come from test_replication.py.
 import pytest
 
 from conftest import make_tree, run_cli, snap, state, zfs
-from test_replication import (CURSOR_TAG, LAST_RECEIVED_TAG, REAL_ZFS, Rig, assert_exit,
-                              assert_guids_equal, assert_only_known_holds, fs_reports,
-                              holds_view, logged_calls, push_report, q, snap_guids, snap_order,
+from test_replication import (CURSOR_TAG, LAST_RECEIVED_TAG, REAL_ZFS, assert_exit,
+                              assert_guids_equal, assert_only_known_holds, cursor_holds,
+                              cursor_line, fs_reports, has_bookmarks, holds_view,
+                              logged_calls, push_report, q, Rig, snap_guids, snap_order,
                               zfs_logger)
 
 
@@ -48,7 +49,7 @@ def test_diverged_receiver_is_a_conflict_and_the_other_filesystem_replicates(poo
     assert "zfs rollback -r" in c["hint"]
     assert "diverged" in cp.stderr and z in cp.stderr
     assert snap_guids(rig.target(z)) == copy              # the receiver is unchanged
-    assert holds_view(z) == {z + "@s1": (1, (CURSOR_TAG,)), z + "@s2": (0, ())}
+    assert holds_view(z) == {z + "@s1": cursor_holds(z + "@s1"), z + "@s2": (0, ())}
     # the other filesystem went on
     assert fs_reports(job)[xy]["state"] == "done"
     assert_guids_equal(rig, xy)
@@ -139,7 +140,7 @@ def test_initial_replication_modes(pools, tmp_path, mode, received):
     assert snap_order(rig.target(a)) == received
     guids = snap_guids(a)
     assert snap_guids(rig.target(a)) == {s: guids[s] for s in received}
-    assert holds_view(a)[a + "@a"] == (1, (CURSOR_TAG,))
+    assert holds_view(a)[a + "@a"] == cursor_holds(a + "@a")
     assert holds_view(rig.target(a)) == {
         "%s%s" % (rig.target(a), s): (1, (LAST_RECEIVED_TAG,)) if s == "@a" else (0, ())
         for s in received}
@@ -195,7 +196,7 @@ def test_receiver_filesystem_gone_before_the_incremental_receive(pools, tmp_path
     assert [n for n, v in state(pools.dst).items() if v["guid"] == s2] == []
     assert [n for n in state(rig.sink) if n.endswith("@s2")] == [rig.target(b) + "@s2"]
     # the sender kept its cursor; no step hold (nor any unknown hold) was left
-    assert holds_view(a) == {a + "@s1": (1, (CURSOR_TAG,)), a + "@s2": (0, ())}
+    assert holds_view(a) == {a + "@s1": cursor_holds(a + "@s1"), a + "@s2": (0, ())}
     assert_only_known_holds(rig.src)
     # the other filesystem replicated
     assert fs_reports(job)[b]["state"] == "done"

@@ -24,7 +24,7 @@ import zrepl  # noqa: E402
 pytestmark = [pytest.mark.zfs, pytest.mark.poolsize("1G")]
 MiB = 1 << 20
 DATA = 96 * MiB
-SLOW = ["send: {bandwidth_limit: {max: 24 MiB}}"]
+SLOW = ["send: {bandwidth_limit: {max: 12 MiB}}"]      # 96 MiB: 8 s
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def _kill_child_midway(proc, verb, name):
         if pid is not None:
             break
         time.sleep(0.02)
-    time.sleep(1.5)                       # 24 MiB/s: about a third of the stream
+    time.sleep(2.5)                       # 12 MiB/s: about a third of the stream
     os.kill(pid, signal.SIGKILL)
 
 
@@ -97,7 +97,7 @@ def test_interrupted_transfer_resumes(resumable, tmp_path, how, kind):
     whole = stream_size(big + "@s1", frm)
 
     if how == "max-runtime":
-        cp, doc = rig.once("--max-runtime", "2s")
+        cp, doc = rig.once("--max-runtime", "5s")   # start-up under emulation: ~2 s
         assert_exit(cp, 4, doc)
         first = _steps(doc, big)["bytes_replicated"]
         assert token(target), "the cut transfer left no resume token"
