@@ -3034,6 +3034,19 @@ def _initial(sender_snaps, policy):
         steps_along(ordered, policy)
 
 
+def send_encryption_refusal(send, fs, encrypted):
+    """zrepl's rules for send.encrypted / send.raw against one filesystem (SPEC §8.8)
+    -> (kind, message) if this job must not send it, else None."""
+    if send is None:
+        return None
+    if send.encrypted and not encrypted:
+        return "not-encrypted", f"send.encrypted is set but {fs} is not encrypted"
+    if send.raw and encrypted and not send.encrypted:
+        return "mixed-intent", (f"send.raw on encrypted {fs} without send.encrypted: mixed "
+                                "intent (set send.encrypted: true to send it raw)")
+    return None
+
+
 def validate_resume_token(token, sender, policy):
     """A decoded token -> None if it can resume from this sender, else why not (§8.7)."""
     if token is None or not token.get("valid"):
@@ -3891,6 +3904,21 @@ class ZFS:
             argv += ["-o", "encryption=off"]
         self.run(argv + [name], fs=name)
 
+    def encryption_status(self):
+        """{filesystem or volume: (encryption, keystatus)} of every pool, one `zfs get`;
+        {} where this ZFS has no encryption."""
+        if not self.capabilities()["encryption"]:
+            return {}
+        argv = ["zfs", "get", "-H", "-o", "name,property,value"]
+        if self.capabilities()["get_t"]:
+            argv += ["-t", "filesystem,volume"]
+        out = {}
+        for line in self.run(argv + ["encryption,keystatus"]).stdout.splitlines():
+            name, prop, value = (line.split("\t") + ["", ""])[:3]
+            if "@" not in name and "#" not in name:
+                out.setdefault(name, {})[prop] = value
+        return {n: (p.get("encryption", "off"), p.get("keystatus", "-")) for n, p in out.items()}
+
     def exists(self, name):
         """Does this one dataset exist? (no recursion)"""
         try:
@@ -4295,13 +4323,9 @@ class LocalSender:
 
     def send_flags(self, ds):
         s = self.job.send or SendOptions()
-        encrypted = ds.encryption not in (None, "-", "off")
-        if s.encrypted and not encrypted:
-            raise ZreplError(f"send.encrypted is set but {ds.name} is not encrypted",
-                             kind="not-encrypted", local_to_fs=True, fs=ds.name)
-        if s.raw and encrypted and not s.encrypted:
-            raise ZreplError(f"send.raw on encrypted {ds.name} without send.encrypted: mixed "
-                             "intent", kind="mixed-intent", local_to_fs=True, fs=ds.name)
+        refusal = send_encryption_refusal(s, ds.name, ds.encryption not in (None, "-", "off"))
+        if refusal:
+            raise ZreplError(refusal[1], kind=refusal[0], local_to_fs=True, fs=ds.name)
         flags = ["-w"] if (s.encrypted or s.raw) else []
         for attr, flag in (("send_properties", "-p"), ("backup_properties", "-b"),
                            ("large_blocks", "-L"), ("compressed", "-c"),
@@ -6462,12 +6486,38 @@ def _host_problems(config, zfs, log):
                                          f"job {j.name!r}: filesystems pattern {pattern!r} "
                                          "matches no dataset on this host", warning=True))
         mine = [d for d in existing if filter_accepts(j.filesystems, d)]
+        if j.type in ("push", "source"):
+            problems += _encryption_problems(j, mine, zfs, log)
         for hook in (j.snapshotting.hooks if j.snapshotting else []):
             if not any(filter_accepts(hook.filesystems, d) for d in mine):
                 problems.append(_problem(hook.pos.get("path", j.pos["job"]),
                                          f"job {j.name!r}: hook {hook.path} matches no "
                                          "filesystem of the job", warning=True))
     return problems
+
+
+def _encryption_problems(job, filesystems, zfs, log):
+    """configcheck refuses what the sender would refuse at every run (zrepl's send.encrypted
+    / send.raw rules), and warns where a plain send of an encrypted filesystem needs a key
+    that is not loaded."""
+    try:
+        status = zfs.encryption_status()
+    except ZFSError as e:
+        log("warn", "meta", f"cannot read encryption properties ({e}); checks skipped")
+        return []
+    out = []
+    pos = job.pos.get("send", job.pos.get("filesystems", job.pos["job"]))
+    for fs in sorted(filesystems):
+        encryption, keystatus = status.get(fs, ("off", "-"))
+        encrypted = encryption not in ("off", "-", "")
+        refusal = send_encryption_refusal(job.send, fs, encrypted)
+        if refusal:
+            out.append(_problem(pos, f"job {job.name!r}: {refusal[1]}"))
+        elif encrypted and keystatus != "available" and not (job.send and job.send.encrypted):
+            out.append(_problem(pos, f"job {job.name!r}: {fs} is encrypted and its key is not "
+                                     "loaded: a plain send needs it (load the key, or set "
+                                     "send.encrypted: true to send it raw)", warning=True))
+    return out
 
 
 def cmd_configcheck(args, zfs, out, log):

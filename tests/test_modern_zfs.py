@@ -1,17 +1,18 @@
 """What modern ZFS (OpenZFS 2.x) adds, against real ZFS: the cursor bookmark and
 incrementals from it after the sender pruned, a pool that gains bookmarks moving from the
-holds-only cursor to the bookmark, and raw encrypted replication (SPEC §3.2, §3.6, §8.6,
-§8.8). Each test skips, with the reason, where this ZFS lacks the capability.
+holds-only cursor to the bookmark, raw encrypted replication, placeholders under an
+encrypted root_fs, and configcheck's send-encryption refusals (SPEC §2.10, §3.2, §3.6, §8.4,
+§8.6, §8.8). Each test skips, with the reason, where this ZFS lacks the capability.
 """
 import os
 import subprocess
 
 import pytest
 
-from conftest import POOL_DIR, _destroy_pool, _new_pool_name, make_tree, snap, state, zfs, \
-    zpool
-from test_replication import CURSOR_TAG, Rig, assert_exit, assert_guids_equal, fs_reports, \
-    push_report, snap_guids
+from conftest import (POOL_DIR, _destroy_pool, _new_pool_name, assert_no_traceback,
+                      make_tree, run_cli, snap, state, zfs, zpool)
+from test_replication import (CURSOR_TAG, Rig, assert_exit, assert_guids_equal, fs_reports,
+                              push_report, snap_guids)
 
 import zrepl
 
@@ -116,3 +117,58 @@ def test_raw_encrypted_replication_stays_encrypted_without_the_key(pools, tmp_pa
     assert (step["kind"], step["to"], step["state"]) == ("incremental", "@s2", "done")
     assert zfs("get", "-H", "-o", "value", "keystatus", target).stdout.strip() == "unavailable"
     assert_guids_equal(rig, fs)
+
+
+@pytest.mark.parametrize("setting", ["unspecified", "inherit", "off"])
+def test_placeholders_under_an_encrypted_root_fs(pools, tmp_path, setting):
+    """recv.placeholder.encryption (SPEC §8.4): the identity placeholder always inherits;
+    a deeper placeholder under an encrypted parent needs a decision: `unspecified` is an
+    error for that filesystem, `inherit` makes it encrypted, `off` unencrypted."""
+    _need("encryption")
+    rig = Rig(pools, tmp_path, "phenc" + setting)
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(b"p" * 32)
+    zfs("destroy", "-r", rig.sink)
+    zfs("create", "-o", "encryption=on", "-o", "keyformat=raw", "-o", "mountpoint=none",
+        "-o", "keylocation=file://%s" % keyfile, rig.sink)
+    make_tree(rig.src, ["a"])
+    fs = rig.fs("a")
+    snap(fs, "s1")
+    rig.configure([fs], sink_extra=["recv: {placeholder: {encryption: %s}}" % setting])
+    cp, doc = rig.once()
+    enc = lambda ds: zfs("get", "-H", "-o", "value", "encryption", ds).stdout.strip()
+    assert enc(rig.recv_root) != "off"                   # root_fs/<identity>: inherits
+    parent = rig.recv_root + "/" + rig.src.split("/")[0]
+    if setting == "unspecified":
+        assert_exit(cp, 1, doc)
+        err = fs_reports(push_report(doc))[fs]["error"]
+        assert "placeholder encryption is unspecified" in err["message"], err
+        return
+    assert_exit(cp, 0, doc)
+    assert (enc(parent) == "off") is (setting == "off")
+    assert_guids_equal(rig, fs)
+
+
+def test_configcheck_refuses_what_the_sender_would_refuse(pools, tmp_path):
+    """zrepl's send rules checked against this host's datasets: `send.encrypted` over an
+    unencrypted filesystem, and `send.raw` without `send.encrypted` over an encrypted one,
+    are configcheck errors (exit 2), not a failure at every run."""
+    _need("encryption")
+    rig = Rig(pools, tmp_path, "ccenc")
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(b"c" * 32)
+    secret, plain = rig.src + "/secret", rig.fs("plain")
+    zfs("create", "-o", "encryption=on", "-o", "keyformat=raw", "-o", "mountpoint=none",
+        "-o", "keylocation=file://%s" % keyfile, secret)
+    make_tree(plain, [])
+    for send, fs, text in (("{encrypted: true}", plain, "is not encrypted"),
+                           ("{raw: true}", secret, "mixed intent")):
+        rig.configure([fs], push_extra=["send: %s" % send])
+        cp = run_cli("configcheck", config=rig.cfg)
+        assert_no_traceback(cp)
+        assert cp.returncode == 2 and text in cp.stderr and fs in cp.stderr, cp.stderr
+    rig.configure([secret, plain], push_extra=["send: {raw: true}"])
+    assert run_cli("configcheck", config=rig.cfg).returncode == 2
+    rig.configure([secret], push_extra=["send: {encrypted: true}"])
+    cp = run_cli("configcheck", config=rig.cfg)
+    assert cp.returncode == 0, cp.stderr

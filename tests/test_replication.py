@@ -67,11 +67,11 @@ class Rig:
         return "%s/%s" % (self.recv_root, fs)
 
     def configure(self, filesystems, *, snapshotting=MANUAL, keep_sender=KEEP_ALL,
-                  keep_receiver=KEEP_ALL, push_extra=()):
+                  keep_receiver=KEEP_ALL, push_extra=(), sink_extra=()):
         """Write the push + sink configuration (SPEC §2.12) and return its path.
 
         filesystems: a list of sender names (each accepted), or a {pattern: bool} dict.
-        push_extra: extra YAML lines for the push job (indented by this function).
+        push_extra, sink_extra: extra YAML lines for the push / sink job (indented here).
         """
         if not isinstance(filesystems, dict):
             filesystems = {f: True for f in filesystems}
@@ -82,8 +82,9 @@ class Rig:
                  "  - name: sink",
                  "    type: sink",
                  "    root_fs: %s" % q(self.sink),
-                 "    serve: {type: local, listener_name: disk}",
-                 "  - name: push",
+                 "    serve: {type: local, listener_name: disk}"]
+        lines += ["    " + ln for ln in sink_extra]
+        lines += ["  - name: push",
                   "    type: push",
                   "    connect: {type: local, listener_name: disk, client_identity: host1}",
                   "    filesystems: {%s}" % fs,

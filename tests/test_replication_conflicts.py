@@ -9,9 +9,8 @@ come from test_replication.py.
 import pytest
 
 from conftest import make_tree, run_cli, snap, state, zfs
-from test_replication import (CURSOR_TAG, LAST_RECEIVED_TAG, REAL_ZFS, assert_exit,
-                              assert_guids_equal, assert_only_known_holds, cursor_holds,
-                              cursor_line, fs_reports, has_bookmarks, holds_view,
+from test_replication import (LAST_RECEIVED_TAG, REAL_ZFS, assert_exit, assert_guids_equal,
+                              assert_only_known_holds, cursor_holds, fs_reports, holds_view,
                               logged_calls, push_report, q, Rig, snap_guids, snap_order,
                               zfs_logger)
 

@@ -18,10 +18,9 @@ import time
 import pytest
 
 from conftest import ZREPL_PY, make_tree, snap, state, write_data, zfs
-from test_replication import (CURSOR_TAG, pool_caps, LAST_RECEIVED_TAG, STEP_TAG, assert_exit,
-                              assert_guids_equal, assert_only_known_holds, cursor_holds,
-                              cursor_line, fs_reports, has_bookmarks, holds_view, push_report,
-                              Rig, snap_order)
+from test_replication import (LAST_RECEIVED_TAG, STEP_TAG, assert_exit, assert_guids_equal,
+                              assert_only_known_holds, cursor_holds, cursor_line, fs_reports,
+                              holds_view, pool_caps, push_report, Rig, snap_order)
 
 pytestmark = pytest.mark.poolsize("1G")
 MiB = 1 << 20
