@@ -5473,6 +5473,7 @@ class Replication:
         for i, s in enumerate(f.steps):
             rep = f.step_reports[i] if i < len(f.step_reports) and f.step_reports[i] else None
             steps.append(rep or s.to_json("planned" if self.dry_run else "pending"))
+        e = [s["bytes_expected"] for s in steps]      # the size estimates (send -n -v -P)
         last = None
         versions = self.sender_versions.get(f.path, {})
         have = self.receiver_guids.get(f.path, set())
@@ -5483,7 +5484,8 @@ class Replication:
                     "creation": rfc3339(newest.creation)}
         return {"fs": f.path, "receiver_fs": f.receiver_fs, "state": f.state,
                 "steps_total": len(f.steps), "steps_done": f.done,
-                "bytes_expected": None, "bytes_replicated": f.bytes, "steps": steps,
+                "bytes_expected": sum(e) if e and None not in e else None,
+                "bytes_replicated": f.bytes, "steps": steps,
                 "last_replicated": last,
                 "lag_s": int(time.time() - max(common, key=lambda v: v.createtxg).creation)
                 if common else None,

@@ -12,7 +12,7 @@ import pytest
 from conftest import (POOL_DIR, _destroy_pool, _new_pool_name, assert_no_traceback,
                       make_tree, run_cli, snap, state, zfs, zpool)
 from test_replication import (CURSOR_TAG, Rig, assert_exit, assert_guids_equal, fs_reports,
-                              push_report, snap_guids)
+                              logged_calls, push_report, snap_guids, zfs_logger)
 
 import zrepl
 
@@ -172,3 +172,45 @@ def test_configcheck_refuses_what_the_sender_would_refuse(pools, tmp_path):
     rig.configure([secret], push_extra=["send: {encrypted: true}"])
     cp = run_cli("configcheck", config=rig.cfg)
     assert cp.returncode == 0, cp.stderr
+
+
+SEND_OPTIONS = [("send_properties", "-p", "send_p"), ("backup_properties", "-b", "send_b"),
+                ("large_blocks", "-L", "send_L"), ("compressed", "-c", "send_c"),
+                ("embedded_data", "-e", "send_e")]
+
+
+def test_send_and_recv_options_reach_zfs_and_estimates_reach_the_report(pools, tmp_path):
+    """Every send option becomes its flag on `zfs send` (in SPEC §4.4's order), recv
+    properties become `-o`/`-x` on `zfs receive`, and the size estimate (`send -n -v -P`)
+    is the step's and the filesystem's bytes_expected (SPEC §8.8, §1.7)."""
+    for _, _, cap in SEND_OPTIONS:
+        _need(cap)
+    _need("recv_o")
+    _need("recv_x")
+    _need("send_estimate")
+    rig = Rig(pools, tmp_path, "opts")
+    make_tree(rig.src, ["a"])
+    fs = rig.fs("a")
+    zfs("set", "zreplpy:keep=yes", fs)
+    zfs("set", "zreplpy:drop=yes", fs)
+    snap(fs, "s1")
+    rig.configure([fs], push_extra=["send: {%s}" % ", ".join("%s: true" % o
+                                                             for o, _, _ in SEND_OPTIONS)],
+                  sink_extra=['recv: {properties: {override: {"zreplpy:over": "1"}, '
+                              'inherit: ["zreplpy:drop"]}}'])
+    env, log = zfs_logger(tmp_path)
+    job = rig.ok(env=env)
+    [send] = [a for a in logged_calls(log, fs) if a[0] == "send" and "-n" not in a]
+    assert send[1:-1] == ["-p", "-b", "-L", "-c", "-e"], send
+    [recv] = [a for a in logged_calls(log, rig.sink) if a[0] == "receive"]
+    assert "-o" in recv and "zreplpy:over=1" in recv and ["-x", "zreplpy:drop"] == \
+        recv[recv.index("-x"):recv.index("-x") + 2], recv
+    target = rig.target(fs)
+    props = dict(line.split("\t")[1:3] for line in zfs(
+        "get", "-H", "-o", "name,property,value", "zreplpy:keep,zreplpy:drop,zreplpy:over",
+        target).stdout.splitlines())
+    assert props == {"zreplpy:keep": "yes", "zreplpy:drop": "-", "zreplpy:over": "1"}, props
+    f = fs_reports(job)[fs]
+    assert f["steps"][0]["bytes_expected"] and f["bytes_expected"] == \
+        f["steps"][0]["bytes_expected"]
+    assert_guids_equal(rig, fs)
