@@ -3929,6 +3929,11 @@ class ZFS:
                 return False
             raise
 
+    def get_property(self, name, prop):
+        """The value of prop on one dataset, whatever its source."""
+        r = self.run(["zfs", "get", "-H", "-o", "value", prop, name], fs=name)
+        return r.stdout.rstrip("\n")
+
     def get_local_property(self, name, prop):
         """The locally set value of prop on one dataset, or None."""
         r = self.run(["zfs", "get", "-H", "-o", "value,source", prop, name], fs=name)
@@ -4639,9 +4644,10 @@ class LocalReceiver:
         with self._placeholder_lock:
             name = self.job.root_fs
             for part in parts[:-1]:
-                name = f"{name}/{part}"
+                parent, name = name, f"{name}/{part}"
                 if name in datasets:
                     continue
+                self._check_placeholder_encryption(name, parent, datasets)
                 try:
                     self.zfs.create_placeholder(name, encryption_off=self._encryption_off())
                     datasets[name] = Dataset(name, "filesystem", None, "on")
@@ -4649,6 +4655,23 @@ class LocalReceiver:
                     if e.kind != "exists":
                         raise
                     datasets[name] = Dataset(name, "filesystem")
+
+    def _check_placeholder_encryption(self, name, parent, datasets):
+        """SPEC §8.4: `unspecified` decides like `inherit` for root_fs/<identity> and under
+        an unencrypted parent; under an encrypted one the user must say what they want."""
+        setting = self.job.recv.placeholder_encryption if self.job.recv else "unspecified"
+        if setting != "unspecified" or name == self.root or \
+                not self.zfs.capabilities()["encryption"]:
+            return
+        known = datasets.get(parent)
+        encryption = known.encryption if known is not None and known.encryption else \
+            self.zfs.get_property(parent, "encryption")
+        if encryption not in ("off", "-", ""):
+            raise ZreplError(f"placeholder encryption is unspecified in "
+                             f"recv.placeholder.encryption: {name} would be created under "
+                             f"encrypted {parent}", kind="placeholder-encryption",
+                             local_to_fs=True, fs=name,
+                             hint="set recv.placeholder.encryption to inherit or off")
 
     def _encryption_off(self):
         setting = self.job.recv.placeholder_encryption if self.job.recv else "unspecified"
