@@ -209,12 +209,28 @@ def test_send_and_recv_options_reach_zfs_and_estimates_reach_the_report(pools, t
     [recv] = [a for a in logged_calls(log, rig.sink) if a[0] == "receive"]
     assert "-o" in recv and "zreplpy:over=1" in recv and ["-x", "zreplpy:drop"] == \
         recv[recv.index("-x"):recv.index("-x") + 2], recv
-    target = rig.target(fs)
-    props = dict(line.split("\t")[1:3] for line in zfs(
-        "get", "-H", "-o", "name,property,value", "zreplpy:keep,zreplpy:drop,zreplpy:over",
-        target).stdout.splitlines())
-    assert props == {"zreplpy:keep": "yes", "zreplpy:drop": "-", "zreplpy:over": "1"}, props
+    # `-b` sends only *received* property values (zfs-send(8)): the locally set one stays home
+    assert _user_props(rig.target(fs)) == {"zreplpy:keep": "-", "zreplpy:drop": "-",
+                                           "zreplpy:over": "1"}
     f = fs_reports(job)[fs]
     assert f["steps"][0]["bytes_expected"] and f["bytes_expected"] == \
         f["steps"][0]["bytes_expected"]
     assert_guids_equal(rig, fs)
+    # without `-b`, `-p` carries the local values, and recv's -x / -o still apply
+    make_tree(rig.src, ["b"])
+    other = rig.fs("b")
+    zfs("set", "zreplpy:keep=yes", other)
+    zfs("set", "zreplpy:drop=yes", other)
+    snap(other, "s1")
+    rig.configure([other], push_extra=["send: {send_properties: true}"],
+                  sink_extra=['recv: {properties: {override: {"zreplpy:over": "1"}, '
+                              'inherit: ["zreplpy:drop"]}}'])
+    rig.ok()
+    assert _user_props(rig.target(other)) == {"zreplpy:keep": "yes", "zreplpy:drop": "-",
+                                              "zreplpy:over": "1"}
+
+
+def _user_props(fs):
+    return dict(line.split("\t")[1:3] for line in zfs(
+        "get", "-H", "-o", "name,property,value", "zreplpy:keep,zreplpy:drop,zreplpy:over",
+        fs).stdout.splitlines())
