@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import re
+import select
 import shutil
 import signal
 import stat
@@ -59,12 +60,73 @@ DEFAULT_CONFIG_PATHS = ("/etc/zrepl/zrepl.yml", "/usr/local/etc/zrepl/zrepl.yml"
 # one filesystem is affected (local_to_fs). Callers decide on those flags and on `kind`,
 # never on message text.
 
+# Every kind of error zrepl.py knows: kind -> (temporary, local_to_fs, exit code, hint).
+# An error made with a kind takes its flags from here unless its maker knows better (a
+# zfs-fuse socket refusing a user is "permission" for the whole host). The table is also
+# the whitelist of kinds that may arrive from a peer (error_from_json).
+ERROR_KINDS = {
+    # the invocation as a whole
+    "error": (False, False, 1, None),
+    "internal": (False, True, 1, "this is a bug in zrepl.py; please report it with the log"),
+    "usage": (False, False, 2, None),
+    "config": (False, False, 2, None),
+    "locked": (False, False, 3, None),
+    "unsupported": (False, False, 1, "this ZFS lacks the option; run `zrepl.py version` to "
+                                     "see what it supports"),
+    "zfs-unavailable": (False, False, 1, "start the ZFS service (zfs-fuse: its daemon) and "
+                                         "retry"),
+    "permission": (False, True, 1, "run as root or `zfs allow` the needed permissions"),
+    "root-fs-missing": (False, False, 1, None),
+    "hook": (False, False, 1, None),
+    # the other side and the wire (SPEC §9)
+    "connection": (True, False, 1, None),
+    "protocol": (False, False, 1, "run the same zrepl.py version on both ends"),
+    "refused": (False, True, 1, None),
+    "peer-error": (False, False, 1, None),
+    # one filesystem
+    "missing": (False, True, 1, None),
+    "exists": (False, True, 1, None),
+    "changed": (False, True, 1, None),
+    "verify": (False, True, 1, None),
+    "cancelled": (True, True, 1, None),
+    "timeout": (True, True, 1, None),
+    "killed": (True, True, 1, None),
+    "stream-broken": (True, True, 1, None),
+    "parent-failed": (False, True, 1, None),
+    "invalid-name": (False, True, 1, None),
+    "placeholder-encryption": (False, True, 1, "set recv.placeholder.encryption to inherit "
+                                               "or off"),
+    "not-encrypted": (False, True, 1, None),
+    "mixed-intent": (False, True, 1, None),
+    "zfs-error": (False, True, 1, None),
+    "hold-exists": (False, True, 1, None),
+    "no-such-tag": (False, True, 1, None),
+    "bookmark-exists": (False, True, 1, None),
+    "held": (True, True, 1, None),
+    "busy": (True, True, 1, None),
+    "has-clones": (False, True, 1, None),
+    "partial-state": (True, True, 1, None),
+    "interrupted-resumable": (True, True, 1, None),
+    "encrypted-force": (False, True, 1, None),
+    "no-space": (False, True, 1, None),
+    # conflicts (SPEC §8.3): a human decides, retrying does not help
+    "diverged": (False, True, 1, None),
+    "receiver-modified": (False, True, 1, None),
+    "receiver-has-snapshots": (False, True, 1, None),
+    "receiver-exists": (False, True, 1, None),
+    "receiver-has-newer": (False, True, 1, None),
+    "no-common-ancestor": (False, True, 1, None),
+    "sender-empty": (False, True, 1, None),
+    "placeholder-mismatch": (False, True, 1, None),
+    "placeholder-has-snapshots": (False, True, 1, None),
+    "initial-replication-disabled": (False, True, 1, None),
+}
+
+
 class ZreplError(Exception):
     """Base of every error zrepl.py reports to a user; never shown as a traceback."""
 
     kind = "error"
-    temporary = False
-    local_to_fs = False
     exit_code = 1
 
     def __init__(self, message, *, kind=None, temporary=None, local_to_fs=None,
@@ -73,12 +135,13 @@ class ZreplError(Exception):
         self.message = message
         if kind is not None:
             self.kind = kind
-        if temporary is not None:
-            self.temporary = temporary
-        if local_to_fs is not None:
-            self.local_to_fs = local_to_fs
+        known = ERROR_KINDS.get(self.kind, ERROR_KINDS["error"])
+        self.temporary = known[0] if temporary is None else temporary
+        self.local_to_fs = known[1] if local_to_fs is None else local_to_fs
+        if type(self).exit_code == ZreplError.exit_code:
+            self.exit_code = known[2]
         self.fs = fs
-        self.hint = hint
+        self.hint = hint if hint is not None else known[3]
 
     @property
     def error_class(self):
@@ -94,6 +157,27 @@ class ZreplError(Exception):
         return {"class": self.error_class, "temporary": self.temporary,
                 "local_to_fs": self.local_to_fs, "kind": self.kind,
                 "message": self.message, "fs": self.fs, "hint": self.hint}
+
+
+def error_from_json(doc):
+    """An Error document from a peer (SPEC §1.6.1) -> ZreplError. Untrusted: only known
+    kinds pass, other fields are checked for type; a malformed document is a protocol
+    error itself."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("message"), str):
+        return ZreplError("the peer sent a malformed error", kind="protocol")
+    kind = doc.get("kind")
+    if kind not in ERROR_KINDS or kind in ("usage", "config", "locked"):
+        kind = "peer-error"
+
+    def flag(name):
+        return doc[name] if isinstance(doc.get(name), bool) else None
+
+    def text(name):
+        v = doc.get(name)
+        return v[:4096] if isinstance(v, str) else None
+
+    return ZreplError(doc["message"][:4096], kind=kind, temporary=flag("temporary"),
+                      local_to_fs=flag("local_to_fs"), fs=text("fs"), hint=text("hint"))
 
 
 def error_json(err, fs=None):
@@ -150,6 +234,27 @@ class ZFSError(ZreplError):
 class ZFSUnavailable(ZFSError):
     """No usable ZFS on this host (no zfs command, or its daemon is down)."""
     kind = "zfs-unavailable"
+
+
+class EndpointError(ZreplError):
+    """A request an endpoint refuses (confinement, validation): permanent."""
+    kind = "refused"
+
+
+class TransportError(ZreplError):
+    """The other side is unreachable or the connection broke: temporary."""
+    kind = "connection"
+
+
+class ProtocolError(ZreplError):
+    """The peer broke the protocol (bad frame, wrong version): permanent."""
+    kind = "protocol"
+
+
+class LockHeld(ZreplError):
+    """Another process runs this job (exit 3)."""
+    kind = "locked"
+    exit_code = 3
 
 
 ###############################################################################
@@ -2465,6 +2570,98 @@ class Version:
                 "createtxg": self.createtxg, "creation": self.creation,
                 "userrefs": self.userrefs}
 
+    @classmethod
+    def from_json(cls, doc, fs):
+        """A Version from the wire, of dataset `fs` (already checked): every field checked."""
+        doc = wire_object(doc, "version")
+        vtype = wire_enum(doc, "type", ("snapshot", "bookmark"))
+        name = wire_str(doc, "name", 255)
+        why = component_problem(name)
+        if why:
+            raise ProtocolError(f"invalid {vtype} name from the peer: {why}")
+        userrefs = doc.get("userrefs")
+        if userrefs is not None and not _is_uint(userrefs):
+            raise ProtocolError("invalid userrefs from the peer")
+        return cls(vtype, fs, name, wire_guid(doc, "guid"), wire_uint(doc, "createtxg"),
+                   wire_uint(doc, "creation"), userrefs)
+
+
+# --- records from the wire (SPEC §9.3, §9.8): nothing a peer sends is trusted ---------------
+# Each check raises ProtocolError: the connection is closed and nothing reaches ZFS.
+
+def _is_uint(v, bits=64):
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < (1 << bits)
+
+
+def wire_object(doc, what):
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"the peer sent a {type(doc).__name__} where a {what} object "
+                            "belongs")
+    return doc
+
+
+def wire_str(doc, key, limit, *, optional=False):
+    v = doc.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or len(v) > limit:
+        raise ProtocolError(f"field {key!r} from the peer must be a string of at most "
+                            f"{limit} characters")
+    return v
+
+
+def wire_uint(doc, key):
+    v = doc.get(key)
+    if not _is_uint(v):
+        raise ProtocolError(f"field {key!r} from the peer must be a non-negative integer")
+    return v
+
+
+def wire_bool(doc, key, default=None):
+    v = doc.get(key, default)
+    if not isinstance(v, bool):
+        raise ProtocolError(f"field {key!r} from the peer must be true or false")
+    return v
+
+
+def wire_enum(doc, key, allowed, *, optional=False):
+    v = doc.get(key)
+    if v is None and optional:
+        return None
+    if v not in allowed:
+        raise ProtocolError(f"field {key!r} from the peer must be one of "
+                            f"{', '.join(allowed)}")
+    return v
+
+
+def wire_guid(doc, key):
+    v = doc.get(key)
+    if not isinstance(v, str) or not re.match(r"^[0-9]{1,20}$", v) or int(v) >= 1 << 64:
+        raise ProtocolError(f"field {key!r} from the peer must be a GUID (decimal uint64)")
+    return int(v)
+
+
+def wire_dataset_name(doc, key):
+    name = wire_str(doc, key, 255)
+    why = dataset_name_problem(name)
+    if why:
+        raise ProtocolError(f"invalid filesystem name from the peer: {why}")
+    return name
+
+
+def wire_token(doc, key):
+    v = wire_str(doc, key, 65536, optional=True)
+    if v is not None and not re.match(r"^[0-9a-f-]+$", v):
+        raise ProtocolError("invalid resume token from the peer")
+    return v
+
+
+def wire_list(doc, key, limit=1_000_000):
+    v = doc.get(key)
+    if not isinstance(v, list) or len(v) > limit:
+        raise ProtocolError(f"field {key!r} from the peer must be a list")
+    return v
+
 
 @dataclass
 class Dataset:
@@ -2484,6 +2681,60 @@ class Dataset:
     @property
     def snapshots(self):
         return [v for v in self.versions if v.type == "snapshot"]
+
+    def to_json(self, path=None):
+        """The ListFilesystems entry (SPEC §9.3); `path` is the name the peer uses."""
+        return {"path": path or self.name, "name": self.name, "type": self.type,
+                "guid": None if self.guid is None else str(self.guid),
+                "is_placeholder": self.is_placeholder, "resume_token": self.resume_token,
+                "encryption": self.encryption,
+                "versions": [v.to_json() for v in self.versions]}
+
+    @classmethod
+    def from_json(cls, doc):
+        """-> (path, Dataset named as on its own side); every field checked."""
+        doc = wire_object(doc, "filesystem")
+        path, name = wire_dataset_name(doc, "path"), wire_dataset_name(doc, "name")
+        guid = wire_guid(doc, "guid") if doc.get("guid") is not None else None
+        encryption = wire_str(doc, "encryption", 64, optional=True)
+        versions = [Version.from_json(v, name) for v in wire_list(doc, "versions")]
+        versions.sort(key=lambda v: (v.createtxg, v.type == "snapshot"))
+        return path, cls(name, wire_enum(doc, "type", ("filesystem", "volume")), guid,
+                         "on" if wire_bool(doc, "is_placeholder") else None,
+                         wire_token(doc, "resume_token"), encryption, versions)
+
+
+@dataclass
+class StreamEnd:
+    """How a ZFS stream ended: the producing command's exit status and stderr tail, whether
+    it was cut short, and the error it means (SPEC §9.2 END)."""
+    exit_status: Optional[int]
+    stderr_tail: str = ""
+    aborted: bool = False
+    error: Optional[ZreplError] = None
+
+    def check(self):
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def to_json(self):
+        return {"exit_status": self.exit_status, "stderr_tail": self.stderr_tail[-STDERR_TAIL:],
+                "aborted": self.aborted,
+                "error": self.error.to_json() if self.error is not None else None}
+
+    @classmethod
+    def from_json(cls, doc):
+        doc = wire_object(doc, "end")
+        status = doc.get("exit_status")
+        if status is not None and (not isinstance(status, int) or isinstance(status, bool)):
+            raise ProtocolError("field 'exit_status' from the peer must be an integer or null")
+        err = error_from_json(doc["error"]) if doc.get("error") is not None else None
+        return cls(status, wire_str(doc, "stderr_tail", STDERR_TAIL, optional=True) or "",
+                   wire_bool(doc, "aborted", False), err)
+
+
+STDERR_TAIL = 32 * 1024
 
 
 # --- placeholders (SPEC §3.3) ---------------------------------------------------------------
@@ -2807,6 +3058,74 @@ def parse_listing(text, wanted_types=("filesystem", "volume", "snapshot", "bookm
     return datasets
 
 
+# --- other zfs output, and zrepl's abstractions on it (pure) ---------------------------------
+
+def parse_estimate(text):
+    """`zfs send -n -v -P` output -> bytes: the last `size` line, else the sum of the
+    per-stream lines' last fields; None if nothing parses (SPEC §4.4)."""
+    size, total, seen = None, 0, False
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if parts[0] == "size" and len(parts) >= 2 and parts[-1].isdigit():
+            size = int(parts[-1])
+        elif parts[0] in ("full", "incremental") and parts[-1].isdigit():
+            total += int(parts[-1])
+            seen = True
+    return size if size is not None else (total if seen else None)
+
+
+def parse_token_dump(text):
+    """`zfs send -n -v -t` output -> decoded token fields; valid=False if it is corrupt."""
+    if "resume token is corrupt" in text or "invalid" in text.lower() and "=" not in text:
+        return {"valid": False}
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition(" = ")
+        if sep:
+            fields[key.strip()] = value.strip()
+    if "toguid" not in fields or "toname" not in fields:
+        return {"valid": False}
+
+    def guid(v):
+        return int(v, 16) if v.lower().startswith("0x") else int(v)
+    return {"valid": True, "toname": fields["toname"], "toguid": guid(fields["toguid"]),
+            "fromguid": guid(fields["fromguid"]) if "fromguid" in fields else None,
+            "rawok": "rawok" in fields, "compressok": "compressok" in fields,
+            "largeblockok": "largeblockok" in fields, "embedok": "embedok" in fields,
+            "savedok": "savedok" in fields}
+
+
+def stale_abstractions(records):
+    """SPEC §3.5: which of the records are stale (pure)."""
+    cutoff = {}
+    for a in records:
+        if a["type"] in ("replication-cursor-bookmark-v2", "replication-cursor-hold"):
+            key = (a["fs"], a["job"])
+            cutoff[key] = max(cutoff.get(key, -1), a["createtxg"])
+    newest = {}
+    for a in records:
+        key = (a["fs"], a["job"], a["type"])
+        newest[key] = max(newest.get(key, -1), a["createtxg"])
+    newest_snap = {}
+    for a in records:
+        if a["type"] == "step-hold":
+            newest_snap[(a["fs"], a["job"])] = max(newest_snap.get((a["fs"], a["job"]), -1),
+                                                   a["createtxg"])
+    stale = []
+    for a in records:
+        if a["job"] is None or a["type"] == "tentative-replication-cursor-bookmark-v2":
+            continue
+        if a["type"] == "step-hold":
+            cut = cutoff.get((a["fs"], a["job"]))
+            if (cut is not None and a["createtxg"] <= cut) or \
+                    (cut is None and a["createtxg"] < newest_snap[(a["fs"], a["job"])]):
+                stale.append(a)
+        elif a["createtxg"] < newest[(a["fs"], a["job"], a["type"])]:
+            stale.append(a)
+    return stale
+
+
+
 ###############################################################################
 # 5. Keep rules — grid / last_n / regex / not_replicated -> kept, with reasons (pure)
 ###############################################################################
@@ -2952,10 +3271,35 @@ class Step:
     resume_token: Optional[str] = None
     includes: tuple = ()            # names of the snapshots an -I batch carries, in order
 
-    def to_json(self, state="planned", bytes_expected=None, bytes_replicated=0):
+    def report(self, state="planned", bytes_expected=None, bytes_replicated=0):
+        """The step's entry in a job report (SPEC §1.6.2)."""
         return {"kind": self.kind, "from": version_ref(self.from_), "to": "@" + self.to.name,
                 "state": state, "bytes_expected": bytes_expected,
                 "bytes_replicated": bytes_replicated, "resumed": self.kind == "resume"}
+
+    def to_json(self):
+        """The Step record of the wire (SPEC §9.3)."""
+        return {"kind": self.kind, "from": self.from_.to_json() if self.from_ else None,
+                "to": self.to.to_json(), "protection": self.protection,
+                "resume_token": self.resume_token, "includes": list(self.includes)}
+
+    @classmethod
+    def from_json(cls, doc, fs):
+        doc = wire_object(doc, "step")
+        kind = wire_enum(doc, "kind", ("full", "incremental", "incremental_batch", "resume"))
+        frm = Version.from_json(doc["from"], fs) if doc.get("from") is not None else None
+        includes = wire_list(doc, "includes", 100_000)
+        for name in includes:
+            if not isinstance(name, str) or component_problem(name):
+                raise ProtocolError("invalid snapshot name in a step from the peer")
+        step = cls(kind, frm, Version.from_json(doc.get("to"), fs),
+                   wire_enum(doc, "protection", PROTECTION_KINDS), wire_token(doc, "resume_token"),
+                   tuple(includes))
+        if step.to.type != "snapshot" or (kind == "full" and frm is not None) or \
+                (kind.startswith("incremental") and frm is None) or \
+                (kind == "resume") != (step.resume_token is not None):
+            raise ProtocolError(f"inconsistent {kind} step from the peer")
+        return step
 
     @property
     def is_initial(self):
@@ -3253,12 +3597,8 @@ def classify(argv, rc, stderr, fs=None, *, killed_by_us=False, signal_kill=False
     for rx, want_rc, kind, temporary, local in _CLASSIFY:
         if (want_rc is None or want_rc == rc) and rx.search(low):
             cls = ZFSUnavailable if kind == "zfs-unavailable" else ZFSError
-            hint = {"zfs-unavailable": "start the ZFS service (zfs-fuse: its daemon) and retry",
-                    "permission": "run as root or `zfs allow` the needed permissions",
-                    "unsupported": "this ZFS lacks the option; run `zrepl.py version` to see "
-                                   "what it supports"}.get(kind)
             return cls(f"{what}: {summary}", argv=argv, rc=rc, stderr=stderr, kind=kind,
-                       temporary=temporary, local_to_fs=local, fs=fs, hint=hint)
+                       temporary=temporary, local_to_fs=local, fs=fs)
     return ZFSError(f"{what}: {summary}", argv=argv, rc=rc, stderr=stderr, kind="zfs-error",
                     temporary=False, local_to_fs=fs is not None, fs=fs)
 
@@ -4088,41 +4428,6 @@ def _grow_pipe(fd, size=1 << 20):
         pass
 
 
-def parse_estimate(text):
-    """`zfs send -n -v -P` output -> bytes: the last `size` line, else the sum of the
-    per-stream lines' last fields; None if nothing parses (SPEC §4.4)."""
-    size, total, seen = None, 0, False
-    for line in text.splitlines():
-        parts = line.split("\t")
-        if parts[0] == "size" and len(parts) >= 2 and parts[-1].isdigit():
-            size = int(parts[-1])
-        elif parts[0] in ("full", "incremental") and parts[-1].isdigit():
-            total += int(parts[-1])
-            seen = True
-    return size if size is not None else (total if seen else None)
-
-
-def parse_token_dump(text):
-    """`zfs send -n -v -t` output -> decoded token fields; valid=False if it is corrupt."""
-    if "resume token is corrupt" in text or "invalid" in text.lower() and "=" not in text:
-        return {"valid": False}
-    fields = {}
-    for line in text.splitlines():
-        key, sep, value = line.strip().partition(" = ")
-        if sep:
-            fields[key.strip()] = value.strip()
-    if "toguid" not in fields or "toname" not in fields:
-        return {"valid": False}
-
-    def guid(v):
-        return int(v, 16) if v.lower().startswith("0x") else int(v)
-    return {"valid": True, "toname": fields["toname"], "toguid": guid(fields["toguid"]),
-            "fromguid": guid(fields["fromguid"]) if "fromguid" in fields else None,
-            "rawok": "rawok" in fields, "compressok": "compressok" in fields,
-            "largeblockok": "largeblockok" in fields, "embedok": "embedok" in fields,
-            "savedok": "savedok" in fields}
-
-
 class ZFSProcess:
     """A running `zfs send` or `zfs receive`: raw pipe fds, stderr drained in a thread so a
     chatty command never blocks, and cancel/finish that always reap (SPEC §4.1, §8.9)."""
@@ -4133,6 +4438,7 @@ class ZFSProcess:
         self.fs = fs
         self.pid = proc.pid
         self.cancelled = False
+        self._end = None
         self._stderr = []
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
         self._drain.start()
@@ -4150,46 +4456,46 @@ class ZFSProcess:
     def stderr_text(self):
         return b"".join(self._stderr).decode("utf-8", "replace")
 
-    def splice_to(self, dest, n):
-        """Move up to n bytes from this stdout to dest's stdin in the kernel (Linux
-        os.splice, Python 3.10+), else by read/write -> bytes, 0 at the end, -1 if dest
-        stopped reading. The copy loop's cost is what keeps zrepl.py below raw speed."""
-        if _SPLICE is None:
-            chunk = self.read(n)
-            return len(chunk) if not chunk or dest.write(chunk) else -1
-        try:
-            moved = _SPLICE(self.proc.stdout.fileno(), dest.proc.stdin.fileno(), n)
-        except BrokenPipeError:
-            return -1
-        except (OSError, ValueError) as e:
-            if self.cancelled or dest.cancelled:
-                return 0
-            if getattr(e, "errno", None) == errno.EPIPE:
+    def splice_to(self, fd, n):
+        """Move up to n bytes of this stream into file descriptor fd, in the kernel where
+        the OS allows (Linux os.splice, Python 3.10+; a pipe on either side) -> bytes, 0 at
+        the end, -1 if fd's reader went away. The copy loop's cost is what keeps zrepl.py
+        below raw speed, so a pipe-to-pipe move never passes through Python."""
+        if _SPLICE is not None:
+            try:
+                return _SPLICE(self.proc.stdout.fileno(), fd, n)
+            except BrokenPipeError:
                 return -1
-            raise ZFSError(f"relaying the stream of {self.fs}: {e}", kind="stream-broken",
-                           temporary=True, local_to_fs=True, fs=self.fs) from None
-        return moved
+            except (OSError, ValueError) as e:
+                if self.cancelled:
+                    return 0
+                if getattr(e, "errno", None) == errno.EPIPE:
+                    return -1
+                if getattr(e, "errno", None) not in (errno.EINVAL, errno.ENOSYS):
+                    raise ZFSError(f"relaying the stream of {self.fs}: {e}",
+                                   kind="stream-broken", fs=self.fs) from None
+                # fd is no pipe (a socket, a file): the portable path from now on
+        return write_all(fd, self.read(n))
 
     def read(self, n):
         """Up to n bytes of the stream (b"" at its end)."""
         try:
             return os.read(self.proc.stdout.fileno(), n)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             if self.cancelled:
                 return b""
-            raise ZFSError(f"reading from zfs send: {e.strerror}", kind="stream-broken",
-                           temporary=True, local_to_fs=True, fs=self.fs) from None
+            raise ZFSError(f"reading from zfs send: {getattr(e, 'strerror', e)}",
+                           kind="stream-broken", fs=self.fs) from None
+
+    # -- as the destination of a relay (`zfs receive`) --
+    def write_fd(self):
+        return self.proc.stdin.fileno() if self.proc.stdin and not self.proc.stdin.closed \
+            else None
 
     def write(self, data):
         """Feed all of data to the command's stdin; False if it stopped reading."""
-        view = memoryview(data)
-        fd = self.proc.stdin.fileno()
-        try:
-            while view:
-                view = view[os.write(fd, view):]
-        except (BrokenPipeError, OSError):
-            return False
-        return True
+        fd = self.write_fd()
+        return fd is not None and write_all(fd, data) >= 0
 
     def close_stdin(self):
         if self.proc.stdin and not self.proc.stdin.closed:
@@ -4215,8 +4521,11 @@ class ZFSProcess:
                 pass
 
     def finish(self, timeout=None):
-        """Wait (killing after `timeout`), reap, close every pipe -> None; raises the
-        classified error if the command failed or was cancelled."""
+        """Wait (killing after `timeout`), reap, close every pipe -> StreamEnd, whose error
+        is the classified failure if the command failed or was cancelled. Again: the
+        same StreamEnd (a transport that sent END and the driver both finish it)."""
+        if self._end is not None:
+            return self._end
         self.close_stdin()
         try:
             self.proc.wait(timeout=timeout)
@@ -4232,28 +4541,56 @@ class ZFSProcess:
             if pipe and not pipe.closed:
                 pipe.close()
         rc = self.proc.returncode
+        error = None
         if rc != 0:
-            raise classify(self.argv, rc, self.stderr_text, self.fs,
-                           killed_by_us=self.cancelled, signal_kill=rc < 0 and
-                           not self.cancelled)
+            error = classify(self.argv, rc, self.stderr_text, self.fs,
+                             killed_by_us=self.cancelled, signal_kill=rc < 0 and
+                             not self.cancelled)
+        self._end = StreamEnd(rc, self.stderr_text[-STDERR_TAIL:], self.cancelled, error)
+        return self._end
+
+
+def write_all(fd, data):
+    """Write all of data to fd (blocking) -> len(data), or -1 if its reader went away."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except (BrokenPipeError, OSError, ValueError):
+        return -1
+    return len(data)
+
+
+RELAY_CHUNK = 1 << 20
+
+
+def relay(source, sink, chunk=RELAY_CHUNK):
+    """THE relay loop: move a Stream (read, splice_to) into a sink (`write_fd()` for the
+    kernel path, else `write(bytes) -> bool`, e.g. DATA frames) until the stream ends
+    -> True, or False if the sink stopped taking it. Meters and limits live in the
+    Stream wrappers, so every transport counts and throttles the same way."""
+    while True:
+        fd = sink.write_fd()
+        if fd is not None:
+            moved = source.splice_to(fd, chunk)
+        else:
+            data = source.read(chunk)
+            moved = len(data) if not data or sink.write(data) else -1
+        if moved == 0:
+            return True
+        if moved < 0:
+            return False
 
 
 ###############################################################################
 # 8. Endpoints — a sender and a receiver over the adapter; their methods are the RPC table
 ###############################################################################
-# A push job's sender and a pull job's receiver live in the job's own process; the other
-# side is a sink or source job, served in-process over `local`, or (later) through RPC.
-# The replication driver only ever talks to these methods (SPEC §9.3), so it never knows
-# which transport it runs on. A serving endpoint validates every name it is given.
-
-class EndpointError(ZreplError):
-    """A request an endpoint refuses (confinement, validation): permanent."""
-    kind = "refused"
-    local_to_fs = True
-
-
-RECEIVE_CHUNK = 1 << 20
-
+# The replication driver talks to two method tables, Sender and Receiver (SPEC §9.3), and
+# never knows which transport it runs on: here they are carried out on this host's ZFS,
+# in section 9 they are requests to a peer. Arguments and results are plain records
+# (Version, Step, Dataset, reports); streams are Streams. A serving endpoint validates
+# every name it is given and keeps no state between requests that a request does not
+# carry: over ssh, two requests may reach two processes. What it does keep are caches.
 
 def _check_path(path):
     why = dataset_name_problem(path) if isinstance(path, str) else "not a string"
@@ -4281,56 +4618,292 @@ def select_filesystems(zfs, patterns, log):
     return datasets, {n: d for n, d in datasets.items() if filter_accepts(patterns, n)}
 
 
-class LocalSender:
-    """The sending side on this host: a push job, or a source job serving a pull."""
+def destroy_checked(zfs, ds, snapshots, should_stop=None):
+    """Destroy [(name, guid)] of ds after re-checking each GUID against the listing: a
+    snapshot that changed is skipped with error `changed` (SPEC §7.6)."""
+    current = {v.name: v.guid for v in ds.snapshots}
+    result, todo = {}, []
+    for name, guid in snapshots:
+        if current.get(name) is None:
+            result[name] = None                      # already gone
+        elif current[name] != guid:
+            result[name] = ZreplError(f"{ds.name}@{name} changed (GUID differs)",
+                                      kind="changed", fs=ds.name)
+        else:
+            todo.append(name)
+    if todo:
+        result.update(zfs.destroy_snapshots(ds.name, todo, should_stop))
+    return result
 
-    def __init__(self, zfs, job, log, rundir=None):
+
+# --- streams between endpoints: limits and meters wrap a Stream ---------------------------
+
+class TokenBucket:
+    """Bytes per second with a burst capacity, shared by a job's transfers (SPEC §9.7)."""
+
+    def __init__(self, rate, capacity):
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.stamp = time.monotonic()
+        self.lock = threading.Lock()
+
+    @classmethod
+    def of(cls, limit):
+        """The bucket of a bandwidth_limit, or None where it is unlimited."""
+        return cls(limit.max, limit.bucket_capacity) if limit and limit.max > 0 else None
+
+    def take(self, n, cancelled):
+        while n > 0 and not cancelled():
+            with self.lock:
+                now = time.monotonic()
+                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+                self.stamp = now
+                got = min(n, int(self.tokens))
+                self.tokens -= got
+                # sleep until the bucket holds what is still needed (at most a bucketful)
+                wait = (min(n - got, self.capacity) - self.tokens) / self.rate
+            n -= got
+            if n > 0:
+                time.sleep(min(0.1, max(0.001, wait)))
+
+
+class MeteredStream:
+    """A Stream seen through limits and a meter: every byte pays the buckets first (so a
+    move never exceeds a bucketful), then `on_bytes(n)` counts it; `cancelled()` ends it.
+    The kernel path (splice_to) survives the wrapping."""
+
+    def __init__(self, inner, buckets=(), on_bytes=None, cancelled=None):
+        self.inner = inner
+        self.buckets = [b for b in buckets if b is not None]
+        self.on_bytes = on_bytes
+        self._outside = cancelled or (lambda: False)
+        self._cut = False
+
+    def cancelled(self):
+        return self._cut or self._outside()
+
+    def _paid(self, n):
+        if self.buckets:
+            n = min([n] + [b.capacity for b in self.buckets])
+        return n
+
+    def _count(self, n):
+        for b in self.buckets:
+            b.take(n, self.cancelled)
+        if self.on_bytes is not None:
+            self.on_bytes(n)
+
+    def read(self, n):
+        if self.cancelled():
+            return b""
+        data = self.inner.read(self._paid(n))
+        if data:
+            self._count(len(data))
+        return data
+
+    def splice_to(self, fd, n):
+        if self.cancelled():
+            return 0
+        moved = self.inner.splice_to(fd, self._paid(n))
+        if moved > 0:
+            self._count(moved)
+        return moved
+
+    def cancel(self):
+        self._cut = True                # a bucket's wait ends with it
+        self.inner.cancel()
+
+    def finish(self, timeout=None):
+        return self.inner.finish(timeout)
+
+
+class SendStream(MeteredStream):
+    """The sender's own `zfs send`: its limit applied, and what must happen once it ended
+    well (forget the `-I` batch's pid) done by the sender itself."""
+
+    def __init__(self, proc, bucket, on_success=None):
+        super().__init__(proc, [bucket])
+        self.pid = proc.pid
+        self.on_success = on_success
+
+    def finish(self, timeout=None):
+        end = self.inner.finish(timeout)
+        if end.error is None and self.on_success is not None:
+            self.on_success()
+        return end
+
+
+# --- the method tables (SPEC §9.3) --------------------------------------------------------
+
+class Sender:
+    """The sending side of a replication, wherever it is. Paths are sender-side names."""
+
+    def list_filesystems(self):
+        """{path: Dataset} of every filesystem this sender serves (one listing)."""
+        raise NotImplementedError
+
+    def list_versions(self, path):
+        """[Version] of one filesystem, freshly listed."""
+        raise NotImplementedError
+
+    def estimate(self, path, step):
+        """Bytes the step will send, or None."""
+        raise NotImplementedError
+
+    def prepare(self, plans):
+        """{path: [Step]} of a phase: drop stale step holds, hold what the steps need, in a
+        few calls for all filesystems -> {path: error} of those that failed."""
+        raise NotImplementedError
+
+    def send(self, path, step, prepared=False):
+        """Protect the step's snapshots (unless `prepared` did) and start it -> Stream."""
+        raise NotImplementedError
+
+    def send_completed(self, path, step, prepared=False):
+        """The receiver has step.to: move the cursor (a prepared phase's holds-only cursors
+        move in finish_phase, with the others), drop step holds and tentative cursors."""
+        raise NotImplementedError
+
+    def finish_phase(self, cursors, release, keep):
+        """After a prepared phase: cursors [(path, to Version)] to move where they are
+        holds, step holds to release on paths `release` except `keep` -> {path: error}."""
+        raise NotImplementedError
+
+    def release_step_holds(self, path):
+        """Drop this job's step holds on path (a failed transfer that cannot resume)."""
+        raise NotImplementedError
+
+    def decode_token(self, token):
+        """A receive_resume_token -> its fields (SPEC §4.5), valid=False if unusable."""
+        raise NotImplementedError
+
+    def replication_cursor(self, path):
+        """The job's replication cursor on path -> Version or None (SPEC §7.4)."""
+        raise NotImplementedError
+
+    def destroy_snapshots(self, path, snapshots):
+        """Destroy [(name, guid)] whose GUID still matches -> {name: None | error}."""
+        raise NotImplementedError
+
+    def snapshot_round(self, mode, dry_run=False):
+        """A source's snapshot round, run by the source itself -> its report part, or
+        None where this sender snapshots nothing for a peer (a push job)."""
+        raise NotImplementedError
+
+    def close(self):
+        """End the session with the peer; nothing to do in this process."""
+
+
+class Receiver:
+    """The receiving side of a replication, wherever it is. Paths are sender-side names."""
+
+    root = None          # where sender path P lands: root/P
+
+    def target(self, path):
+        return f"{self.root}/{_check_path(path)}"
+
+    def list_filesystems(self):
+        """{sender path: Dataset} under root, one listing."""
+        raise NotImplementedError
+
+    def can_resume(self, path):
+        """Does an interrupted receive into root/path leave a resumable state?"""
+        raise NotImplementedError
+
+    def prepare(self, plans):
+        """{path: [Step]} of a phase: pre-check the incrementals' targets in one call ->
+        {path: error} of those that must not start."""
+        raise NotImplementedError
+
+    def receive(self, path, step, stream):
+        """Receive one step's Stream into root/path -> the received Version."""
+        raise NotImplementedError
+
+    def finish_phase(self, received):
+        """[(path, Version, protection)] received this phase: verify them by GUID and move
+        the last-received holds, in a few calls -> {path: error}."""
+        raise NotImplementedError
+
+    def abort_partial_receive(self, path):
+        raise NotImplementedError
+
+    def finish_placeholder_conversion(self, path):
+        raise NotImplementedError
+
+    def destroy_snapshots(self, path, snapshots):
+        raise NotImplementedError
+
+    def send(self, path, step):
+        """Restore mode: a full stream of root/path@step.to back -> Stream."""
+        raise NotImplementedError
+
+    def close(self):
+        """End the session with the peer; nothing to do in this process."""
+
+
+class LocalSender(Sender):
+    """The sending side on this host: a push job, or a source job serving a pull.
+
+    snapshot_round: for a source, the function that runs its own snapper (section 11 is
+    below this one, so whoever builds the endpoint passes it in)."""
+
+    def __init__(self, zfs, job, log, rundir=None, snapshot_round=None):
         self.zfs = zfs
         self.job = job
         self.log = log
         self.rundir = rundir
+        self._snapshot_round = snapshot_round
         self._lock = threading.Lock()
         self._datasets = {}
-        self._prepared = set()
-        self._pending_cursors = {}
-        self._tentatives = {}       # path -> tentative cursor bookmarks made this phase
-        self._cursors = {}          # path -> the cursor bookmark this process made last
+        self._leaks_checked = rundir is None
+        s = job.send or SendOptions()
+        self.bucket = TokenBucket.of(s.bandwidth_limit)
 
-    # -- ListFilesystems --
+    # -- ListFilesystems, ListFilesystemVersions --
     def list_filesystems(self):
-        """{path: Dataset} of every filesystem the job's filter accepts (one listing)."""
+        if not self._leaks_checked:
+            self._leaks_checked = True
+            self._release_leaked_send_holds()
         _, accepted = select_filesystems(self.zfs, self.job.filesystems, self.log)
         with self._lock:
             self._datasets = accepted
         return accepted
 
-    def _dataset(self, path):
+    def list_versions(self, path):
+        return self._dataset(path, refresh=True).versions
+
+    def _dataset(self, path, refresh=False):
         _check_path(path)
         if not filter_accepts(self.job.filesystems, path):
-            raise EndpointError(f"endpoint does not allow access to filesystem {path}")
+            raise EndpointError(f"endpoint does not allow access to filesystem {path}",
+                                fs=path)
         with self._lock:
-            ds = self._datasets.get(path)
+            ds = None if refresh else self._datasets.get(path)
         if ds is None:
             ds = self.list_filesystems().get(path)
         if ds is None:
             raise ZreplError(f"sender filesystem {path} does not exist", kind="missing",
-                             local_to_fs=True, fs=path)
+                             fs=path)
         return ds
 
     def _version(self, ds, ref):
-        """The sender's Version for a step's from/to, matched by name AND guid."""
-        for v in ds.versions:
-            if v.type == ref.type and v.name == ref.name and v.guid == ref.guid:
-                return v
+        """The sender's Version for a step's from/to, matched by name AND guid; a listing
+        older than the version (another connection listed) is refreshed once."""
+        for attempt in (0, 1):
+            for v in ds.versions:
+                if v.type == ref.type and v.name == ref.name and v.guid == ref.guid:
+                    return v
+            if attempt == 0:
+                ds = self._dataset(ds.name, refresh=True)
         raise ZreplError(f"{ds.name}{'@' if ref.type == 'snapshot' else '#'}{ref.name} is gone "
-                         "or changed on the sender", kind="changed", local_to_fs=True,
-                         fs=ds.name)
+                         "or changed on the sender", kind="changed", fs=ds.name)
 
     def send_flags(self, ds):
         s = self.job.send or SendOptions()
         refusal = send_encryption_refusal(s, ds.name, ds.encryption not in (None, "-", "off"))
         if refusal:
-            raise ZreplError(refusal[1], kind=refusal[0], local_to_fs=True, fs=ds.name)
+            raise ZreplError(refusal[1], kind=refusal[0], fs=ds.name)
         flags = ["-w"] if (s.encrypted or s.raw) else []
         for attr, flag in (("send_properties", "-p"), ("backup_properties", "-b"),
                            ("large_blocks", "-L"), ("compressed", "-c"),
@@ -4347,12 +4920,10 @@ class LocalSender:
     # On pools without bookmarks every hold is a `zfs hold` plus a zrepl:holds record write,
     # each a txg sync (~10 ms on zfs-fuse): done per step that is ~12 calls per filesystem,
     # several times the transfer itself. So a phase places all its step holds at once
-    # (prepare) and moves all cursors and drops all step holds at once (flush). A crash in
-    # between leaves the cursor behind, which only keeps more snapshots (never fewer).
+    # (prepare) and moves all cursors and drops all step holds at once (finish_phase). A
+    # crash in between leaves the cursor behind, which only keeps more snapshots.
 
     def prepare(self, plans):
-        """Before a phase's transfers: drop stale step holds and hold every planned step's
-        snapshots, in a few calls for all filesystems -> {path: error} of those that failed."""
         tag = step_hold_tag(self.job.name)
         need, stale, owner = {}, [], {}
         for path, steps in plans.items():
@@ -4368,7 +4939,6 @@ class LocalSender:
                         owner[v.full_name] = path
                         keep.add(v.guid)
             stale += [v for v in tagged_snapshots(self.zfs, ds, tag) if v.guid not in keep]
-            self._prepared.add(path)
         errors = {}
         if stale:
             for name, err in self.zfs.release(tag, stale).items():
@@ -4380,18 +4950,14 @@ class LocalSender:
                     errors.setdefault(owner[name], err)
         return errors
 
-    def flush(self, exclude=(), keep_step_holds=()):
-        """After a phase's transfers: move the holds-only cursors to what the receiver
-        confirmed (not for `exclude`: their receive failed verification) and release the
-        step holds (not for `keep_step_holds`: a resumable partial receive needs them), in
-        a few calls -> {path: error}."""
+    def finish_phase(self, cursors, release, keep):
         errors = {}
-        moves, self._pending_cursors = self._pending_cursors, {}
-        moves = {p: m for p, m in moves.items() if p not in exclude}
-        prepared, self._prepared = self._prepared, set()
+        moves = {path: (self._dataset(path), to) for path, to in cursors
+                 if not self._has_bookmarks(path)}
         if moves:
             tag = cursor_hold_tag(self.job.name)
-            for name, err in self.zfs.hold(tag, [to for _, to in moves.values()]).items():
+            tos = [self._version(ds, to) for ds, to in moves.values()]
+            for name, err in self.zfs.hold(tag, tos).items():
                 if err is not None:
                     errors.setdefault(name.split("@")[0], err)
             old = [v for path, (ds, to) in moves.items() if path not in errors
@@ -4401,7 +4967,7 @@ class LocalSender:
                     if err is not None:
                         errors.setdefault(name.split("@")[0], err)
         tag = step_hold_tag(self.job.name)
-        held = [v for path in sorted(prepared - set(keep_step_holds)) for v in
+        held = [v for path in sorted(set(release) - set(keep)) for v in
                 tagged_snapshots(self.zfs, self._dataset(path), tag)]
         if held:
             for name, err in self.zfs.release(tag, held).items():
@@ -4409,8 +4975,8 @@ class LocalSender:
                     self.log("warn", "repl", f"cannot release step hold on {name}: {err}")
         return errors
 
-    def send(self, path, step):
-        """Protect the step's snapshots, then start `zfs send` -> ZFSProcess (SPEC §8.6)."""
+    def send(self, path, step, prepared=False):
+        """Protect the step's snapshots, then start `zfs send` (SPEC §8.6)."""
         ds = self._dataset(path)
         to = self._version(ds, step.to)
         frm = self._version(ds, step.from_) if step.from_ is not None else None
@@ -4418,20 +4984,16 @@ class LocalSender:
         if step.protection == "guarantee_incremental" and self._has_bookmarks(path):
             for v in (frm, to):
                 if v is not None and v.type == "snapshot":
-                    name = tentative_cursor_bookmark_name(v.guid, self.job.name)
-                    self._bookmark(v, name)
-                    with self._lock:
-                        self._tentatives.setdefault(path, set()).add(f"{v.fs}#{name}")
-        elif path in self._prepared:
-            pass                                  # prepare() held this phase's snapshots
-        elif step.protection == "guarantee_resumability":
+                    self._bookmark(v, tentative_cursor_bookmark_name(v.guid, self.job.name))
+        elif step.protection == "guarantee_resumability" and not prepared:
             self._release_stale_step_holds(ds, keep=[v for v in (frm, to) if v is not None])
             need = [v for v in (frm, to) if v is not None and v.type == "snapshot"]
             self._check(self.zfs.hold(step_hold_tag(self.job.name), need))
         proc = self.zfs.send(path, step, flags)
-        if step.kind == "incremental_batch":
-            self._record_send(proc.pid, ds, frm, to)
-        return proc
+        if step.kind != "incremental_batch":
+            return SendStream(proc, self.bucket)
+        self._record_send(proc.pid, ds, frm, to)
+        return SendStream(proc, self.bucket, lambda: self._forget_send(proc.pid))
 
     @staticmethod
     def _check(results):
@@ -4451,42 +5013,22 @@ class LocalSender:
                 raise
 
     # -- SendCompleted --
-    def send_completed(self, path, step):
-        """The receiver has `to`: move the cursor, drop step holds and tentative cursors."""
+    def send_completed(self, path, step, prepared=False):
         if step.protection == "guarantee_nothing":
             return
         ds = self._dataset(path)
         to = self._version(ds, step.to)
         job = self.job.name
         if self._has_bookmarks(path):
-            cursor = f"{path}#{cursor_bookmark_name(to.guid, job)}"
             self._bookmark(to, cursor_bookmark_name(to.guid, job))
             # a pool that gained bookmarks (`zpool upgrade`): the bookmark now is the
             # cursor, so the holds-only cursor of before is released (SPEC §3.6)
             old = tagged_snapshots(self.zfs, ds, cursor_hold_tag(job))
             if old:
                 self._check(self.zfs.release(cursor_hold_tag(job), old))
-            # older cursors, and every tentative cursor: the listed ones and those this
-            # phase made (an earlier step's cursor, tentatives), which the listing lacks
-            with self._lock:
-                stale = self._tentatives.pop(path, set())
-                made = self._cursors.get(path)
-                self._cursors[path] = cursor
-            if made is not None and made != cursor:
-                stale.add(made)
-            for v in ds.versions:
-                if v.type != "bookmark":
-                    continue
-                parsed = parse_abstraction_bookmark(v.name, v.guid)
-                if parsed and parsed[1] == job and (
-                        parsed[0] == "tentative-replication-cursor-bookmark-v2" or
-                        parsed[0] == "replication-cursor-bookmark-v2" and v.guid != to.guid):
-                    stale.add(v.full_name)
-            for name in sorted(stale):
-                self.zfs.destroy_bookmark(name)
-        elif path in self._prepared:
-            self._pending_cursors[path] = (ds, to)     # moved by flush(), with the others
-            return
+            self._destroy_stale_cursors(ds, step, to)
+        elif prepared:
+            return                          # finish_phase moves it, with the others
         else:
             # holds-only cursor: hold the new one first, then release the old ones
             tag = cursor_hold_tag(job)
@@ -4494,11 +5036,33 @@ class LocalSender:
             old = [v for v in tagged_snapshots(self.zfs, ds, tag) if v.guid != to.guid]
             if old:
                 self._check(self.zfs.release(tag, old))
-        if path not in self._prepared:
+        if not prepared:
             self._release_stale_step_holds(ds, keep=[])
 
+    def _destroy_stale_cursors(self, ds, step, to):
+        """Older cursors and every tentative cursor of this job: those the listing shows,
+        and those this step and the phase's earlier steps made, which no listing of this
+        process may show (they are named by GUID, so they are known without one)."""
+        job = self.job.name
+        stale = set()
+        if step.from_ is not None and step.from_.guid != to.guid:
+            stale.add(f"{ds.name}#{cursor_bookmark_name(step.from_.guid, job)}")
+        if step.protection == "guarantee_incremental":
+            for v in (step.from_, to):
+                if v is not None and v.type == "snapshot":
+                    stale.add(f"{ds.name}#{tentative_cursor_bookmark_name(v.guid, job)}")
+        for v in ds.versions:
+            if v.type != "bookmark":
+                continue
+            parsed = parse_abstraction_bookmark(v.name, v.guid)
+            if parsed and parsed[1] == job and (
+                    parsed[0] == "tentative-replication-cursor-bookmark-v2" or
+                    parsed[0] == "replication-cursor-bookmark-v2" and v.guid != to.guid):
+                stale.add(v.full_name)
+        for name in sorted(stale):
+            self.zfs.destroy_bookmark(name)
+
     def release_step_holds(self, path):
-        """Drop this job's step holds on path (a failed transfer that cannot resume)."""
         self._release_stale_step_holds(self._dataset(path), keep=[])
 
     def _release_stale_step_holds(self, ds, keep):
@@ -4520,7 +5084,7 @@ class LocalSender:
         with self._lock, open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"pid": pid, "snapshots": names}) + "\n")
 
-    def send_finished(self, pid):
+    def _forget_send(self, pid):
         """The batch of `pid` ended normally: forget its record."""
         path = self._sends_path()
         if path is None:
@@ -4534,8 +5098,8 @@ class LocalSender:
             keep = [ln for ln in lines if json.loads(ln).get("pid") != pid]
             atomic_write(path, "".join(keep), mode=0o600)
 
-    def release_leaked_send_holds(self):
-        """At the start of an invocation: release `.send-<pid>-0` of batches that died."""
+    def _release_leaked_send_holds(self):
+        """Once per endpoint: release `.send-<pid>-0` of batches that died."""
         path = self._sends_path()
         if path is None or not os.path.exists(path):
             return
@@ -4561,11 +5125,9 @@ class LocalSender:
             return {"valid": False}
         return self.zfs.decode_token(token)
 
-    # -- ReplicationCursor, DestroySnapshots --
-    def replication_cursor(self, path, ds=None):
-        """The newest v2 cursor bookmark of this job, else the snapshot holding the cursor
-        hold -> Version or None (SPEC §7.4)."""
-        ds = ds or self._dataset(path)
+    # -- ReplicationCursor, DestroySnapshots, SnapshotRound --
+    def replication_cursor(self, path):
+        ds = self._dataset(path)
         job = self.job.name
         marks = [v for v in ds.versions if v.type == "bookmark" and
                  (parse_abstraction_bookmark(v.name, v.guid) or ("", ""))[:2] ==
@@ -4574,58 +5136,44 @@ class LocalSender:
         candidates = marks + held
         return max(candidates, key=lambda v: v.createtxg) if candidates else None
 
-    def destroy_snapshots(self, path, snapshots, should_stop=None):
-        """Destroy snapshots whose GUID still matches -> {name: None | error}."""
-        ds = self._dataset(path)
-        return destroy_checked(self.zfs, ds, snapshots, should_stop)
+    def destroy_snapshots(self, path, snapshots):
+        return destroy_checked(self.zfs, self._dataset(path), snapshots)
+
+    def snapshot_round(self, mode, dry_run=False):
+        if self._snapshot_round is None:
+            return None
+        report = self._snapshot_round(self.job, mode, dry_run)
+        with self._lock:
+            self._datasets = {}            # the round made snapshots: list again
+        return report
 
 
-def destroy_checked(zfs, ds, snapshots, should_stop=None):
-    """Destroy [(name, guid)] of ds after re-checking each GUID against the listing: a
-    snapshot that changed is skipped with error `changed` (SPEC §7.6)."""
-    current = {v.name: v.guid for v in ds.snapshots}
-    result, todo = {}, []
-    for name, guid in snapshots:
-        if current.get(name) is None:
-            result[name] = None                      # already gone
-        elif current[name] != guid:
-            result[name] = ZreplError(f"{ds.name}@{name} changed (GUID differs)",
-                                      kind="changed", local_to_fs=True, fs=ds.name)
-        else:
-            todo.append(name)
-    if todo:
-        result.update(zfs.destroy_snapshots(ds.name, todo, should_stop))
-    return result
-
-
-class LocalReceiver:
+class LocalReceiver(Receiver):
     """The receiving side on this host: a sink job serving an identity, or a pull job.
 
     Sender path P lands in `root/P`; root is root_fs/<identity> (sink) or root_fs (pull).
     """
 
-    def __init__(self, zfs, job, root, log, *, root_is_placeholder):
+    def __init__(self, zfs, job, root, log):
         self.zfs = zfs
         self.job = job
         self.root = root
         self.log = log
-        self.root_is_placeholder = root_is_placeholder   # sink: created on first receive
         self._placeholder_lock = threading.Lock()
         self._checked = set()
         self._datasets = None
-        self._pending_holds = {}
-        self._precheck_errors = {}
+        self.bucket = TokenBucket.of((job.recv or RecvOptions()).bandwidth_limit)
 
     def target(self, path):
         name = f"{self.root}/{_check_path(path)}"
         if len(name.encode()) > 255:
-            raise EndpointError(f"{name} would be longer than 255 bytes")
+            raise EndpointError(f"{name} would be longer than 255 bytes", fs=path)
         return name
 
     def list_filesystems(self):
-        """{sender path: Dataset} under root, one listing of root only (never another
-        identity's subtree); a missing root_fs is an error, a missing root_fs/<identity>
-        an empty listing (it is created at the first receive)."""
+        """One listing of root only (never another identity's subtree); a missing root_fs
+        is an error, a missing root_fs/<identity> an empty listing (it is created at the
+        first receive)."""
         datasets, missing = self.zfs.list_datasets([self.root])
         if missing and (self.root == self.job.root_fs or
                         not self.zfs.exists(self.job.root_fs)):
@@ -4633,9 +5181,15 @@ class LocalReceiver:
                              kind="root-fs-missing",
                              hint=f"create it (zfs create -o mountpoint=none "
                                   f"{self.job.root_fs})")
-        self._datasets = dict(datasets)     # what exists, as far as this job knows
+        with self._placeholder_lock:
+            self._datasets = dict(datasets)     # what exists, as far as this job knows
         prefix = self.root + "/"
         return {n[len(prefix):]: d for n, d in datasets.items() if n.startswith(prefix)}
+
+    def _listing(self):
+        if self._datasets is None:
+            self.list_filesystems()
+        return self._datasets
 
     def _ensure_parents(self, target, datasets):
         """Create missing datasets between root_fs (exclusive) and target (exclusive) as
@@ -4669,21 +5223,17 @@ class LocalReceiver:
         if encryption not in ("off", "-", ""):
             raise ZreplError(f"placeholder encryption is unspecified in "
                              f"recv.placeholder.encryption: {name} would be created under "
-                             f"encrypted {parent}", kind="placeholder-encryption",
-                             local_to_fs=True, fs=name,
-                             hint="set recv.placeholder.encryption to inherit or off")
+                             f"encrypted {parent}", kind="placeholder-encryption", fs=name)
 
     def _encryption_off(self):
         setting = self.job.recv.placeholder_encryption if self.job.recv else "unspecified"
         return setting == "off" and self.zfs.capabilities()["encryption"]
 
-    def receive(self, path, step, source):
-        """Receive one step's stream from `source` (read(n) -> bytes) into root/path, check
-        the result by GUID and move the last-received hold -> the received Version."""
+    def receive(self, path, step, stream):
+        """Receive one step's stream into root/path; the GUID check and the last-received
+        hold follow in finish_phase (SPEC §8.7)."""
         target = self.target(path)
-        if self._datasets is None:
-            self.list_filesystems()
-        datasets = self._datasets        # the attempt's listing, plus what we made since
+        datasets = self._listing()        # the attempt's listing, plus what we made since
         existing = datasets.get(target)
         force = False
         if step.kind == "resume":
@@ -4691,29 +5241,25 @@ class LocalReceiver:
             # no snapshot yet for a full stream; ZFS checks the token against it
             if existing is None:
                 raise ZreplError(f"receiver filesystem {target} with the partial receive "
-                                 "is gone", kind="missing", local_to_fs=True, fs=path)
+                                 "is gone", kind="missing", fs=path)
         elif step.kind == "full":
             if existing is not None:
                 if not existing.is_placeholder or existing.snapshots:
                     raise ZreplError(f"{target} exists: a full receive would overwrite it",
-                                     kind="receiver-exists", local_to_fs=True, fs=path)
-                force = step.kind == "full"      # -F only over an empty placeholder
+                                     kind="receiver-exists", fs=path)
+                force = True                 # -F only over an empty placeholder
             else:
                 self._ensure_parents(target, datasets)
         elif path not in self._checked:
-            if existing is None:
-                raise ZreplError(f"receiver filesystem {target} does not exist (destroyed "
-                                 "since the listing?)", kind="missing", local_to_fs=True,
-                                 fs=path)
-            self.prepare({path: [step]})
-            err = self._precheck_errors.pop(path, None)
+            # never skipped: an incremental into a missing target lands elsewhere
+            err = self.prepare({path: [step]}).get(path)
             if err is not None:
                 raise err
         recv = self.job.recv or RecvOptions()
         proc = self.zfs.receive(target, force=force, resumable=self.can_resume(path),
                                 inherit=recv.properties_inherit,
                                 override=recv.properties_override)
-        self._relay(source, proc, path)
+        self._relay(MeteredStream(stream, [self.bucket]), proc, path)
         self._checked.add(path)          # it exists now, holding `to`: no pre-check needed
         full = force or (step.kind == "resume" and step.from_ is None)
         if full and existing is not None and existing.is_placeholder:
@@ -4721,10 +5267,6 @@ class LocalReceiver:
             self.finish_placeholder_conversion(path)
         received = Version("snapshot", target, step.to.name, step.to.guid,
                            step.to.createtxg, step.to.creation, 0)
-        with self._placeholder_lock:   # verified by GUID and held by flush(), with the others
-            prev = self._pending_holds.get(target)
-            self._pending_holds[target] = (prev[0] if prev else existing, received,
-                                           step.protection != "guarantee_nothing")
         with self._placeholder_lock:
             ds = datasets.get(target) or Dataset(target, "filesystem")
             datasets[target] = dataclasses.replace(ds, placeholder_value=None if full
@@ -4735,45 +5277,29 @@ class LocalReceiver:
     def _relay(self, source, proc, path):
         """Copy the stream into `zfs receive`; the receiver's error wins over the sender's
         broken pipe (SPEC §8.9)."""
-        recv_gone = False
-        move = getattr(source, "transfer_to", None)
         try:
-            while True:
-                if move is not None:
-                    moved = move(proc, RECEIVE_CHUNK)    # zero-copy where the OS allows
-                    if moved == 0:
-                        break
-                    if moved < 0:
-                        recv_gone = True
-                        break
-                    continue
-                chunk = source.read(RECEIVE_CHUNK)
-                if not chunk:
-                    break
-                if not proc.write(chunk):
-                    recv_gone = True
-                    break
+            complete = relay(source, proc)
         except BaseException:
             proc.cancel()
-            try:
-                proc.finish(timeout=KILL_GRACE)
-            except ZFSError:
-                pass
+            proc.finish(timeout=KILL_GRACE)
             raise
-        try:
-            proc.finish()
-        except ZFSError as e:
-            e.fs = path
-            raise
-        if recv_gone:
+        end = proc.finish()
+        if end.error is not None:
+            end.error.fs = path
+            raise end.error
+        if not complete:
             raise ZreplError(f"zfs receive into {self.root}/{path} stopped reading",
-                             kind="stream-broken", temporary=True, local_to_fs=True, fs=path)
+                             kind="stream-broken", fs=path)
+
+    def can_resume(self, path):
+        pool = self.root.split("/")[0]
+        return self.zfs.capabilities().pools.get(pool, {}).get("resume", False)
 
     def prepare(self, plans):
-        """Before a phase's transfers: the incremental pre-check of every planned
-        filesystem in one `zfs get -d 1`. ZFS redirects an incremental stream to another
-        dataset holding the source snapshot when the named target is missing (zfs-fuse.md
-        §3.2), so the target must exist and have the source GUID -> {path: error}."""
+        """The incremental pre-check of every planned filesystem in one `zfs get -d 1`.
+        ZFS redirects an incremental stream to another dataset holding the source
+        snapshot when the named target is missing (zfs-fuse.md §3.2), so the target must
+        exist and have the source GUID."""
         todo = {}
         for path, steps in plans.items():
             first = steps[0] if steps else None
@@ -4782,76 +5308,73 @@ class LocalReceiver:
         if not todo:
             return {}
         found = self.zfs.snapshot_guids(sorted(todo))
+        errors = {}
         for target, (path, frm) in todo.items():
             if target not in found:
-                err = ZreplError(f"receiver filesystem {target} does not exist (destroyed "
-                                 "since the listing?)", kind="missing", local_to_fs=True,
-                                 fs=path)
+                errors[path] = ZreplError(f"receiver filesystem {target} does not exist "
+                                          "(destroyed since the listing?)", kind="missing",
+                                          fs=path)
             elif frm.guid not in found[target].values():
-                err = ZreplError(f"{target} no longer has the incremental source "
-                                 f"{version_ref(frm)}", kind="missing", local_to_fs=True,
-                                 fs=path)
+                errors[path] = ZreplError(f"{target} no longer has the incremental source "
+                                          f"{version_ref(frm)}", kind="missing", fs=path)
             else:
                 self._checked.add(path)
-                continue
-            self._precheck_errors[path] = err
-        return {p: e for p, e in self._precheck_errors.items() if p in plans}
+        return errors
 
-    def flush(self):
-        """After a phase's transfers: verify every received snapshot by GUID (one `zfs
-        get`), then move the last-received holds: hold the new snapshots, release the tag
-        from the older ones, in a few calls for all filesystems -> {path: error}."""
-        with self._placeholder_lock:
-            moves, self._pending_holds = self._pending_holds, {}
-        if not moves:
+    def finish_phase(self, received):
+        """Verify every received snapshot by GUID (one `zfs get`), then move the
+        last-received holds: hold the new snapshots, release the tag from the older ones,
+        in a few calls for all filesystems."""
+        if not received:
             return {}
         tag = last_received_hold_tag(self.job.name)
-        prefix = self.root + "/"
         errors = {}
-        got = self.zfs.get_versions([r.full_name for _, r, _ in moves.values()])
-        for target, (_, received, _) in list(moves.items()):
-            v = got.get(received.full_name)
-            if v is None or v.guid != received.guid:
-                errors[target[len(prefix):]] = ZreplError(
-                    f"after receiving, {received.full_name} "
+        listing = self._listing()
+        last = {}
+        for path, version, protection in received:
+            target = self.target(path)
+            last[target] = (path, Version("snapshot", target, version.name, version.guid,
+                                          version.createtxg, version.creation, 0), protection)
+        got = self.zfs.get_versions([r.full_name for _, r, _ in last.values()])
+        for target, (path, want, _) in list(last.items()):
+            v = got.get(want.full_name)
+            if v is None or v.guid != want.guid:
+                errors[path] = ZreplError(
+                    f"after receiving, {want.full_name} "
                     f"{'is missing' if v is None else 'has another GUID'}; the received "
-                    "state is left for inspection", kind="verify", local_to_fs=True,
-                    fs=target[len(prefix):])
-                del moves[target]
-        moves = {t: m for t, m in moves.items() if m[2]}    # guarantee_nothing: no hold
-        if not moves:
+                    "state is left for inspection", kind="verify", fs=path)
+                del last[target]
+            else:
+                last[target] = (path, v, last[target][2])
+        last = {t: m for t, m in last.items() if m[2] != "guarantee_nothing"}
+        if not last:
             return errors
-        for name, err in self.zfs.hold(tag, [r for _, r, _ in moves.values()]).items():
+        for name, err in self.zfs.hold(tag, [v for _, v, _ in last.values()]).items():
             if err is not None:
-                errors.setdefault(name.split("@")[0][len(prefix):], err)
-        old = [v for target, (before, received, _) in moves.items() if before is not None
-               and target[len(prefix):] not in errors
-               for v in tagged_snapshots(self.zfs, before, tag) if v.guid != received.guid]
+                errors.setdefault(last[name.split("@")[0]][0], err)
+        old = [v for target, (path, now, _) in last.items() if path not in errors
+               and target in listing
+               for v in tagged_snapshots(self.zfs, listing[target], tag) if v.guid != now.guid]
         if old:
             for name, err in self.zfs.release(tag, old).items():
                 if err is not None:
-                    errors.setdefault(name.split("@")[0][len(prefix):], err)
+                    t = name.split("@")[0]
+                    errors.setdefault(last[t][0] if t in last else t, err)
         return errors
 
     def send(self, path, step):
-        """Restore mode (SPEC §9.3): send a full stream of root/path@to back, raw where
-        the copy is encrypted (it was received raw, its key is not loaded here)."""
+        """Restore mode (SPEC §9.3): a full stream of root/path@to back, raw where the copy
+        is encrypted (it was received raw, its key is not loaded here)."""
         target = self.target(path)
-        if self._datasets is None:
-            self.list_filesystems()
-        ds = self._datasets.get(target)
+        ds = self._listing().get(target)
         v = next((v for v in ds.snapshots if v.name == step.to.name and
                   v.guid == step.to.guid), None) if ds is not None else None
         if v is None:
             raise ZreplError(f"{target}@{step.to.name} is gone or changed on the receiver",
-                             kind="changed", local_to_fs=True, fs=path)
+                             kind="changed", fs=path)
         flags = ["-w"] if ds.encryption not in (None, "-", "off") else []
-        return self.zfs.send(target, Step("full", None, v, "guarantee_nothing"), flags)
-
-    def can_resume(self, path):
-        """Does an interrupted receive into root/path leave a resumable state?"""
-        pool = self.root.split("/")[0]
-        return self.zfs.capabilities().pools.get(pool, {}).get("resume", False)
+        proc = self.zfs.send(target, Step("full", None, v, "guarantee_nothing"), flags)
+        return SendStream(proc, None)
 
     def abort_partial_receive(self, path):
         self.zfs.abort_receive(self.target(path))
@@ -4861,52 +5384,1073 @@ class LocalReceiver:
         self.zfs.set_property(target, "zrepl:placeholder", "off")
         self.zfs.set_property(target, "canmount", "on")
 
-    def destroy_snapshots(self, path, snapshots, should_stop=None):
+    def destroy_snapshots(self, path, snapshots):
         target = self.target(path)
         datasets, _ = self.zfs.list_datasets([self.root])
         ds = datasets.get(target)
         if ds is None:
             raise ZreplError(f"receiver filesystem {target} does not exist", kind="missing",
-                             local_to_fs=True, fs=path)
-        return destroy_checked(self.zfs, ds, snapshots, should_stop)
+                             fs=path)
+        return destroy_checked(self.zfs, ds, snapshots)
+
 
 ###############################################################################
-# 9. Transport and RPC — who the other side is: `local` now, remote transports later
+# 9. Transport and RPC — who the other side is: `local`, ssh+stdinserver; the wire
 ###############################################################################
 # The seed: "no special local job: push + sink over a local transport, a switchboard by
-# client identity". A push job with `connect: local` gets the sink job that serves that
-# listener_name, built in this process; a pull job gets its source likewise.
+# client identity". Every peer is built by the same server-side construction (identity
+# -> root_fs confinement -> endpoint, serve_endpoint): `local` calls it in this process,
+# `stdinserver` in the process an ssh forced command starts. Between processes the method
+# tables of section 8 travel as frames (SPEC §9.1-9.3): RemoteSender and RemoteReceiver
+# are those tables as requests, Server carries them out against a local endpoint.
 
-class TransportError(ZreplError):
-    kind = "connection"
-    temporary = True
+PROTOCOL_VERSION = 1
+PREAMBLE = b"ZREPLPY1"
+PREAMBLE_SEARCH = 64 * 1024
+HELLO, REQUEST, RESPONSE, DATA, END, HEARTBEAT = 1, 2, 3, 4, 5, 6
+FRAME_NAMES = {HELLO: "HELLO", REQUEST: "REQUEST", RESPONSE: "RESPONSE", DATA: "DATA",
+               END: "END", HEARTBEAT: "HEARTBEAT"}
+FRAME_LIMITS = {HELLO: 64 * 1024, REQUEST: 16 << 20, RESPONSE: 16 << 20, DATA: 1 << 20,
+                END: 64 * 1024, HEARTBEAT: 0}
+HEARTBEAT_INTERVAL = 5.0
+IDLE_TIMEOUT = 30.0
+HELLO_TIMEOUT = 10.0
 
 
-def connect_peer(config, job, zfs, log, rundir):
-    """The other side of an active job -> (sender endpoint, receiver endpoint)."""
+def _json_frame(payload, what):
+    """A JSON frame's payload -> its object; UTF-8, one object, no duplicate keys."""
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(keys) != len(set(keys)):
+            raise ProtocolError(f"{what} frame has duplicate keys")
+        return dict(pairs)
+    try:
+        doc = json.loads(payload.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ProtocolError(f"{what} frame is not valid JSON: {e}") from None
+    return wire_object(doc, what)
+
+
+class Connection:
+    """Frames over a byte stream given as two file descriptors (a socket twice, an ssh
+    child's pipes, a stdinserver's fd 0 and 1), non-blocking underneath so that every
+    wait has a deadline: nothing heard from the peer for `idle_timeout` (it sends a
+    HEARTBEAT after 5 s of silence) closes the connection, whether we were reading or
+    blocked writing to a peer that stopped reading."""
+
+    def __init__(self, rfd, wfd, *, name, on_close=None, close_fds=True,
+                 idle_timeout=IDLE_TIMEOUT):
+        self.rfd, self.wfd = rfd, wfd
+        self.name = name
+        self.on_close = on_close          # after close(); closes the fds if not close_fds
+        self.close_fds = close_fds
+        self.idle_timeout = idle_timeout
+        for fd in {rfd, wfd}:
+            os.set_blocking(fd, False)
+        self._rbuf = bytearray()
+        self._rlock = threading.Lock()
+        self._wlock = threading.RLock()
+        self.closed = False
+        self.eof = False
+        now = time.monotonic()
+        self.last_sent = self.last_heard = now
+        self._beat = threading.Thread(target=self._heartbeats, daemon=True)
+        self._beat.start()
+
+    # -- writing --
+    def send(self, kind, payload=b""):
+        if len(payload) > FRAME_LIMITS[kind]:
+            raise ProtocolError(f"{FRAME_NAMES[kind]} frame of {len(payload)} bytes is over "
+                                "its limit")
+        self._write(len(payload).to_bytes(4, "big") + bytes((kind,)) + payload)
+
+    def send_json(self, kind, doc):
+        self.send(kind, json.dumps(doc, separators=(",", ":")).encode("utf-8"))
+
+    def _write(self, data, absorb=True):
+        view = memoryview(data)
+        with self._wlock:
+            while view:
+                if self.closed:
+                    raise TransportError(f"connection to {self.name} is closed")
+                try:
+                    view = view[os.write(self.wfd, view):]
+                    continue
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError as e:
+                    raise TransportError(f"connection to {self.name} broke: "
+                                         f"{e.strerror}") from None
+                # the peer is not reading: still hear it (its heartbeats say it lives)
+                readable = [self.rfd] if absorb and not self.eof else []
+                r, _, _ = _select(readable, [self.wfd], 1.0)
+                if r:
+                    self._fill()
+                if time.monotonic() - self.last_heard > self.idle_timeout:
+                    raise TransportError(f"{self.name} stopped reading and sent nothing for "
+                                         f"{format_duration(self.idle_timeout)}")
+            self.last_sent = time.monotonic()
+
+    def _heartbeats(self):
+        while not self.closed:
+            time.sleep(1.0)
+            if self.closed or time.monotonic() - self.last_sent < HEARTBEAT_INTERVAL:
+                continue
+            if not self._wlock.acquire(timeout=0.1):
+                continue                     # a frame is being written: that is a sign of life
+            try:
+                if not self.closed and time.monotonic() - self.last_sent >= HEARTBEAT_INTERVAL:
+                    beat = b"\0\0\0\0" + bytes((HEARTBEAT,))
+                    try:
+                        n = os.write(self.wfd, beat)
+                        if n < len(beat):     # a socket took part of it: the rest, whole
+                            self._write(beat[n:], absorb=False)
+                        self.last_sent = time.monotonic()
+                    except (OSError, ZreplError):
+                        pass                 # a full pipe says as much; a broken one is found
+            finally:
+                self._wlock.release()
+
+    # -- reading --
+    def _fill(self):
+        """Read what is there into the buffer -> bytes read (0 at EOF)."""
+        with self._rlock:
+            try:
+                data = os.read(self.rfd, 1 << 20)
+            except (BlockingIOError, InterruptedError):
+                return -1
+            except OSError as e:
+                raise TransportError(f"connection to {self.name} broke: {e.strerror}") from None
+            if not data:
+                self.eof = True
+                return 0
+            self._rbuf += data
+            self.last_heard = time.monotonic()
+            return len(data)
+
+    def _next_frame(self, peek=False):
+        """The next frame in the buffer other than HEARTBEAT -> (kind, payload), or its
+        kind only if `peek`, or None while it is incomplete."""
+        with self._rlock:
+            while len(self._rbuf) >= 5:
+                n, kind = int.from_bytes(self._rbuf[:4], "big"), self._rbuf[4]
+                if kind not in FRAME_LIMITS:
+                    raise ProtocolError(f"{self.name} sent a frame of unknown kind {kind}")
+                if n > FRAME_LIMITS[kind]:
+                    raise ProtocolError(f"{self.name} sent a {FRAME_NAMES[kind]} frame of "
+                                        f"{n} bytes (limit {FRAME_LIMITS[kind]})")
+                if kind == HEARTBEAT:
+                    del self._rbuf[:5]
+                    continue
+                if len(self._rbuf) < 5 + n:
+                    return None
+                if peek:
+                    return kind
+                payload = bytes(self._rbuf[5:5 + n])
+                del self._rbuf[:5 + n]
+                return kind, payload
+            return None
+
+    def receive(self, timeout=None):
+        """The next frame other than HEARTBEAT -> (kind, payload). Raises TransportError
+        at EOF or after `timeout` (default: idle_timeout) without a byte from the peer."""
+        while True:
+            frame = self._next_frame()
+            if frame is not None:
+                return frame
+            if self.eof:
+                raise TransportError(f"{self.name} closed the connection")
+            if self.closed:
+                raise TransportError(f"connection to {self.name} is closed")
+            wait = self.idle_timeout if timeout is None else timeout
+            r, _, _ = _select([self.rfd], [], min(1.0, wait))
+            if r:
+                self._fill()
+            elif time.monotonic() - self.last_heard > wait:
+                raise TransportError(f"{self.name} sent nothing for {format_duration(wait)}")
+
+    def receive_json(self, want, timeout=None):
+        kind, payload = self.receive(timeout)
+        if kind != want:
+            raise ProtocolError(f"{self.name} sent {FRAME_NAMES[kind]} where "
+                                f"{FRAME_NAMES[want]} belongs")
+        return _json_frame(payload, FRAME_NAMES[want])
+
+    def pending(self):
+        """Without waiting: has the peer sent a frame other than HEARTBEAT? (an early
+        RESPONSE while we still send DATA)"""
+        while True:
+            if self._next_frame(peek=True) is not None:
+                return True
+            if self.eof or self.closed:
+                return False
+            r, _, _ = _select([self.rfd], [], 0)
+            if not r or self._fill() <= 0:
+                return False
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        if self.close_fds:
+            for fd in {self.rfd, self.wfd}:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if self.on_close is not None:
+            self.on_close()
+
+
+def _select(r, w, timeout):
+    try:
+        return select.select(r, w, [], timeout)[:2] + (None,)
+    except (OSError, ValueError):
+        return list(r), list(w), None            # a closed fd: the next read/write says so
+
+
+class WireInStream:
+    """A Stream arriving as DATA frames until END (SPEC §9.2)."""
+
+    def __init__(self, conn, what, on_finish=None):
+        self.conn = conn
+        self.what = what
+        self.end = None
+        self._left = b""
+        self.on_finish = on_finish     # (ok) -> None: give the connection back, or not
+
+    def read(self, n):
+        if self._left:
+            data, self._left = self._left[:n], self._left[n:]
+            return data
+        if self.end is not None:
+            return b""
+        kind, payload = self.conn.receive()
+        if kind == DATA:
+            data, self._left = payload[:n], payload[n:]
+            return data
+        if kind == END:
+            self.end = StreamEnd.from_json(_json_frame(payload, "END"))
+            if self.end.aborted or self.end.error is not None:
+                why = self.end.error or self.end.stderr_tail.strip() or "aborted"
+                raise ZreplError(f"{self.what}: the sending side ended the stream: {why}",
+                                 kind="stream-broken")
+            return b""
+        raise ProtocolError(f"{self.conn.name} sent {FRAME_NAMES[kind]} inside a stream")
+
+    def splice_to(self, fd, n):
+        data = self.read(n)
+        return write_all(fd, data) if data else 0
+
+    def drain(self):
+        """Read and drop the rest, up to END (the receiving side failed early)."""
+        while self.end is None:
+            try:
+                self.read(RELAY_CHUNK)
+            except ZreplError as e:
+                if e.kind != "stream-broken":
+                    raise
+
+    def cancel(self):
+        self.conn.close()
+        self._done(False)
+
+    def finish(self, timeout=None):
+        if self.end is None and not self.conn.closed:
+            try:
+                while self.read(RELAY_CHUNK):
+                    pass
+            except ZreplError as e:
+                if self.end is None:
+                    self._done(False)
+                    return StreamEnd(None, "", True, e)
+        if self.end is None:
+            self._done(False)
+            return StreamEnd(None, "", True, ZreplError(f"{self.what}: the stream was cut",
+                                                        kind="stream-broken"))
+        self._done(True)
+        return self.end
+
+    def _done(self, ok):
+        cb, self.on_finish = self.on_finish, None
+        if cb is not None:
+            cb(ok)
+
+
+class WireOutSink:
+    """The sink of a relay that sends DATA frames; it stops when the peer answers early
+    (its RESPONSE before our END: the receiving side failed)."""
+
+    def __init__(self, conn, watch_replies):
+        self.conn = conn
+        self.watch_replies = watch_replies
+        self.replied = False
+
+    def write_fd(self):
+        return None
+
+    def write(self, data):
+        if self.watch_replies and self.conn.pending():
+            self.replied = True
+            return False
+        for i in range(0, len(data), FRAME_LIMITS[DATA]):
+            self.conn.send(DATA, data[i:i + FRAME_LIMITS[DATA]])
+        return True
+
+
+# --- the server side: one session on one connection ---------------------------------------
+
+def _p_fs(p):
+    return wire_dataset_name(p, "fs")
+
+
+def _p_step(p):
+    return Step.from_json(p.get("step"), _p_fs(p))
+
+
+def _p_snapshots(p):
+    out = []
+    for item in wire_list(p, "snapshots", 100_000):
+        item = wire_object(item, "snapshot")
+        name = wire_str(item, "name", 255)
+        if component_problem(name):
+            raise ProtocolError(f"invalid snapshot name from the peer: {name!r}")
+        out.append((name, wire_guid(item, "guid")))
+    return out
+
+
+def _p_plans(p):
+    plans = {}
+    for item in wire_list(p, "plans", 1_000_000):
+        item = wire_object(item, "plan")
+        fs = _p_fs(item)
+        plans[fs] = [Step.from_json(s, fs) for s in wire_list(item, "steps", 100_000)]
+    return plans
+
+
+def _r_errors(errors):
+    return {"errors": [{"fs": p, "error": error_json(e, p)} for p, e in errors.items()]}
+
+
+def _r_filesystems(listing):
+    return {"filesystems": [d.to_json(p) for p, d in sorted(listing.items())]}
+
+
+def _r_destroyed(results):
+    return {"results": [{"name": n, "destroyed": e is None,
+                         "error": error_json(e) if e is not None else None}
+                        for n, e in results.items()]}
+
+
+# method -> (roles that may call it, handler(endpoint, params) -> result document).
+# A role is "sink", "source" or "sink-restore"; SPEC §9.3's table, plus the phase methods
+# (PrepareSteps, FinishPhase) that let one call serve every filesystem of a phase.
+METHODS = {
+    "Ping": (("sink", "source", "sink-restore"), lambda e, p: {"time": int(time.time())}),
+    "ListFilesystems": (("sink", "source", "sink-restore"),
+                        lambda e, p: _r_filesystems(e.list_filesystems())),
+    "ListFilesystemVersions": (("source",), lambda e, p: {
+        "versions": [v.to_json() for v in e.list_versions(_p_fs(p))]}),
+    "EstimateSize": (("source",), lambda e, p: {"bytes": [e.estimate(_p_fs(p), s) for s in [
+        Step.from_json(s, _p_fs(p)) for s in wire_list(p, "steps", 100_000)]]}),
+    "PrepareSteps": (("sink", "source"), lambda e, p: _r_errors(e.prepare(_p_plans(p)))),
+    "SendCompleted": (("source",), lambda e, p: e.send_completed(
+        _p_fs(p), _p_step(p), prepared=wire_bool(p, "prepared", False)) or {}),
+    "FinishPhase": (("sink", "source"), None),            # by role, below
+    "ReleaseStepHolds": (("source",), lambda e, p: e.release_step_holds(_p_fs(p)) or {}),
+    "DecodeResumeToken": (("source",), lambda e, p: {
+        "token": e.decode_token(wire_token(p, "token"))}),
+    "ReplicationCursor": (("source",), lambda e, p: {
+        "cursor": _v_json(e.replication_cursor(_p_fs(p)))}),
+    "DestroySnapshots": (("sink", "source"), lambda e, p: _r_destroyed(
+        e.destroy_snapshots(_p_fs(p), _p_snapshots(p)))),
+    "SnapshotRound": (("source",), lambda e, p: {"snapshotting": e.snapshot_round(
+        wire_enum(p, "mode", ("due", "always", "never")), wire_bool(p, "dry_run", False))}),
+    "AbortPartialReceive": (("sink",), lambda e, p: e.abort_partial_receive(_p_fs(p)) or {}),
+    "FinishPlaceholderConversion": (("sink",), lambda e, p:
+                                    e.finish_placeholder_conversion(_p_fs(p)) or {}),
+    "Send": (("source", "sink-restore"), None),           # streams: Server handles them
+    "Receive": (("sink",), None),
+    "Goodbye": (("sink", "source", "sink-restore"), lambda e, p: {}),
+}
+
+
+def _v_json(v):
+    return None if v is None else dict(v.to_json(), kind="bookmark" if v.type == "bookmark"
+                                       else "hold")
+
+
+class Server:
+    """One passive session: PREAMBLE, HELLO, then requests one at a time until Goodbye
+    or EOF. A bad frame ends the session with its reason logged; it never reaches ZFS."""
+
+    def __init__(self, conn, endpoint_for, log):
+        self.conn = conn
+        self.endpoint_for = endpoint_for   # mode -> (endpoint, role, hello document)
+        self.log = log
+        self.endpoint = self.role = None
+        self.said_goodbye = False
+
+    def serve(self):
+        """-> True if the client said Goodbye; raises ZreplError for a broken session."""
+        self.conn._write(PREAMBLE)
+        hello = self.conn.receive_json(HELLO, timeout=HELLO_TIMEOUT)
+        if hello.get("protocol") != PROTOCOL_VERSION:
+            theirs = hello.get("protocol")
+            err = ProtocolError(f"protocol version mismatch: local {PROTOCOL_VERSION}, remote "
+                                f"{theirs if isinstance(theirs, int) else '?'} — run the "
+                                "same zrepl.py version on both ends")
+            self.conn.send_json(HELLO, {"error": err.to_json()})
+            raise err
+        mode = wire_enum(hello, "mode", ("replicate", "restore"))
+        try:
+            self.endpoint, self.role, answer = self.endpoint_for(mode)
+        except ZreplError as e:
+            self.conn.send_json(HELLO, {"error": e.to_json()})
+            raise
+        self.conn.send_json(HELLO, dict(answer, protocol=PROTOCOL_VERSION,
+                                        software=f"{PROG} {VERSION}"))
+        while not self.said_goodbye:
+            try:
+                kind, payload = self.conn.receive(timeout=None)
+            except TransportError:
+                if self.conn.eof:
+                    return False           # the client went away between requests
+                raise
+            if kind != REQUEST:
+                raise ProtocolError(f"the client sent {FRAME_NAMES[kind]} where a REQUEST "
+                                    "belongs")
+            self.handle(_json_frame(payload, "REQUEST"))
+        return True
+
+    def handle(self, req):
+        rid = req.get("id")
+        if not _is_uint(rid, 63):
+            raise ProtocolError("REQUEST without a valid id")
+        method = req.get("method")
+        params = wire_object(req.get("params", {}), "params")
+        entry = METHODS.get(method) if isinstance(method, str) else None
+        if entry is None or self.role not in entry[0]:
+            what = self.role.replace("-restore", " (restore mode)")
+            self._error(rid, EndpointError(f"method {str(method)[:64]} not allowed on a {what}"))
+            return
+        if method == "Goodbye":
+            self.said_goodbye = True
+        try:
+            if method == "Send":
+                return self._send(rid, params)
+            if method == "Receive":
+                return self._receive(rid, params)
+            if method == "FinishPhase":
+                result = self._finish_phase(params)
+            else:
+                result = entry[1](self.endpoint, params)
+        except ProtocolError as e:
+            self._error(rid, e)
+            raise
+        except ZreplError as e:
+            self._error(rid, e)
+            return
+        except Exception as e:          # a bug: the client hears of it, the session goes on
+            self.log("error", "rpc", f"{method}: internal error: {e!r}")
+            self._error(rid, ZreplError(f"{method}: internal error on the peer: {e!r}",
+                                        kind="internal"))
+            return
+        self.conn.send_json(RESPONSE, {"id": rid, "result": result})
+
+    def _error(self, rid, err):
+        self.conn.send_json(RESPONSE, {"id": rid, "error": error_json(err)})
+
+    def _finish_phase(self, p):
+        if self.role == "source":
+            cursors = []
+            for item in wire_list(p, "cursors"):
+                item = wire_object(item, "cursor")
+                fs = _p_fs(item)
+                cursors.append((fs, Version.from_json(item.get("to"), fs)))
+            names = [_check_path(n) if isinstance(n, str) else _check_path(None)
+                     for n in wire_list(p, "release") + wire_list(p, "keep")]
+            n = len(wire_list(p, "release"))
+            return _r_errors(self.endpoint.finish_phase(cursors, names[:n], names[n:]))
+        received = []
+        for item in wire_list(p, "received"):
+            item = wire_object(item, "received")
+            fs = _p_fs(item)
+            received.append((fs, Version.from_json(item.get("to"), fs),
+                             wire_enum(item, "protection", PROTECTION_KINDS)))
+        return _r_errors(self.endpoint.finish_phase(received))
+
+    def _send(self, rid, p):
+        fs, step = _p_fs(p), _p_step(p)
+        if self.role == "sink-restore":
+            stream = self.endpoint.send(fs, step)
+        else:
+            stream = self.endpoint.send(fs, step, prepared=wire_bool(p, "prepared", False))
+        try:
+            self.conn.send_json(RESPONSE, {"id": rid, "result": {
+                "size_estimate": None, "resumed": step.kind == "resume"}})
+            relay(stream, WireOutSink(self.conn, watch_replies=False))
+        except BaseException:
+            stream.cancel()
+            stream.finish(timeout=KILL_GRACE)
+            raise
+        end = stream.finish()
+        self.conn.send_json(END, end.to_json())
+
+    def _receive(self, rid, p):
+        fs, step = _p_fs(p), _p_step(p)
+        stream = WireInStream(self.conn, f"receive of {fs}")
+        try:
+            received = self.endpoint.receive(fs, step, stream)
+        except (TransportError, ProtocolError):
+            raise
+        except ZreplError as e:
+            self._error(rid, e)             # before END: the client stops sending
+            stream.drain()
+            return
+        if stream.end is None:
+            stream.drain()
+        self.conn.send_json(RESPONSE, {"id": rid, "result": {"to": received.to_json()}})
+
+
+# --- the active side: requests to one peer ------------------------------------------------
+
+class Client:
+    """The active side's sessions with one peer: one connection for everything, a further
+    one only while transfers overlap (SPEC §9.2), so a no-change invocation opens one.
+    `dial()` -> a fresh Connection whose PREAMBLE has been read."""
+
+    def __init__(self, dial, job, mode, log):
+        self.dial = dial
+        self.job = job
+        self.mode = mode
+        self.log = log
+        self.hello = None
+        self._idle = []
+        self._all = []
+        self._lock = threading.Lock()
+        self._ids = 0
+
+    def _open(self):
+        conn = self.dial()
+        try:
+            conn.send_json(HELLO, {"protocol": PROTOCOL_VERSION, "software": f"{PROG} {VERSION}",
+                                   "job": self.job.name, "mode": self.mode})
+            hello = conn.receive_json(HELLO, timeout=HELLO_TIMEOUT)
+        except BaseException:
+            conn.close()
+            raise
+        if "error" in hello:
+            conn.close()
+            err = error_from_json(hello["error"])
+            raise ZreplError(f"{conn.name} refused the session: {err.message}", kind=err.kind,
+                             temporary=err.temporary, local_to_fs=False, hint=err.hint)
+        if hello.get("protocol") != PROTOCOL_VERSION:
+            conn.close()
+            raise ProtocolError(f"protocol version mismatch: local {PROTOCOL_VERSION}, remote "
+                                f"{hello.get('protocol')} — run the same zrepl.py version on "
+                                "both ends")
+        if self.hello is None:
+            self.hello = hello
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def acquire(self):
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed and not conn.eof:
+                    return conn
+        return self._open()
+
+    def release(self, conn, ok=True):
+        if ok and not conn.closed:
+            with self._lock:
+                self._idle.append(conn)
+        else:
+            conn.close()
+
+    def connections_opened(self):
+        return len(self._all)
+
+    def _request(self, conn, method, params):
+        with self._lock:
+            self._ids += 1
+            rid = self._ids
+        conn.send_json(REQUEST, {"id": rid, "method": method, "params": params})
+        return rid
+
+    def _result(self, conn, rid, method, timeout=None):
+        doc = conn.receive_json(RESPONSE, timeout)
+        if doc.get("id") != rid:
+            raise ProtocolError(f"{conn.name} answered request {doc.get('id')!r}, not {rid}")
+        if doc.get("error") is not None:
+            raise error_from_json(doc["error"])
+        return wire_object(doc.get("result"), f"{method} result")
+
+    def _answer(self, conn, rid, method):
+        """The RESPONSE to rid -> (result, connection still good). An error answer is
+        raised; the connection stays usable, unlike after a transport or protocol fault."""
+        try:
+            return self._result(conn, rid, method)
+        except (TransportError, ProtocolError):
+            conn.close()
+            raise
+
+    def call(self, method, params=None):
+        conn = self.acquire()
+        try:
+            rid = self._request(conn, method, params or {})
+            return self._answer(conn, rid, method)
+        except BaseException as e:
+            _close_unless_answered(conn, e)
+            raise
+        finally:
+            self.release(conn)
+
+    def start_send(self, params, what):
+        """Send: RESPONSE, then the stream -> WireInStream owning the connection."""
+        conn = self.acquire()
+        try:
+            rid = self._request(conn, "Send", params)
+            self._answer(conn, rid, "Send")
+        except BaseException as e:
+            _close_unless_answered(conn, e)
+            self.release(conn)
+            raise
+        return WireInStream(conn, what, on_finish=lambda fine: self.release(conn, fine))
+
+    def receive(self, params, stream, what):
+        """Receive: REQUEST, DATA..., END, then RESPONSE (or an early RESPONSE, after which
+        our END says aborted) -> the result."""
+        conn = self.acquire()
+        ok = False
+        try:
+            rid = self._request(conn, "Receive", params)
+            if relay(stream, WireOutSink(conn, watch_replies=True)):
+                end = stream.finish()
+            else:                           # the receiving side answered early: it failed
+                stream.cancel()
+                stream.finish(timeout=KILL_GRACE)
+                end = StreamEnd(None, "", True)
+            conn.send_json(END, end.to_json())
+            ok = True
+            return self._answer(conn, rid, "Receive")
+        finally:
+            self.release(conn, ok)
+
+    def close(self):
+        """Goodbye on every open connection, then close them all."""
+        with self._lock:
+            conns, self._all, self._idle = self._all, [], []
+        for conn in conns:
+            if conn.closed:
+                continue
+            try:
+                with self._lock:
+                    self._ids += 1
+                    rid = self._ids
+                conn.send_json(REQUEST, {"id": rid, "method": "Goodbye", "params": {}})
+                conn.receive_json(RESPONSE, timeout=5.0)
+            except ZreplError:
+                pass
+            finally:
+                conn.close()
+
+
+def _close_unless_answered(conn, e):
+    """After a failed request: an error the peer answered leaves the connection usable;
+    anything else (transport, protocol, interruption) may have left it mid-frame."""
+    if not isinstance(e, ZreplError) or isinstance(e, (TransportError, ProtocolError)):
+        conn.close()
+
+
+def _parse_errors(result):
+    out = {}
+    for item in wire_list(result, "errors"):
+        item = wire_object(item, "error entry")
+        fs = wire_dataset_name(item, "fs")
+        out[fs] = error_from_json(item.get("error"))
+    return out
+
+
+def _parse_filesystems(result):
+    out = {}
+    for item in wire_list(result, "filesystems"):
+        path, ds = Dataset.from_json(item)
+        out[path] = ds
+    return out
+
+
+def _step_params(path, step, **extra):
+    return dict({"fs": path, "step": step.to_json()}, **extra)
+
+
+class RemoteSender(Sender):
+    """A source on another host, through a Client (SPEC §9.3)."""
+
+    def __init__(self, client):
+        self.client = client
+        limit = (client.hello or {}).get("bandwidth_limit") or {}
+        self.bucket = TokenBucket(limit["max"], limit["bucket_capacity"]) if _is_uint(
+            limit.get("max")) and limit.get("max") and _is_uint(
+            limit.get("bucket_capacity")) else None
+
+    def list_filesystems(self):
+        return _parse_filesystems(self.client.call("ListFilesystems", {"versions": True}))
+
+    def list_versions(self, path):
+        r = self.client.call("ListFilesystemVersions", {"fs": path})
+        return [Version.from_json(v, path) for v in wire_list(r, "versions")]
+
+    def estimate(self, path, step):
+        r = self.client.call("EstimateSize", {"fs": path, "steps": [step.to_json()]})
+        got = wire_list(r, "bytes")
+        return got[0] if got and _is_uint(got[0]) else None
+
+    def prepare(self, plans):
+        return _parse_errors(self.client.call("PrepareSteps", {"plans": [
+            {"fs": p, "steps": [s.to_json() for s in steps]} for p, steps in plans.items()]}))
+
+    def send(self, path, step, prepared=False):
+        stream = self.client.start_send(_step_params(path, step, prepared=prepared),
+                                        f"send of {path}")
+        return MeteredStream(stream, [self.bucket])
+
+    def send_completed(self, path, step, prepared=False):
+        self.client.call("SendCompleted", _step_params(path, step, prepared=prepared))
+
+    def finish_phase(self, cursors, release, keep):
+        return _parse_errors(self.client.call("FinishPhase", {
+            "cursors": [{"fs": p, "to": v.to_json()} for p, v in cursors],
+            "release": sorted(release), "keep": sorted(keep)}))
+
+    def release_step_holds(self, path):
+        self.client.call("ReleaseStepHolds", {"fs": path})
+
+    def decode_token(self, token):
+        r = self.client.call("DecodeResumeToken", {"token": token})
+        t = wire_object(r.get("token"), "token")
+        if not t.get("valid"):
+            return {"valid": False}
+        return {"valid": True, "toname": wire_str(t, "toname", 1024),
+                "toguid": _is_uint(t.get("toguid")) and t["toguid"] or 0,
+                "fromguid": t["fromguid"] if _is_uint(t.get("fromguid")) else None,
+                **{k: bool(t.get(k)) for k in ("rawok", "compressok", "largeblockok",
+                                                "embedok", "savedok")}}
+
+    def replication_cursor(self, path):
+        c = self.client.call("ReplicationCursor", {"fs": path}).get("cursor")
+        return None if c is None else Version.from_json(c, path)
+
+    def destroy_snapshots(self, path, snapshots):
+        r = self.client.call("DestroySnapshots", {"fs": path, "snapshots": [
+            {"name": n, "guid": str(g)} for n, g in snapshots]})
+        return {wire_str(item, "name", 255): (error_from_json(item["error"])
+                                              if item.get("error") is not None else None)
+                for item in (wire_object(i, "result") for i in wire_list(r, "results"))}
+
+    def snapshot_round(self, mode, dry_run=False):
+        r = self.client.call("SnapshotRound", {"mode": mode, "dry_run": dry_run})
+        part = r.get("snapshotting")
+        return part if isinstance(part, dict) else None
+
+    def close(self):
+        self.client.close()
+
+
+class RemoteReceiver(Receiver):
+    """A sink on another host, through a Client (SPEC §9.3)."""
+
+    def __init__(self, client):
+        self.client = client
+        hello = client.hello or {}
+        self.root = wire_dataset_name(hello, "root")
+        self.resumable = hello.get("resumable") is True
+        limit = hello.get("bandwidth_limit") or {}
+        self.bucket = TokenBucket(limit["max"], limit["bucket_capacity"]) if _is_uint(
+            limit.get("max")) and limit.get("max") and _is_uint(
+            limit.get("bucket_capacity")) else None
+
+    def list_filesystems(self):
+        return _parse_filesystems(self.client.call("ListFilesystems", {"versions": True}))
+
+    def can_resume(self, path):
+        return self.resumable
+
+    def prepare(self, plans):
+        return _parse_errors(self.client.call("PrepareSteps", {"plans": [
+            {"fs": p, "steps": [s.to_json() for s in steps]} for p, steps in plans.items()]}))
+
+    def receive(self, path, step, stream):
+        r = self.client.receive(_step_params(path, step), MeteredStream(stream, [self.bucket]),
+                                f"receive of {path}")
+        return Version.from_json(r.get("to"), self.target(path))
+
+    def finish_phase(self, received):
+        return _parse_errors(self.client.call("FinishPhase", {"received": [
+            {"fs": p, "to": v.to_json(), "protection": prot} for p, v, prot in received]}))
+
+    def abort_partial_receive(self, path):
+        self.client.call("AbortPartialReceive", {"fs": path})
+
+    def finish_placeholder_conversion(self, path):
+        self.client.call("FinishPlaceholderConversion", {"fs": path})
+
+    def destroy_snapshots(self, path, snapshots):
+        return RemoteSender.destroy_snapshots(self, path, snapshots)
+
+    def send(self, path, step):
+        return self.client.start_send(_step_params(path, step), f"restore of {path}")
+
+    def close(self):
+        self.client.close()
+
+
+# --- who serves: the one server-side construction -----------------------------------------
+
+def serve_endpoint(config, job, identity, mode, zfs, log, snapshot_round=None):
+    """The endpoint a client of `identity` gets from passive `job` (SPEC §9.8)
+    -> (endpoint, role, HELLO answer). A sink confines the identity to root_fs/<identity>;
+    a source serves what its filter accepts; restore mode only lists and sends."""
+    why = component_problem(identity) if isinstance(identity, str) else "not a string"
+    if why or identity.startswith("-"):
+        raise EndpointError(f"invalid client identity {identity!r}: {why or 'leading -'}")
+    hello = {"job": job.name, "job_type": job.type, "identity": identity,
+             "capabilities": zfs.capabilities().to_json()}
+    if job.type == "sink":
+        root = f"{job.root_fs}/{identity}"
+        if dataset_name_problem(root):
+            raise EndpointError(f"client identity {identity!r} gives the invalid dataset name "
+                                f"{root!r}")
+        receiver = LocalReceiver(zfs, job, root, log)
+        limit = (job.recv or RecvOptions()).bandwidth_limit
+        hello.update(root=root, resumable=receiver.can_resume(""),
+                     bandwidth_limit={"max": limit.max, "bucket_capacity": limit.bucket_capacity})
+        return receiver, "sink-restore" if mode == "restore" else "sink", hello
+    if job.type == "source":
+        if mode == "restore":
+            raise EndpointError(f"source job {job.name} has nothing to restore from; restore "
+                                "from the pull job's root_fs")
+        limit = (job.send or SendOptions()).bandwidth_limit
+        hello.update(bandwidth_limit={"max": limit.max,
+                                      "bucket_capacity": limit.bucket_capacity})
+        return (LocalSender(zfs, job, log, config.global_.rundir, snapshot_round), "source",
+                hello)
+    raise EndpointError(f"job {job.name} (type {job.type}) serves nothing")
+
+
+def stdinserver_job(config, identity):
+    """The one passive job serving `identity` over stdinserver (SPEC §1.5.10)."""
+    found = [j for j in config.jobs if j.serve is not None and j.serve.type == "stdinserver"
+             and identity in j.serve.client_identities]
+    if not found:
+        raise UsageError(f"no job serves identity {identity} over stdinserver (in "
+                         f"{config.path})")
+    return found[0]
+
+
+def serve_stdio(config, identity, zfs, log, snapshot_round, rfd=0, wfd=1):
+    """`stdinserver IDENTITY`: one session on fd 0/1 in this process -> exit code."""
+    job = stdinserver_job(config, identity)
+    conn = Connection(rfd, wfd, name=f"client {identity}")
+    server = Server(conn, lambda mode: serve_endpoint(config, job, identity, mode, zfs, log,
+                                                      snapshot_round), log)
+    try:
+        clean = server.serve()
+    except ZreplError as e:
+        log("error", "rpc", f"stdinserver {identity} (job {job.name}): session ended: {e}")
+        return 1
+    finally:
+        conn.close()
+    return 0 if clean else 1
+
+
+# --- ssh+stdinserver: the active side (SPEC §9.5) -----------------------------------------
+
+SSH_STDERR_TAIL = 32 * 1024
+
+
+def ssh_argv(c):
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=15",
+            "-o", f"ConnectTimeout={max(1, int(c.dial_timeout))}"]
+    if c.port:
+        argv += ["-p", str(c.port)]
+    if c.identity_file:
+        argv += ["-i", c.identity_file]
+    for opt in c.options:
+        argv += ["-o", opt]
+    if c.user:
+        argv += ["-l", c.user]
+    return argv + ["--", c.host, "zrepl-stdinserver-needs-a-forced-command"]
+
+
+class SSHDialer:
+    """Starts one `ssh` per connection and reads the PREAMBLE; every failure says what to
+    fix (SPEC §9.5)."""
+
+    def __init__(self, c, log):
+        self.c = c
+        self.log = log
+        self.procs = []
+
+    def __call__(self):
+        c = self.c
+        argv = ssh_argv(c)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME":
+               os.environ.get("HOME", "/"), "LANG": "C"}
+        where = f"{c.user + '@' if c.user else ''}{c.host}"
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, close_fds=True,
+                                    bufsize=0, start_new_session=True)
+        except OSError as e:
+            raise TransportError(f"cannot run ssh for {where}: {e.strerror}",
+                                 hint="install the OpenSSH client") from None
+        self.procs.append(proc)
+        tail = []
+        drain = threading.Thread(target=self._drain, args=(proc, tail), daemon=True)
+        drain.start()
+
+        def reap():
+            for pipe in (proc.stdin, proc.stdout):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+            try:
+                proc.wait(timeout=2)         # EOF on its stdin ends a clean session
+            except subprocess.TimeoutExpired:
+                pass
+            if proc.poll() is None:
+                try:
+                    proc.terminate()
+                    proc.wait(timeout=KILL_GRACE)
+                except (OSError, subprocess.TimeoutExpired):
+                    proc.kill()
+                    proc.wait()
+            drain.join(timeout=2)
+
+        conn = Connection(proc.stdout.fileno(), proc.stdin.fileno(), name=f"ssh {where}",
+                          on_close=reap, close_fds=False)
+        try:
+            self._preamble(conn, proc, tail, where)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @staticmethod
+    def _drain(proc, tail):
+        while True:
+            chunk = proc.stderr.read(4096)
+            if not chunk:
+                return
+            tail.append(chunk)
+            while sum(map(len, tail)) > SSH_STDERR_TAIL and len(tail) > 1:
+                tail.pop(0)
+
+    def _preamble(self, conn, proc, tail, where):
+        deadline = time.monotonic() + self.c.dial_timeout
+        while True:
+            with conn._rlock:
+                buf = bytes(conn._rbuf)
+            i = buf.find(PREAMBLE)
+            if i >= 0:
+                with conn._rlock:
+                    del conn._rbuf[:i + len(PREAMBLE)]
+                if i:
+                    raise ProtocolError(f"ssh {where}: remote printed non-protocol output: "
+                                        f"{buf[:min(i, 200)]!r}", hint=self._hint())
+                return
+            if len(buf) >= PREAMBLE_SEARCH:
+                raise ProtocolError(f"ssh {where}: remote printed non-protocol output: "
+                                    f"{buf[:200]!r}", hint=self._hint())
+            if conn.eof:
+                try:
+                    proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+                time.sleep(0.05)
+                raise self._failure(where, proc.returncode, b"".join(tail), buf)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransportError(f"ssh {where}: no answer within dial_timeout "
+                                     f"{format_duration(self.c.dial_timeout)}",
+                                     hint="check connect.host/port and that sshd is running")
+            r, _, _ = _select([conn.rfd], [], min(left, 0.5))
+            if r:
+                conn._fill()
+
+    def _hint(self):
+        return ("the remote authorized_keys entry must force `command=\"python3 "
+                ".../zrepl.pyz --config ... stdinserver IDENTITY\",restrict` and print nothing "
+                "else (no shell banner)")
+
+    def _failure(self, where, rc, stderr, stdout):
+        text = stderr.decode("utf-8", "replace").strip()
+        low = text.lower()
+        quoted = "; ".join(ln.strip() for ln in text.splitlines()[-4:] if ln.strip()) or \
+            f"ssh exited with status {rc} and printed nothing"
+        if "host key verification failed" in low or "remote host identification has changed" \
+                in low:
+            return TransportError(f"ssh {where}: host key not known or changed: {quoted}",
+                                  kind="connection", temporary=False,
+                                  hint=f"add the host key of {self.c.host} to the "
+                                       "known_hosts of this user (ssh-keyscan), or check it")
+        if "permission denied" in low:
+            return TransportError(f"ssh {where}: authentication failed: {quoted}",
+                                  temporary=False,
+                                  hint="add this job's public key to the remote "
+                                       "authorized_keys with command=\"python3 .../zrepl.pyz "
+                                       "--config ... stdinserver IDENTITY\",restrict")
+        if "connection refused" in low or "could not resolve" in low or "timed out" in low \
+                or "no route" in low:
+            return TransportError(f"ssh {where}: cannot connect: {quoted}",
+                                  hint="check connect.host/port and that sshd is running")
+        out = stdout.decode("utf-8", "replace").strip()
+        return TransportError(f"ssh {where}: the remote side ended before the protocol "
+                              f"began: {quoted}{(' (stdout: ' + out[:200] + ')') if out else ''}",
+                              temporary=False, hint=self._hint())
+
+
+# --- connect: the other side of an active job ---------------------------------------------
+
+def connect(config, job, zfs, log, rundir, *, snapshot_round=None, mode="replicate"):
+    """The other side of an active job -> (Sender, Receiver); one of them is this host.
+    snapshot_round runs a source's snapper where the source is served in this process."""
     c = job.connect
-    if c.type != "local":
+    if c.type == "local":
+        peer = next((j for j in config.jobs if j.serve is not None and j.serve.type == "local"
+                     and j.serve.listener_name == c.listener_name), None)
+        if peer is None:
+            raise TransportError(f"local listener {c.listener_name} not reachable")
+        want = "sink" if job.type == "push" else "source"
+        if peer.type != want:
+            raise ZreplError(f"job {job.name} {job.type}es {'to' if want == 'sink' else 'from'}"
+                             f" listener {c.listener_name}, which is served by {peer.type} job "
+                             f"{peer.name}, not a {want}", kind="config")
+        far, _, _ = serve_endpoint(config, peer, c.client_identity, mode, zfs, log,
+                                   snapshot_round)
+    elif c.type == "ssh+stdinserver":
+        client = Client(SSHDialer(c, log), job, mode, log)
+        client.release(client.acquire())      # the first connection, for its HELLO
+        want = "sink" if job.type == "push" else "source"
+        got = client.hello.get("job_type")
+        if got != want:
+            client.close()
+            raise ZreplError(f"job {job.name} connects to {c.host}, where job "
+                             f"{str(client.hello.get('job'))[:100]} ({str(got)[:20]}) serves "
+                             f"this identity, not a {want}", kind="config")
+        far = RemoteReceiver(client) if want == "sink" else RemoteSender(client)
+    else:
         raise ZreplError(f"job {job.name}: transport {c.type} is not in this version of "
-                         f"zrepl.py yet; use `connect: {{type: local}}` on one host",
+                         "zrepl.py yet; use ssh+stdinserver, or local on one host",
                          kind="unsupported")
-    peer = next((j for j in config.jobs if j.serve is not None and j.serve.type == "local"
-                 and j.serve.listener_name == c.listener_name), None)
-    if peer is None:
-        raise TransportError(f"local listener {c.listener_name} not reachable")
     if job.type == "push":
-        if peer.type != "sink":
-            raise ZreplError(f"job {job.name} pushes to listener {c.listener_name}, which "
-                             f"is served by {peer.type} job {peer.name}, not a sink",
-                             kind="config")
-        receiver = LocalReceiver(zfs, peer, f"{peer.root_fs}/{c.client_identity}", log,
-                                 root_is_placeholder=True)
-        return LocalSender(zfs, job, log, rundir), receiver, peer
-    if peer.type != "source":
-        raise ZreplError(f"job {job.name} pulls from listener {c.listener_name}, which is "
-                         f"served by {peer.type} job {peer.name}, not a source",
-                         kind="config")
-    receiver = LocalReceiver(zfs, job, job.root_fs, log, root_is_placeholder=False)
-    return LocalSender(zfs, peer, log, rundir), receiver, peer
+        return LocalSender(zfs, job, log, rundir), far
+    return far, LocalReceiver(zfs, job, job.root_fs, log)
 
 
 ###############################################################################
@@ -4919,31 +6463,6 @@ def connect_peer(config, job, zfs, log, rundir):
 MAX_ATTEMPTS = int(os.environ.get("ZREPL_REPLICATION_MAX_ATTEMPTS", "3") or 3)
 RETRY_DELAY = 5.0
 RETRIES_PER_ATTEMPT = 2
-
-
-class TokenBucket:
-    """Bytes per second with a burst capacity, shared by a job's transfers (SPEC §9.7)."""
-
-    def __init__(self, rate, capacity):
-        self.rate = rate
-        self.capacity = capacity
-        self.tokens = capacity
-        self.stamp = time.monotonic()
-        self.lock = threading.Lock()
-
-    def take(self, n, cancelled):
-        while n > 0 and not cancelled():
-            with self.lock:
-                now = time.monotonic()
-                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-                self.stamp = now
-                got = min(n, int(self.tokens))
-                self.tokens -= got
-                # sleep until the bucket holds what is still needed (at most a bucketful)
-                wait = (min(n - got, self.capacity) - self.tokens) / self.rate
-            n -= got
-            if n > 0:
-                time.sleep(min(0.1, max(0.001, wait)))
 
 
 class StepRun:
@@ -4959,6 +6478,13 @@ class StepRun:
         self.stream = None
         self.lock = threading.Lock()
 
+    def count(self, n):
+        self.bytes += n
+        self.last_progress = time.monotonic()
+
+    def cancelled(self):
+        return self.cancel_reason is not None
+
     def cancel(self, reason):
         with self.lock:
             if self.cancel_reason is None:
@@ -4966,47 +6492,6 @@ class StepRun:
             stream = self.stream
         if stream is not None:
             stream.cancel()
-
-
-class CountedStream:
-    """The sender's stream as the receiver reads it: counts bytes, feeds the watchdog,
-    honours the bandwidth limits, and stops at a cancel."""
-
-    def __init__(self, run, source, buckets):
-        self.run = run
-        self.source = source
-        self.buckets = [b for b in buckets if b is not None]
-
-    def read(self, n):
-        if self.run.cancel_reason:
-            return b""
-        chunk = self.source.read(n)
-        if chunk:
-            self._count(len(chunk))
-        return chunk
-
-    def _count(self, n):
-        for b in self.buckets:
-            b.take(n, lambda: self.run.cancel_reason is not None)
-        self.run.bytes += n
-        self.run.last_progress = time.monotonic()
-
-    def transfer_to(self, dest, n):
-        """Move up to n bytes straight from the sender's pipe into the receiver's ->
-        bytes moved, 0 at the end, -1 if the receiver stopped reading. The bucket is paid
-        before the move, so a bandwidth limit holds as it does for read()."""
-        if self.run.cancel_reason:
-            return 0
-        splice = getattr(self.source, "splice_to", None)
-        if splice is None:
-            chunk = self.read(n)
-            return len(chunk) if not chunk or dest.write(chunk) else -1
-        if self.buckets:
-            n = min(n, min(b.capacity for b in self.buckets))
-        moved = splice(dest, n)
-        if moved > 0:
-            self._count(moved)
-        return moved
 
 
 class FsRun:
@@ -5119,10 +6604,6 @@ class Replication:
         self.policy = Policy(job.initial_replication or "most_recent", r.protection_initial,
                              r.protection_incremental, r.batch_incrementals,
                              sends_raw=bool(s.encrypted or s.raw))
-        send_bw = (job.send or SendOptions()).bandwidth_limit
-        recv_bw = (receiver.job.recv or RecvOptions()).bandwidth_limit
-        self.buckets = [TokenBucket(bw.max, bw.bucket_capacity) if bw.max > 0 else None
-                        for bw in (send_bw, recv_bw)]
         prev = ((prev_report or {}).get("replication") or {}).get("filesystems") or []
         self.prev_errors = {f.get("fs"): f.get("error_count", 0) for f in prev
                             if isinstance(f, dict)}
@@ -5131,6 +6612,9 @@ class Replication:
         self.sender_versions = {}
         self.receiver_guids = {}
         self.keep_step_holds = set()    # paths whose failed step can be resumed
+        self.prepared = set()           # paths whose step holds prepare() placed
+        self.received = []              # (path, Version, protection) of this attempt
+        self.completed = {}             # path -> `to` of its last step done this attempt
 
     # -- the phase --
     def run(self):
@@ -5197,15 +6681,21 @@ class Replication:
         if self.dry_run:
             return None
         todo = {p: f.steps[f.done:] for p, f in self.fs.items() if not f.finished and f.steps}
+        self.prepared, self.received, self.completed = set(), [], {}
         for side in (self.receiver, self.sender):
-            if todo and hasattr(side, "prepare"):
-                for path, err in side.prepare(todo).items():
-                    f = self.fs[path]
-                    if not f.finished:      # its first step fails before it starts
-                        f.step_reports[f.done] = f.steps[f.done].to_json("failed")
-                        f.error_count += 1
-                        self.log("error", "repl", f"{path}: {err}", fs=path)
-                        self._fail(f, err)
+            if not todo:
+                break
+            errors = side.prepare(todo)
+            if side is self.sender:
+                self.prepared = set(todo) - set(errors)
+            for path, err in errors.items():
+                f = self.fs.get(path)
+                if f is not None and not f.finished:   # its first step fails before it starts
+                    f.step_reports[f.done] = f.steps[f.done].report("failed")
+                    f.error_count += 1
+                    self.log("error", "repl", f"{path}: {err}", fs=path)
+                    self._fail(f, err)
+                    todo.pop(path, None)
         try:
             return self._execute()
         finally:
@@ -5213,13 +6703,13 @@ class Replication:
 
     def _flush(self):
         """The receiver verifies and holds what it got; only then do cursors move."""
-        failed = {}
-        if hasattr(self.receiver, "flush"):
-            failed = self.receiver.flush()
-        if hasattr(self.sender, "flush"):
-            failed.update({p: e for p, e in self.sender.flush(
-                exclude=set(failed), keep_step_holds=self.keep_step_holds).items()
-                if p not in failed})
+        failed = self.receiver.finish_phase(self.received) if self.received else {}
+        if self.prepared:
+            cursors = [(p, to) for p, to in sorted(self.completed.items())
+                       if p in self.prepared and p not in failed]
+            failed.update({p: e for p, e in self.sender.finish_phase(
+                cursors, self.prepared, self.keep_step_holds).items() if p not in failed})
+        self.prepared, self.received, self.completed = set(), [], {}
         for path, err in failed.items():
             f = self.fs.get(path)
             if f is not None:
@@ -5229,8 +6719,7 @@ class Replication:
     def _plan(self, f, sds, rds):
         token = None
         if rds is not None and rds.resume_token:
-            token = self.sender.decode_token(rds.resume_token) if hasattr(
-                self.sender, "decode_token") else None
+            token = self.sender.decode_token(rds.resume_token)
         result = plan_filesystem(sds, rds, self.policy, token)
         f.steps, f.done, f.error = [], 0, None
         if isinstance(result, Conflict):
@@ -5378,7 +6867,7 @@ class Replication:
                                                      local_to_fs=True, fs=f.path), fatal)
         else:
             with self.cond:
-                f.step_reports[f.done] = step.to_json("done", run.expected, run.bytes)
+                f.step_reports[f.done] = step.report("done", run.expected, run.bytes)
                 f.done += 1
                 f.bytes += run.bytes
                 self.progress.done_fs += 1 if f.next_step is None else 0
@@ -5395,42 +6884,41 @@ class Replication:
                 self.cond.notify_all()
 
     def _estimate(self, f, step):
-        if hasattr(self.sender, "estimate"):
-            try:
-                return self.sender.estimate(f.path, step)
-            except ZreplError:
-                return None
-        return None
+        try:
+            return self.sender.estimate(f.path, step)
+        except ZreplError:
+            return None
 
     def _do_step(self, f, run):
         step = run.step
         self.log("info", "repl", f"{f.path}: {step.kind} {version_ref(step.from_) or ''} -> "
                                  f"@{step.to.name}", fs=f.path)
-        stream = self.sender.send(f.path, step)
+        prepared = f.path in self.prepared
+        stream = self.sender.send(f.path, step, prepared=prepared)
         with run.lock:
             run.stream = stream
             cancelled = run.cancel_reason is not None
         if cancelled:
             stream.cancel()
-        counted = CountedStream(run, stream, self.buckets)
         try:
-            self.receiver.receive(f.path, step, counted)
+            received = self.receiver.receive(
+                f.path, step, MeteredStream(stream, on_bytes=run.count,
+                                            cancelled=run.cancelled))
         except BaseException as e:
             stream.cancel()
-            try:
-                stream.finish(timeout=KILL_GRACE)
-            except ZFSError:
-                pass                     # the receiver's error wins over a broken pipe
+            stream.finish(timeout=KILL_GRACE)   # the receiver's error wins over a broken pipe
             self._after_failed_send(f, step, e)
             raise
-        try:
-            stream.finish()
-        except ZFSError as e:
-            self._after_failed_send(f, step, e)
-            raise
-        if step.kind == "incremental_batch" and hasattr(self.sender, "send_finished"):
-            self.sender.send_finished(stream.pid)
-        self.sender.send_completed(f.path, step)
+        end = stream.finish()
+        if end.error is not None:
+            self._after_failed_send(f, step, end.error)
+            raise end.error
+        with self.cond:
+            self.received.append((f.path, received, step.protection))
+        self.sender.send_completed(f.path, step, prepared=prepared)
+        if step.protection != "guarantee_nothing":     # which keeps no cursor (SPEC §8.6)
+            with self.cond:
+                self.completed[f.path] = step.to
         got = self.receiver_guids.setdefault(f.path, set())
         got.add(step.to.guid)
         for name in step.includes:
@@ -5448,15 +6936,15 @@ class Replication:
         if interrupted and self.receiver.can_resume(f.path):
             self.keep_step_holds.add(f.path)
             return
-        if hasattr(self.sender, "release_step_holds"):
-            try:
-                self.sender.release_step_holds(f.path)
-            except ZreplError as e:
-                self.log("warn", "repl", f"{f.path}: cannot release step holds: {e}",
-                         fs=f.path)
+        if f.path in self.prepared:
+            return                          # finish_phase releases them, with the others
+        try:
+            self.sender.release_step_holds(f.path)
+        except ZreplError as e:
+            self.log("warn", "repl", f"{f.path}: cannot release step holds: {e}", fs=f.path)
 
     def _step_failed(self, f, run, err, fatal):
-        f.step_reports[f.done] = run.step.to_json("failed", run.expected, run.bytes)
+        f.step_reports[f.done] = run.step.report("failed", run.expected, run.bytes)
         f.bytes += run.bytes
         f.error_count += 1
         self.log("error", "repl", f"{f.path}: step failed: {err}", fs=f.path)
@@ -5495,7 +6983,7 @@ class Replication:
         steps = []
         for i, s in enumerate(f.steps):
             rep = f.step_reports[i] if i < len(f.step_reports) and f.step_reports[i] else None
-            steps.append(rep or s.to_json("planned" if self.dry_run else "pending"))
+            steps.append(rep or s.report("planned" if self.dry_run else "pending"))
         e = [s["bytes_expected"] for s in steps]      # the size estimates (send -n -v -P)
         last = None
         versions = self.sender_versions.get(f.path, {})
@@ -5515,7 +7003,7 @@ class Replication:
                 "conflict": f.conflict.to_json() if f.conflict else None,
                 "error": f.error, "error_count": f.error_count if f.error else 0}
 
-def heal(job, sender, receiver, path, snapshot, log, *, dry_run=False):
+def heal(job, sender, receiver, zfs, path, snapshot, log, *, dry_run=False):
     """Repair this host's copy of one filesystem from the other side's (SPEC §12 heal):
     send an existing snapshot from the healthy side into `zfs receive -c` here, so the
     blocks of that snapshot that a scrub found damaged are rewritten from the good copy.
@@ -5555,35 +7043,33 @@ def heal(job, sender, receiver, path, snapshot, log, *, dry_run=False):
     log("info", "heal", f"{path}: corrective receive of @{good.name} from {where}", fs=path)
     step = Step("full", None, shared[good.guid], "guarantee_nothing")
     stream = there.send(path, step)
+    moved = []
     try:
-        proc = here.zfs.receive_corrective(local_name)
+        proc = zfs.receive_corrective(local_name)
     except BaseException:
         stream.cancel()
+        stream.finish(timeout=KILL_GRACE)
         raise
-    moved = 0
     try:
-        while True:
-            n = stream.splice_to(proc, RECEIVE_CHUNK)
-            if n <= 0:
-                break
-            moved += n
+        complete = relay(MeteredStream(stream, on_bytes=moved.append), proc)
     except BaseException:
         stream.cancel()
         proc.cancel()
+        proc.finish(timeout=KILL_GRACE)
+        stream.finish(timeout=KILL_GRACE)
         raise
     finally:
-        report["bytes"] = moved
-    try:
-        proc.finish()
-    except ZFSError as e:
+        report["bytes"] = sum(moved)
+    end = proc.finish()
+    if end.error is not None or not complete:
         stream.cancel()
-        try:
-            stream.finish(timeout=KILL_GRACE)
-        except ZFSError:
-            pass                              # the receiving side's error says why
-        e.fs = path
-        raise
-    stream.finish()
+        stream.finish(timeout=KILL_GRACE)    # the receiving side's error says why
+        if end.error is None:
+            raise ZreplError(f"zfs receive -c {local_name} stopped reading",
+                             kind="stream-broken", fs=path)
+        end.error.fs = path
+        raise end.error
+    stream.finish().check()
     return report
 
 
@@ -5887,12 +7373,6 @@ class Pruner:
 # 12. Jobs and daemon — rundir, job locks, stop conditions, one invocation of a job
 ###############################################################################
 
-class LockHeld(ZreplError):
-    """Another process runs this job (exit 3)."""
-    kind = "locked"
-    exit_code = 3
-
-
 def prepare_rundir(path):
     """Create rundir (0700, parents too) or check it; exit-2 errors name the key to change."""
     hint = "set global.rundir to a directory this user may write"
@@ -6099,19 +7579,46 @@ class JobRunner:
         started = time.time()
         report = new_job_report(job, dry_run, started)
         prev = load_last_report(self.rundir, job.name)
-        failed = False
         try:
-            sender, receiver, peer = connect_peer(self.config, job, self.zfs, self.log,
-                                                  None if dry_run else self.rundir)
+            sender, receiver = connect(self.config, job, self.zfs, self.log,
+                                       None if dry_run else self.rundir,
+                                       snapshot_round=self.snapshot_round)
         except ZreplError as e:
             report["errors"].append(error_json(e))
             self.log("error", "job", str(e), job=job.name)
             return finish_job_report(report, self.control, True)
-        snap_job = job if job.type == "push" else peer
-        if not dry_run:
-            sender.release_leaked_send_holds()
-        if snap_job.snapshotting is not None:
-            failed = self.snapshot_phase(snap_job, report, mode, started, dry_run)
+        try:
+            return self._run_active(job, mode, dry_run, progress, report, prev, sender,
+                                    receiver)
+        finally:
+            sender.close()
+            receiver.close()
+
+    def snapshot_round(self, job, mode, dry_run):
+        """A source's round, asked for by its pull job (SPEC §9.3 SnapshotRound): the
+        source's own snapshotting and hooks, run where the source is."""
+        if job.snapshotting is None or self.control.should_stop():
+            return None
+        return Snapper(self.zfs, job, self.log, self.control.should_stop).run(
+            mode, time.time(), dry_run)
+
+    def _run_active(self, job, mode, dry_run, progress, report, prev, sender, receiver):
+        failed = False
+        started = time.time()
+        if job.type == "push":
+            if job.snapshotting is not None:
+                failed = self.snapshot_phase(job, report, mode, started, dry_run)
+        elif not self.control.should_stop():
+            try:
+                part = sender.snapshot_round(mode, dry_run)
+                if part is not None:
+                    report["snapshotting"] = part
+                    failed = round_failed(part)
+            except ZreplError as e:
+                report["errors"].append(error_json(e))
+                self.log("error", "snapshot", f"the source's snapshot round: {e}",
+                         job=job.name)
+                failed = True
         if not self.control.should_stop():
             repl = Replication(job, sender, receiver, self.log, self.control,
                                dry_run=dry_run, progress=progress, prev_report=prev)
@@ -6141,10 +7648,10 @@ class JobRunner:
                 datasets = sender_fs
                 cursors = {}
                 if any(r.type == "not_replicated" for r in rules):
-                    cursors = {p: sender.replication_cursor(p, d) for p, d in datasets.items()}
+                    cursors = {p: sender.replication_cursor(p) for p in datasets}
 
                 def destroy(key, ds, snaps, stop):
-                    return sender.destroy_snapshots(key, snaps, stop)
+                    return sender.destroy_snapshots(key, snaps)
             else:
                 mine = receiver.list_filesystems()
                 datasets = {p: d for p, d in mine.items()
@@ -6155,7 +7662,7 @@ class JobRunner:
                 cursors = {}
 
                 def destroy(key, ds, snaps, stop):
-                    return receiver.destroy_snapshots(key, snaps, stop)
+                    return receiver.destroy_snapshots(key, snaps)
         except ZreplError as e:
             self.log("error", "pruning", f"cannot prune the {side}: {e}", prune_side=side)
             return {"side": side, "state": "failed", "dry_run": dry_run,
@@ -6231,36 +7738,6 @@ def list_abstractions(zfs, fs_filter=None, job=None, types=None, roots=()):
                             "guid": str(v.guid), "string": text, "_version": v})
     out.sort(key=lambda a: (a["fs"], a["createtxg"], a["type"]))
     return out, errors
-
-
-def stale_abstractions(records):
-    """SPEC §3.5: which of the records are stale (pure)."""
-    cutoff = {}
-    for a in records:
-        if a["type"] in ("replication-cursor-bookmark-v2", "replication-cursor-hold"):
-            key = (a["fs"], a["job"])
-            cutoff[key] = max(cutoff.get(key, -1), a["createtxg"])
-    newest = {}
-    for a in records:
-        key = (a["fs"], a["job"], a["type"])
-        newest[key] = max(newest.get(key, -1), a["createtxg"])
-    newest_snap = {}
-    for a in records:
-        if a["type"] == "step-hold":
-            newest_snap[(a["fs"], a["job"])] = max(newest_snap.get((a["fs"], a["job"]), -1),
-                                                   a["createtxg"])
-    stale = []
-    for a in records:
-        if a["job"] is None or a["type"] == "tentative-replication-cursor-bookmark-v2":
-            continue
-        if a["type"] == "step-hold":
-            cut = cutoff.get((a["fs"], a["job"]))
-            if (cut is not None and a["createtxg"] <= cut) or \
-                    (cut is None and a["createtxg"] < newest_snap[(a["fs"], a["job"])]):
-                stale.append(a)
-        elif a["createtxg"] < newest[(a["fs"], a["job"], a["type"])]:
-            stale.append(a)
-    return stale
 
 
 def release_abstraction(zfs, a):
@@ -6753,13 +8230,17 @@ def cmd_prune(args, zfs, out, log):
         if job.type == "snap":
             parts.append(runner.prune_local(job, prev, args.dry_run, explain=args.json))
         else:
-            sender, receiver, _ = connect_peer(config, job, zfs, log, rundir)
-            sides = ("sender", "receiver") if args.side == "both" else (args.side,)
-            for side in sides:
-                if control.should_stop():
-                    break
-                parts.append(runner.prune_side(job, side, sender, receiver, prev,
-                                               args.dry_run, explain=args.json))
+            sender, receiver = connect(config, job, zfs, log, rundir)
+            try:
+                sides = ("sender", "receiver") if args.side == "both" else (args.side,)
+                for side in sides:
+                    if control.should_stop():
+                        break
+                    parts.append(runner.prune_side(job, side, sender, receiver, prev,
+                                                   args.dry_run, explain=args.json))
+            finally:
+                sender.close()
+                receiver.close()
     finally:
         if lock:
             lock.release()
@@ -6789,12 +8270,18 @@ def cmd_heal(args, zfs, out, log):
                          f"2.2), which this ZFS ({caps.implementation} {caps.version or ''}"
                          ") lacks; nothing was done")
     _check_path(args.fs)
-    sender, receiver, _ = connect_peer(config, job, zfs, log, config.global_.rundir)
     control = RunControl()
     control.install_signal_handlers()
     try:
-        report = heal(job, sender, receiver, args.fs, args.snapshot, log,
-                      dry_run=args.dry_run)
+        # the healthy copy of a push job is on its sink, which only restore mode may read
+        sender, receiver = connect(config, job, zfs, log, config.global_.rundir,
+                                   mode="restore" if job.type == "push" else "replicate")
+        try:
+            report = heal(job, sender, receiver, zfs, args.fs, args.snapshot, log,
+                          dry_run=args.dry_run)
+        finally:
+            sender.close()
+            receiver.close()
         code, error = 0, None
     except ZreplError as e:
         if control.interrupted:

@@ -525,11 +525,11 @@ def test_steps_along_single_version_path_is_nothing(batched):
     pytest.param(zrepl.Step("resume", sv("b", GB, 20), sv("c", GC, 30), PN, resume_token=TOKEN),
                  {"kind": "resume", "from": "@b", "to": "@c", "resumed": True}, id="resume"),
 ])
-def test_step_to_json(step, expected):
-    got = step.to_json()
+def test_step_report(step, expected):
+    got = step.report()
     want = dict(expected, state="planned", bytes_expected=None, bytes_replicated=0)
     assert got == want
-    got = step.to_json(state="done", bytes_expected=4096, bytes_replicated=4000)
+    got = step.report(state="done", bytes_expected=4096, bytes_replicated=4000)
     assert (got["state"], got["bytes_expected"], got["bytes_replicated"]) == ("done", 4096, 4000)
 
 
@@ -554,11 +554,11 @@ def test_planned_steps_to_json_end_to_end():
     s = sender(sv("a", GA, 10), sb("b", GB, 20), sv("c", GC, 30), sv("d", GD, 40),
                sv("e", GE, 50))
     result = run(s, receiver(rv("a", GA, 3), rv("b", GB, 5)), policy(batch=True))
-    assert [(j["kind"], j["from"], j["to"]) for j in (st.to_json() for st in result.steps)] == \
+    assert [(j["kind"], j["from"], j["to"]) for j in (st.report() for st in result.steps)] == \
         [("incremental", "#b", "@c"), ("incremental_batch", "@c", "@e")]
     assert [st.is_initial for st in result.steps] == [False, False]
     result = run(s, None, policy("most_recent"))
-    assert [st.to_json()["from"] for st in result.steps] == [None]
+    assert [st.report()["from"] for st in result.steps] == [None]
     assert [st.is_initial for st in result.steps] == [True]
 
 
