@@ -7102,6 +7102,29 @@ def kill_process_group(proc):
         return proc.communicate()
 
 
+def _wait_hook(proc, deadline):
+    """Wait for a hook -> (stdout, stderr), or (None, None) at its deadline. After a stop
+    signal its group is signalled again each half second (a child it forked after the
+    first TERM escaped that one and would hold its pipes open) and killed after the
+    grace time."""
+    stopped_at = None
+    while True:
+        try:
+            return proc.communicate(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if HOOKS_STOPPED.is_set():
+            stopped_at = stopped_at or now
+            if now - stopped_at < KILL_GRACE:
+                signal_process_group(proc, signal.SIGTERM)
+            else:
+                signal_process_group(proc, signal.SIGKILL)
+                return proc.communicate()
+        elif now >= deadline:
+            return None, None
+
+
 def run_hook(hook, edge, fs, snapname, log):
     """Run one command hook edge (SPEC §6.2) -> its report entry; never raises."""
     env = dict(os.environ, ZREPL_HOOKTYPE=f"{edge}_snapshot", ZREPL_FS=fs,
@@ -7126,10 +7149,10 @@ def run_hook(hook, edge, fs, snapname, log):
     if HOOKS_STOPPED.is_set():       # the signal came between Popen and the line above
         signal_process_group(proc, signal.SIGTERM)
     try:
-        out, err = proc.communicate(timeout=hook.timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        out, err = kill_process_group(proc)
+        out, err = _wait_hook(proc, started + hook.timeout)
+        timed_out = out is None
+        if timed_out:
+            out, err = kill_process_group(proc)
     except BaseException:
         kill_process_group(proc)
         raise

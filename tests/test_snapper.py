@@ -261,10 +261,11 @@ def test_due_never_always_after_a_round(pool, tmp_path):
 
 
 def test_due_once_the_interval_has_passed(pool, tmp_path):
-    # interval 6s: slack = min(60s, 0.6s); due when now - creation >= 5.4s (long enough
-    # for the second `once` to start and finish under emulation, the OpenZFS lane's VM)
+    # interval 15s: slack = min(60s, 1.5s); due when now - creation >= 13.5s (long enough
+    # for the second `once` to start and finish under emulation, the OpenZFS lane's VM,
+    # where 6s was not always enough)
     make_tree(pool + "/d", [])
-    cfg = config(tmp_path / "run", snap_job("due2", {pool + "/d": True}, interval="6s",
+    cfg = config(tmp_path / "run", snap_job("due2", {pool + "/d": True}, interval="15s",
                                             timestamp_format="20060102_150405.000"))
     assert run_cli("once", config=cfg).returncode == 0      # no prefixed snapshot: due
     assert len(snapshots(pool + "/d")[pool + "/d"]) == 1
@@ -272,7 +273,7 @@ def test_due_once_the_interval_has_passed(pool, tmp_path):
     assert len(snapshots(pool + "/d")[pool + "/d"]) == 1
     creation = int(zfs("get", "-Hp", "-o", "value", "creation",
                        pool + "/d@" + snapshots(pool + "/d")[pool + "/d"][0]).stdout)
-    time.sleep(max(0.0, creation + 6.0 - time.time()))
+    time.sleep(max(0.0, creation + 15.0 - time.time()))
     cp = run_cli("once", config=cfg)
     assert cp.returncode == 0, cp.stderr
     assert len(snapshots(pool + "/d")[pool + "/d"]) == 2
