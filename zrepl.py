@@ -8328,6 +8328,22 @@ def cmd_heal(args, zfs, out, log):
     return code
 
 
+def cmd_stdinserver(args, zfs, log):
+    """The ssh forced command (SPEC §1.5.10): serve the matching sink or source job on
+    fd 0/1 in this process; no daemon."""
+    config = _load(args)
+    _apply_logging(config, log, args)
+    stdinserver_job(config, args.identity)
+    # the protocol owns fd 0 and 1: anything else printed to stdout would corrupt it
+    rfd, wfd = os.dup(0), os.dup(1)
+    os.dup2(2, 1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    runner = JobRunner(config, zfs, log, RunControl())
+    return serve_stdio(config, args.identity, zfs, log, runner.snapshot_round, rfd, wfd)
+
+
 def _status_doc(args):
     path = resolve_config_path(args.config, os.environ)
     config = load_config(path, skip_cert_check=True) if path else None
@@ -8530,6 +8546,11 @@ def build_parser():
     h.add_argument("--dry-run", action="store_true", help="only say what would be sent")
     h.add_argument("--json", action="store_true")
 
+    si = sub.add_parser("stdinserver", help="serve a sink or source job on stdin/stdout "
+                                            "(the ssh forced command; no daemon needed)")
+    si.add_argument("identity", metavar="CLIENT_IDENTITY",
+                    help="one of the serving job's serve.client_identities")
+
     t = sub.add_parser("test", help="check filters and placeholders")
     tsub = t.add_subparsers(dest="test_command", metavar="WHAT", parser_class=_ArgumentParser)
     tsub.required = True
@@ -8571,6 +8592,8 @@ def main(argv=None):
             return cmd_status(args, out)
         if args.command == "heal":
             return cmd_heal(args, zfs, out, log)
+        if args.command == "stdinserver":
+            return cmd_stdinserver(args, zfs, log)
         if args.command == "zfs-abstraction":
             return cmd_zfs_abstraction(args, zfs, out)
         if args.command == "test" and args.test_command == "filesystems":

@@ -396,3 +396,134 @@ def pytest_runtest_setup(item):
         why = zfs_unavailable_reason()
         if why:
             pytest.skip(why)
+
+
+# --- a real sshd on 127.0.0.1 with forced commands (SPEC §9.5) ------------------------------
+
+SSHD = shutil.which("sshd", path="/usr/sbin:/usr/local/sbin:/sbin:/usr/bin")
+SSH = shutil.which("ssh")
+SSH_IDENTITIES = ("host1", "host2")
+
+
+class SSHBed:
+    """An sshd of the test session, as users deploy it: its own host key, one key per
+    client identity, each authorized only with `command="…stdinserver IDENTITY",restrict`.
+    The forced command is a small script that runs this checkout's zrepl.py with the
+    configuration (and environment) the running test set with use(): the test bed serves
+    one test's configuration at a time, like a host serves its one /etc/zrepl/zrepl.yml."""
+
+    def __init__(self, base, port):
+        self.base = Path(base)
+        self.port = port
+        self.known_hosts = self.base / "known_hosts"
+        self.forced = self.base / "stdinserver.sh"
+
+    def key(self, identity):
+        return self.base / ("id_" + identity)
+
+    def use(self, config, env=None):
+        """Serve `config` (a path) from now on, with env's entries laid over sshd's."""
+        (self.base / "config").write_text(str(config))
+        lines = ["export %s=%s" % (k, shlex_quote(str(v))) for k, v in (env or {}).items()
+                 if v is not None]
+        (self.base / "env").write_text("\n".join(lines) + "\n")
+
+    def authorize(self, identity, line=None):
+        """Replace identity's authorized_keys line (None: the standard forced command)."""
+        keys = {}
+        path = self.base / "authorized_keys"
+        for ln in path.read_text().splitlines():
+            keys[ln.rsplit(" ", 1)[-1]] = ln
+        pub = self.key(identity).with_suffix(".pub").read_text().split()
+        keys[identity] = line if line is not None else self._line(identity, pub)
+        path.write_text("\n".join(keys.values()) + "\n")
+
+    def _line(self, identity, pub):
+        return 'command="%s %s",restrict %s %s %s' % (self.forced, identity, pub[0], pub[1],
+                                                      identity)
+
+    def connect_yaml(self, identity="host1", **over):
+        """The `connect:` of an active job reaching this bed as `identity`."""
+        fields = {"type": "ssh+stdinserver", "host": "127.0.0.1", "user": "root",
+                  "port": self.port, "identity_file": str(self.key(identity)),
+                  "options": ["UserKnownHostsFile=%s" % self.known_hosts,
+                              "StrictHostKeyChecking=yes"]}
+        fields.update(over)
+        return "{%s}" % ", ".join(
+            "%s: %s" % (k, json_dumps(v) if not isinstance(v, int) else v)
+            for k, v in fields.items())
+
+
+def shlex_quote(s):
+    import shlex
+    return shlex.quote(s)
+
+
+def json_dumps(v):
+    import json
+    return json.dumps(v)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ssh_bed():
+    """Start the session's sshd -> SSHBed; skips (with the reason) where it cannot run."""
+    if SSHD is None or SSH is None:
+        pytest.skip("no sshd/ssh (Debian openssh-server; ./build.sh test installs it)")
+    if os.geteuid() != 0:
+        pytest.skip("the ssh test bed logs in as root (ZFS needs it); run as root")
+    base = Path(tempfile.mkdtemp(prefix="zreplpy-sshd-"))
+    os.chmod(str(base), 0o700)
+    port = _free_port()
+    bed = SSHBed(base, port)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / "host_key")],
+                   check=True)
+    for ident in SSH_IDENTITIES:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", ident,
+                        "-f", str(bed.key(ident))], check=True)
+    hostpub = (base / "host_key.pub").read_text().split()
+    bed.known_hosts.write_text("[127.0.0.1]:%d %s %s\n" % (port, hostpub[0], hostpub[1]))
+    bed.forced.write_text(
+        "#!/bin/sh\n"
+        "# the test bed's forced command: this checkout's zrepl.py, the running test's config\n"
+        'dir=$(dirname "$0")\n'
+        '. "$dir/env"\n'
+        'exec %s %s --config "$(cat "$dir/config")" stdinserver "$1"\n'
+        % (shlex_quote(sys.executable), shlex_quote(str(ZREPL_PY))))
+    bed.forced.chmod(0o755)
+    bed.use("/nonexistent")
+    (base / "authorized_keys").write_text("")
+    for ident in SSH_IDENTITIES:
+        bed.authorize(ident)
+    (base / "sshd_config").write_text(
+        "ListenAddress 127.0.0.1\nPort %d\nHostKey %s\nAuthorizedKeysFile %s\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\nPidFile %s\n"
+        "MaxStartups 100:30:200\nMaxSessions 100\nLogLevel ERROR\n"
+        % (port, base / "host_key", base / "authorized_keys", base / "sshd.pid"))
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)      # its privilege separation dir
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(base / "sshd_config")],
+                            stdout=subprocess.DEVNULL, stderr=open(str(base / "sshd.log"), "w"))
+    deadline = time.monotonic() + 15
+    import socket
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.skip("sshd did not start: %s" % (base / "sshd.log").read_text()[-500:])
+            time.sleep(0.1)
+    yield bed
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    shutil.rmtree(str(base), ignore_errors=True)

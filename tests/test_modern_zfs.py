@@ -13,6 +13,7 @@ from conftest import (POOL_DIR, _destroy_pool, _new_pool_name, assert_no_traceba
                       make_tree, run_cli, snap, state, zfs, zpool)
 from test_replication import (CURSOR_TAG, Rig, assert_exit, assert_guids_equal, fs_reports,
                               logged_calls, push_report, snap_guids, zfs_logger)
+from test_replication import pytest_generate_tests, transport  # noqa: F401  (every transport)
 
 import zrepl
 

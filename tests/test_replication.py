@@ -46,9 +46,35 @@ def q(text):
     return json.dumps(str(text))
 
 
+# The scenarios run over every transport: `local` (one process) and ssh+stdinserver (the
+# sink served by `stdinserver` behind the session's real sshd). ZREPLPY_TRANSPORTS narrows it.
+TRANSPORTS = [t for t in os.environ.get("ZREPLPY_TRANSPORTS", "local,ssh").split(",") if t]
+
+
+def pytest_generate_tests(metafunc):
+    """ZFS scenarios (those using `pools`) once per transport; pure tests once."""
+    if "pools" in metafunc.fixturenames and "transport" in metafunc.fixturenames:
+        metafunc.parametrize("transport", TRANSPORTS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def transport(request):
+    """Which transport this test's Rig configures (import this and pytest_generate_tests
+    into a module to run its Rig scenarios over each transport)."""
+    kind = getattr(request, "param", "local")
+    Rig.transport, Rig.bed = kind, None
+    if kind == "ssh":
+        Rig.bed = request.getfixturevalue("ssh_bed")
+    yield kind
+    Rig.transport, Rig.bed = "local", None
+
+
 class Rig:
     """One test's sender subtree `<src>/<tag>`, the sink's root_fs `<dst>/<tag>` (both
     created with mountpoint=none), its rundir and its configuration file."""
+
+    transport = "local"
+    bed = None
 
     def __init__(self, pools, tmp_path, tag):
         self.src = "%s/%s" % (pools.src, tag)
@@ -82,11 +108,11 @@ class Rig:
                  "  - name: sink",
                  "    type: sink",
                  "    root_fs: %s" % q(self.sink),
-                 "    serve: {type: local, listener_name: disk}"]
+                 "    serve: %s" % (self.SERVE[self.transport])]
         lines += ["    " + ln for ln in sink_extra]
         lines += ["  - name: push",
                   "    type: push",
-                  "    connect: {type: local, listener_name: disk, client_identity: host1}",
+                  "    connect: %s" % self.connect_yaml(),
                   "    filesystems: {%s}" % fs,
                   "    snapshotting: %s" % snapshotting]
         lines += ["    " + ln for ln in push_extra]
@@ -94,10 +120,25 @@ class Rig:
                   "      keep_sender: %s" % keep_sender,
                   "      keep_receiver: %s" % keep_receiver]
         self.cfg.write_text("\n".join(lines) + "\n")
+        self.serve()
         return self.cfg
+
+    SERVE = {"local": "{type: local, listener_name: disk}",
+             "ssh": "{type: stdinserver, client_identities: [host1]}"}
+
+    def connect_yaml(self):
+        if self.transport == "ssh":
+            return self.bed.connect_yaml("host1")
+        return "{type: local, listener_name: disk, client_identity: host1}"
+
+    def serve(self, env=None):
+        """Over ssh: the bed's forced command serves this configuration (with env)."""
+        if self.bed is not None:
+            self.bed.use(self.cfg, env)
 
     def once(self, *args, env=None, timeout=120):
         """`once --json ARGS` -> (CompletedProcess, document); no traceback allowed."""
+        self.serve(env)
         cp = run_cli("once", "--json", *args, config=self.cfg, env=env, timeout=timeout)
         assert_no_traceback(cp)
         try:

@@ -13,6 +13,7 @@ from test_replication import (LAST_RECEIVED_TAG, REAL_ZFS, assert_exit, assert_g
                               assert_only_known_holds, cursor_holds, fs_reports, holds_view,
                               logged_calls, push_report, q, Rig, snap_guids, snap_order,
                               zfs_logger)
+from test_replication import pytest_generate_tests, transport  # noqa: F401  (every transport)
 
 
 def conflict_of(job, fs):

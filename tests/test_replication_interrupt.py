@@ -21,6 +21,7 @@ from conftest import ZREPL_PY, make_tree, snap, state, write_data, zfs
 from test_replication import (LAST_RECEIVED_TAG, STEP_TAG, assert_exit, assert_guids_equal,
                               assert_only_known_holds, cursor_holds, cursor_line, fs_reports,
                               holds_view, pool_caps, push_report, Rig, snap_order)
+from test_replication import pytest_generate_tests, transport  # noqa: F401  (every transport)
 
 pytestmark = pytest.mark.poolsize("1G")
 MiB = 1 << 20

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import REPO, make_tree, snap, write_data, zfs
 from test_replication import Rig, assert_exit, assert_guids_equal, fs_reports, push_report
+from test_replication import pytest_generate_tests, transport  # noqa: F401  (every transport)
 from test_replication_interrupt import _children, start_once
 
 sys.path.insert(0, str(REPO))
