@@ -5776,8 +5776,8 @@ METHODS = {
 
 
 def _v_json(v):
-    return None if v is None else dict(v.to_json(), kind="bookmark" if v.type == "bookmark"
-                                       else "hold")
+    return None if v is None else {**v.to_json(),
+                                   "kind": "bookmark" if v.type == "bookmark" else "hold"}
 
 
 class Server:

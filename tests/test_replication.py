@@ -77,6 +77,8 @@ class Rig:
     bed = None
 
     def __init__(self, pools, tmp_path, tag):
+        if self.transport != "local":       # the module's pools are shared by both runs
+            tag = "%s_%s" % (tag, self.transport)
         self.src = "%s/%s" % (pools.src, tag)
         self.sink = "%s/%s" % (pools.dst, tag)
         self.recv_root = self.sink + "/host1"
