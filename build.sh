@@ -204,6 +204,17 @@ ensure_zfs() {
     sh tests/zfs-fuse/up.sh || { say "tests/zfs-fuse/up.sh could not start zfs-fuse"; return 1; }
 }
 
+# ensure_sshd: the ssh tests run a real sshd on 127.0.0.1 (Debian openssh-server); only
+# the binaries are needed, no system service is started or configured
+ensure_sshd() {
+    if [ -x /usr/sbin/sshd ] && command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1; then
+        return 0
+    fi
+    is_root || { say "no sshd, and only root can install openssh-server (ssh tests will skip)"; return 0; }
+    say "installing openssh-server (for the ssh tests)"
+    apt_install openssh-server openssh-client || { say "apt-get install openssh-server failed"; return 1; }
+}
+
 # lane_pythons: the newest 3.8.x and the newest 3.x of pyenv, oldest first, one per line
 lane_pythons() {
     local d all=()
@@ -231,6 +242,7 @@ run_tests() {
     make_venv "$VENV" "$PYTHON"
     venv_need "$VENV" "${BUILD_REQS[@]}" "${TEST_REQS[@]}"
     ensure_zfs install || failed+=("zfs-setup")
+    ensure_sshd || failed+=("sshd-setup")
     # a separate process, so that `set -e` inside build() still applies
     bash "$top/build.sh" build || failed+=("build")
 
