@@ -4487,6 +4487,9 @@ class ZFSProcess:
             raise ZFSError(f"reading from zfs send: {getattr(e, 'strerror', e)}",
                            kind="stream-broken", fs=self.fs) from None
 
+    def stopped(self):
+        return self.cancelled
+
     # -- as the destination of a relay (`zfs receive`) --
     def write_fd(self):
         return self.proc.stdin.fileno() if self.proc.stdin and not self.proc.stdin.closed \
@@ -4680,8 +4683,9 @@ class MeteredStream:
         self._outside = cancelled or (lambda: False)
         self._cut = False
 
-    def cancelled(self):
-        return self._cut or self._outside()
+    def stopped(self):
+        """Was this stream, or one it wraps, cancelled?"""
+        return self._cut or self._outside() or self.inner.stopped()
 
     def _paid(self, n):
         if self.buckets:
@@ -4690,12 +4694,12 @@ class MeteredStream:
 
     def _count(self, n):
         for b in self.buckets:
-            b.take(n, self.cancelled)
+            b.take(n, self.stopped)
         if self.on_bytes is not None:
             self.on_bytes(n)
 
     def read(self, n):
-        if self.cancelled():
+        if self.stopped():
             return b""
         data = self.inner.read(self._paid(n))
         if data:
@@ -4703,7 +4707,7 @@ class MeteredStream:
         return data
 
     def splice_to(self, fd, n):
-        if self.cancelled():
+        if self.stopped():
             return 0
         moved = self.inner.splice_to(fd, self._paid(n))
         if moved > 0:
@@ -5458,21 +5462,26 @@ class Connection:
         self._beat.start()
 
     # -- writing --
-    def send(self, kind, payload=b""):
+    def send(self, kind, payload=b"", stopped=None):
+        """Write one frame whole; `stopped()` true while we wait for the peer to take it
+        (the step was cancelled) gives up with TransportError."""
         if len(payload) > FRAME_LIMITS[kind]:
             raise ProtocolError(f"{FRAME_NAMES[kind]} frame of {len(payload)} bytes is over "
                                 "its limit")
-        self._write(len(payload).to_bytes(4, "big") + bytes((kind,)) + payload)
+        self._write(len(payload).to_bytes(4, "big") + bytes((kind,)) + payload,
+                    stopped=stopped)
 
     def send_json(self, kind, doc):
         self.send(kind, json.dumps(doc, separators=(",", ":")).encode("utf-8"))
 
-    def _write(self, data, absorb=True):
+    def _write(self, data, absorb=True, stopped=None):
         view = memoryview(data)
         with self._wlock:
             while view:
                 if self.closed:
                     raise TransportError(f"connection to {self.name} is closed")
+                if stopped is not None and stopped():
+                    raise TransportError(f"sending to {self.name} was cancelled")
                 try:
                     view = view[os.write(self.wfd, view):]
                     continue
@@ -5642,6 +5651,9 @@ class WireInStream:
         data = self.read(n)
         return write_all(fd, data) if data else 0
 
+    def stopped(self):
+        return self.conn.closed
+
     def drain(self):
         """Read and drop the rest, up to END (the receiving side failed early)."""
         while self.end is None:
@@ -5681,9 +5693,10 @@ class WireOutSink:
     """The sink of a relay that sends DATA frames; it stops when the peer answers early
     (its RESPONSE before our END: the receiving side failed)."""
 
-    def __init__(self, conn, watch_replies):
+    def __init__(self, conn, watch_replies, stopped=None):
         self.conn = conn
         self.watch_replies = watch_replies
+        self.stopped = stopped
         self.replied = False
 
     def write_fd(self):
@@ -5694,7 +5707,7 @@ class WireOutSink:
             self.replied = True
             return False
         for i in range(0, len(data), FRAME_LIMITS[DATA]):
-            self.conn.send(DATA, data[i:i + FRAME_LIMITS[DATA]])
+            self.conn.send(DATA, data[i:i + FRAME_LIMITS[DATA]], stopped=self.stopped)
         return True
 
 
@@ -6028,7 +6041,7 @@ class Client:
         ok = False
         try:
             rid = self._request(conn, "Receive", params)
-            if relay(stream, WireOutSink(conn, watch_replies=True)):
+            if relay(stream, WireOutSink(conn, watch_replies=True, stopped=stream.stopped)):
                 end = stream.finish()
             else:                           # the receiving side answered early: it failed
                 stream.cancel()
@@ -6409,6 +6422,9 @@ class SSHDialer:
                 or "no route" in low:
             return TransportError(f"ssh {where}: cannot connect: {quoted}",
                                   hint="check connect.host/port and that sshd is running")
+        if "zrepl-stdinserver-needs-a-forced-command" in text:
+            return TransportError(f"ssh {where}: the key logs in, but without a forced "
+                                  f"command: {quoted}", temporary=False, hint=self._hint())
         out = stdout.decode("utf-8", "replace").strip()
         return TransportError(f"ssh {where}: the remote side ended before the protocol "
                               f"began: {quoted}{(' (stdout: ' + out[:200] + ')') if out else ''}",

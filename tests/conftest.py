@@ -428,19 +428,21 @@ class SSHBed:
                  if v is not None]
         (self.base / "env").write_text("\n".join(lines) + "\n")
 
-    def authorize(self, identity, line=None):
-        """Replace identity's authorized_keys line (None: the standard forced command)."""
+    def authorize(self, identity, options=None):
+        """Set identity's authorized_keys line: its key with `options` before it (None: the
+        standard forced command, "": none at all); options=False removes the key."""
         keys = {}
         path = self.base / "authorized_keys"
         for ln in path.read_text().splitlines():
             keys[ln.rsplit(" ", 1)[-1]] = ln
         pub = self.key(identity).with_suffix(".pub").read_text().split()
-        keys[identity] = line if line is not None else self._line(identity, pub)
+        if options is None:
+            options = 'command="%s %s",restrict' % (self.forced, identity)
+        if options is False:
+            keys.pop(identity, None)
+        else:
+            keys[identity] = ("%s %s %s %s" % (options, pub[0], pub[1], identity)).strip()
         path.write_text("\n".join(keys.values()) + "\n")
-
-    def _line(self, identity, pub):
-        return 'command="%s %s",restrict %s %s %s' % (self.forced, identity, pub[0], pub[1],
-                                                      identity)
 
     def connect_yaml(self, identity="host1", **over):
         """The `connect:` of an active job reaching this bed as `identity`."""

@@ -1,0 +1,269 @@
+"""ssh+stdinserver end to end (SPEC §9.2, §9.5), on real pools behind the session's real sshd:
+one connection for a no-change run, pull <- source, what a user sees when the ssh side is
+misconfigured, the peer killed mid-transfer, and a network that stops forwarding."""
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import make_tree, snap, state, write_data, zfs
+from test_replication import (Rig, assert_exit, assert_guids_equal, assert_only_known_holds,
+                              fs_reports, push_report, q)
+
+pytestmark = pytest.mark.zfs
+
+
+@pytest.fixture
+def rig(pools, tmp_path, ssh_bed):
+    Rig.transport, Rig.bed = "ssh", ssh_bed
+    yield lambda tag: Rig(pools, tmp_path, tag)
+    Rig.transport, Rig.bed = "local", None
+
+
+def ssh_logger(tmp_path):
+    """An `ssh` first in PATH that logs each start, then execs the real one."""
+    bindir = tmp_path / "sshbin"
+    bindir.mkdir()
+    log = tmp_path / "ssh-starts.log"
+    real = subprocess.run(["sh", "-c", "command -v ssh"], capture_output=True,
+                          text=True).stdout.strip()
+    (bindir / "ssh").write_text('#!/bin/sh\necho "$$" >> %s\nexec %s "$@"\n' % (q(log), real))
+    (bindir / "ssh").chmod(0o755)
+    return {"PATH": "%s:%s" % (bindir, os.environ.get("PATH", "/usr/bin:/bin"))}, log
+
+
+def test_a_no_change_run_opens_exactly_one_ssh_connection(rig, tmp_path):
+    r = rig("onecon")
+    make_tree(r.src, ["a", "b", "c", "c/d"])
+    fss = [r.fs(x) for x in ("a", "b", "c", "c/d")]
+    for fs in fss:
+        snap(fs, "s1")
+    r.configure(fss)
+    r.ok()
+    env, log = ssh_logger(tmp_path)
+    job = r.ok(env=env)
+    assert all(f["state"] == "uptodate" for f in fs_reports(job).values())
+    assert len(log.read_text().split()) == 1
+    for fs in fss:
+        snap(fs, "s2")
+    log.unlink()
+    job = r.ok(env=env)                 # steps one after another: still one connection
+    assert [f["steps_done"] for f in fs_reports(job).values()] == [1, 1, 1, 1]
+    assert len(log.read_text().split()) == 1
+    for fs in fss:
+        assert_guids_equal(r, fs)
+
+
+def test_pull_from_a_source_runs_the_sources_snapshot_round(pools, tmp_path, ssh_bed):
+    src, dst = pools.src + "/pullsrc", pools.dst + "/pulldst"
+    make_tree(src, ["x", "x/y"])
+    make_tree(dst, [])
+    cfg = tmp_path / "zrepl.yml"
+    cfg.write_text(
+        "global: {rundir: %s}\njobs:\n"
+        "  - name: source\n    type: source\n"
+        "    serve: {type: stdinserver, client_identities: [host1]}\n"
+        "    filesystems: {%s: true}\n"
+        "    snapshotting: {type: periodic, prefix: zrepl_, interval: 10m}\n"
+        "  - name: pull\n    type: pull\n    connect: %s\n    root_fs: %s\n    interval: 10m\n"
+        "    pruning:\n"
+        "      keep_sender: [{type: not_replicated}, {type: last_n, count: 2}]\n"
+        "      keep_receiver: [{type: last_n, count: 5}]\n"
+        % (q(tmp_path / "run"), q(src + "<"), ssh_bed.connect_yaml("host1"), q(dst)))
+    ssh_bed.use(cfg)
+    from conftest import run_cli
+    import json
+    for _ in range(3):
+        cp = run_cli("once", "--json", "--snapshot", "always", config=cfg)
+        assert cp.returncode == 0, cp.stderr
+    doc = json.loads(cp.stdout)
+    [job] = doc["jobs"]
+    assert job["snapshotting"]["name"].startswith("zrepl_")  # the source's round, run there
+    for fs in (src + "/x", src + "/x/y"):
+        sent = {n.split("@")[1]: v["guid"] for n, v in state(fs).items() if "@" in n
+                and n.startswith(fs + "@")}
+        got = {n.split("@")[1]: v["guid"] for n, v in state(dst + "/" + fs).items() if "@" in n
+               and n.startswith(dst + "/" + fs + "@")}
+        assert len(sent) == 2 and set(sent.items()) <= set(got.items()) and len(got) == 3
+
+
+@pytest.mark.parametrize("case", ["unknown-key", "unknown-host", "banner", "no-forced-command"])
+def test_ssh_misconfiguration_is_one_clear_line(rig, ssh_bed, case, tmp_path):
+    r = rig("mis" + case.replace("-", ""))
+    make_tree(r.src, ["a"])
+    snap(r.fs("a"), "s1")
+    r.configure([r.fs("a")])
+    text = r.cfg.read_text()
+    try:
+        if case == "unknown-key":
+            ssh_bed.authorize("host2", False)        # host2's key is not authorized at all
+            text = text.replace(str(ssh_bed.key("host1")), str(ssh_bed.key("host2")))
+        elif case == "unknown-host":
+            empty = tmp_path / "known_hosts"
+            empty.write_text("")
+            text = text.replace(str(ssh_bed.known_hosts), str(empty))
+        elif case == "banner":
+            ssh_bed.authorize("host2", 'command="echo Welcome to backup; %s host1",restrict'
+                              % ssh_bed.forced)
+            text = text.replace(str(ssh_bed.key("host1")), str(ssh_bed.key("host2")))
+        else:
+            ssh_bed.authorize("host2", "")
+            text = text.replace(str(ssh_bed.key("host1")), str(ssh_bed.key("host2")))
+        r.cfg.write_text(text)
+        cp, doc = r.once()
+    finally:
+        ssh_bed.authorize("host2")
+    assert_exit(cp, 1, doc)
+    lines = [ln for ln in cp.stderr.splitlines() if "ERRO" in ln]
+    want = {"unknown-key": ("authentication failed", "authorized_keys"),
+            "unknown-host": ("host key", "known_hosts"),
+            "banner": ("non-protocol output", "Welcome to backup"),
+            "no-forced-command": ("forced command", "stdinserver")}[case]
+    assert len(lines) == 1 and all(w in lines[0] for w in want), cp.stderr
+    assert r.target(r.fs("a")) not in state(r.sink)
+
+
+def _pids(pattern):
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_the_peer_killed_mid_transfer_fails_clearly_and_the_next_run_converges(rig):
+    r = rig("peerkill")
+    make_tree(r.src, ["big"])
+    fs = r.fs("big")
+    write_data(fs, 24 << 20)
+    snap(fs, "s1")
+    r.configure([fs], push_extra=["send: {bandwidth_limit: {max: 2 MiB}}"])
+    r.serve()
+    from conftest import ZREPL_PY
+    import sys
+    # one attempt: the run ends with the error (with more, a later attempt of the same run
+    # reconnects and converges; zrepl retries temporary errors the same way)
+    proc = subprocess.Popen([sys.executable, str(ZREPL_PY), "--config", str(r.cfg), "once"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, ZREPL_REPLICATION_MAX_ATTEMPTS="1"))
+    deadline = time.monotonic() + 60
+    while not _pids("stdinserver host1") or not _pids("zfs receive"):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(1.0)
+    for pid in _pids("stdinserver host1"):
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and "ssh" in err and ("closed" in err or "broke" in err), err
+    # the orphaned `zfs receive` ends once its stream is cut; then the next run converges
+    deadline = time.monotonic() + 60
+    while _pids("zfs receive .*" + fs):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    r.configure([fs])
+    r.ok()
+    assert_guids_equal(r, fs)
+    assert_only_known_holds(r.src)
+    assert_only_known_holds(r.sink)
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of the bed's sshd; freeze() stops forwarding
+    (without closing anything), on the connections it has and on new ones: a cut network."""
+
+    def __init__(self, port):
+        self.target = port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.frozen = False
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                a, _ = self.listener.accept()
+            except OSError:
+                return
+            b = socket.create_connection(("127.0.0.1", self.target))
+            cid = len(self.conns)
+            self.conns.append((a, b))
+            for x, y in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(x, y, cid), daemon=True).start()
+
+    def _pump(self, x, y, cid):
+        while True:
+            try:
+                data = x.recv(65536)
+            except OSError:
+                return
+            if not data:
+                try:
+                    y.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return
+            while self.frozen:
+                time.sleep(0.2)         # hold the bytes: no EOF, no reset, nothing
+            try:
+                y.sendall(data)
+            except OSError:
+                return
+
+    def freeze(self):
+        self.frozen = True
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_network_that_stops_forwarding_ends_the_run_within_the_timeout(rig, ssh_bed):
+    r = rig("netcut")
+    make_tree(r.src, ["big"])
+    fs = r.fs("big")
+    write_data(fs, 24 << 20)
+    snap(fs, "s1")
+    relay = Relay(ssh_bed.port)
+    try:
+        r.configure([fs], push_extra=["send: {bandwidth_limit: {max: 2 MiB}}",
+                                      "replication: {timeout: 5s}"])
+        text = r.cfg.read_text().replace(r.connect_yaml(), ssh_bed.connect_yaml(
+            "host1", port=relay.port, dial_timeout="3s"))
+        # the relay's port has the bed's host key
+        kh = ssh_bed.known_hosts.read_text().replace("]:%d " % ssh_bed.port,
+                                                     "]:%d " % relay.port)
+        ssh_bed.known_hosts.write_text(ssh_bed.known_hosts.read_text() + kh)
+        r.cfg.write_text(text)
+        r.serve()
+        from conftest import ZREPL_PY
+        import sys
+        proc = subprocess.Popen([sys.executable, str(ZREPL_PY), "--config", str(r.cfg), "once"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, ZREPL_REPLICATION_MAX_ATTEMPTS="1"))
+        deadline = time.monotonic() + 60
+        while not _pids("zfs receive .*" + fs):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(1.0)
+        relay.freeze()
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+        cut_to_exit = time.monotonic() - t0
+        assert proc.returncode == 1, err
+        assert "Traceback" not in err and "no bytes moved for 5s" in err, err
+        # the watchdog (5 s), two in-attempt retries that cannot reach the host (each a
+        # 5 s pause and a 3 s dial timeout), pruning that cannot reach it either
+        assert cut_to_exit < 5 + 2 * (5 + 3) + 3 + 15, cut_to_exit
+        assert not _pids("zfs send .*" + fs)               # this side reaped its process
+        # the far side hears nothing for its idle timeout and ends its session too
+        deadline = time.monotonic() + 60
+        while _pids("zfs receive .*" + fs):
+            assert time.monotonic() < deadline, "the remote zfs receive was not reaped"
+            time.sleep(0.5)
+        print("cut to exit: %.1f s" % cut_to_exit)
+    finally:
+        relay.close()
