@@ -7089,6 +7089,129 @@ def heal(job, sender, receiver, zfs, path, snapshot, log, *, dry_run=False):
     return report
 
 
+def restore(job, source, zfs, paths, log, *, to=None, snapshot=None, dry_run=False,
+            progress=None):
+    """Bring replicated filesystems back onto this host (SPEC §1.5.11, §9.8): `source` is
+    the sink's restore-mode endpoint (push job) or the pull job's own receiving root, and
+    serves full streams of existing snapshots. Parents first, missing target parents as
+    placeholders, never over an existing dataset (an empty placeholder excepted), received
+    `-u`, the GUID checked -> [report per filesystem]."""
+    listing = source.list_filesystems()
+    if paths is None:
+        paths = sorted(p for p, d in listing.items() if not d.is_placeholder and d.snapshots)
+    reports, wanted = [], {}
+    for path in paths:
+        ds = listing.get(path)
+        snaps = ds.snapshots if ds is not None else []
+        if snapshot is not None:
+            snaps = [v for v in snaps if v.name == snapshot]
+        wanted[path] = max(snaps, key=lambda v: v.createtxg) if snaps else None
+    lacking = [p for p, v in wanted.items() if v is None]
+    if lacking:
+        what = f"snapshot @{snapshot}" if snapshot else "a snapshot"
+        raise UsageError(f"restore needs {what} of every selected filesystem on the other "
+                         f"side; missing for: {', '.join(lacking)}; nothing was done")
+    pools = sorted({(f"{to}/{p}" if to else p).split("/")[0] for p in paths})
+    here, _ = zfs.list_datasets(pools)          # what exists here: one listing
+    failed = set()
+    progress = progress or Progress(sys.stderr, False)
+    progress.total_fs = len(paths)
+    for path in sorted(paths, key=lambda p: (p.count("/"), p)):
+        v = wanted[path]
+        target = f"{to}/{path}" if to else path
+        report = {"fs": path, "snapshot": v.name, "guid": str(v.guid), "target": target,
+                  "state": "planned" if dry_run else "done", "bytes": 0, "error": None}
+        reports.append(report)
+        try:
+            # a failed parent blocks its children only where it left no dataset behind
+            parent = next((a for a in ancestors(path) if a in failed and
+                           (f"{to}/{a}" if to else a) not in here), None)
+            if parent is not None:
+                raise ZreplError(f"its parent {parent} was not restored", kind="parent-failed",
+                                 fs=path)
+            existing = here.get(target)
+            force = False
+            if existing is not None:
+                if not existing.is_placeholder or existing.snapshots:
+                    raise ZreplError(f"restore never overwrites {target}: it exists",
+                                     kind="exists", fs=path,
+                                     hint="restore elsewhere with --to, or rename it first")
+                force = True
+            if dry_run:
+                continue
+            _restore_parents(zfs, target, to, here, log)
+            report["bytes"] = _restore_one(zfs, source, path, v, target, force, progress)
+            got = zfs.get_version(f"{target}@{v.name}")
+            if got is None or got.guid != v.guid:
+                raise ZreplError(f"after restoring, {target}@{v.name} "
+                                 f"{'is missing' if got is None else 'has another GUID'}",
+                                 kind="verify", fs=path)
+            if existing is not None:      # was an empty placeholder: a filesystem again
+                zfs.set_property(target, "zrepl:placeholder", "off")
+            here[target] = Dataset(target, "filesystem", versions=[got])
+            log("info", "restore", f"restored {path}@{v.name} -> {target}", fs=path)
+        except ZreplError as e:
+            failed.add(path)
+            report.update(state="failed", error=error_json(e, path))
+            log("error", "restore", f"{path}: {e}", fs=path)
+    progress.clear()
+    return reports
+
+
+def _restore_parents(zfs, target, to, here, log):
+    """Missing datasets above target (below the pool, or below --to) as placeholders."""
+    parts = target.split("/")
+    floor = to.count("/") + 1 if to else 1
+    for i in range(floor, len(parts)):
+        name = "/".join(parts[:i])
+        if name in here:
+            continue
+        if to and i <= to.count("/") + 1 and name == to:
+            raise ZreplError(f"--to {to} does not exist", kind="missing",
+                             hint=f"create it first: zfs create -o mountpoint=none {to}")
+        try:
+            zfs.create_placeholder(name)
+        except ZFSError as e:
+            if e.kind != "exists":
+                raise
+        here[name] = Dataset(name, "filesystem", placeholder_value="on")
+        log("info", "restore", f"created placeholder {name}")
+
+
+def _restore_one(zfs, source, path, version, target, force, progress):
+    run = StepRun(path, Step("full", None, version, "guarantee_nothing"), None)
+    stream = source.send(path, run.step)
+    proc = None
+    try:
+        proc = zfs.receive(target, force=force)
+        run.stream = stream
+        progress.runs.append(run)
+        complete = relay(MeteredStream(stream, on_bytes=run.count), proc)
+    except BaseException:
+        stream.cancel()
+        if proc is not None:
+            proc.cancel()
+            proc.finish(timeout=KILL_GRACE)
+        stream.finish(timeout=KILL_GRACE)
+        raise
+    finally:
+        if run in progress.runs:
+            progress.runs.remove(run)
+            progress.finished_bytes += run.bytes
+            progress.done_fs += 1
+    end = proc.finish()
+    if end.error is not None or not complete:
+        stream.cancel()
+        stream.finish(timeout=KILL_GRACE)
+        if end.error is None:
+            raise ZreplError(f"zfs receive {target} stopped reading", kind="stream-broken",
+                             fs=path)
+        end.error.fs = path
+        raise end.error
+    stream.finish().check()
+    return run.bytes
+
+
 ###############################################################################
 # 11. Pruner and snapper — keep rules and snapshot rounds carried out through ZFS
 ###############################################################################
@@ -8344,6 +8467,52 @@ def cmd_heal(args, zfs, out, log):
     return code
 
 
+def cmd_restore(args, zfs, out, log):
+    config = _load(args)
+    _apply_logging(config, log, args)
+    job = _select_jobs(config, [args.job])[0]
+    if job.type not in ("push", "pull"):
+        raise UsageError(f"job {job.name} (type {job.type}) replicates nothing; restore "
+                         "needs a push job (from its sink) or a pull job (from its root_fs)")
+    if job.type == "pull" and not args.to:
+        raise UsageError(f"job {job.name} is a pull job: its data is on this host already, "
+                         f"under {job.root_fs}; give --to LOCAL_ROOT for the copy")
+    for name in (args.fs or []) + ([args.to] if args.to else []):
+        why = dataset_name_problem(name)
+        if why:
+            raise UsageError(why)
+    _check_host(config, zfs)
+    control = RunControl()
+    control.install_signal_handlers()
+    if job.type == "push":
+        _, source = connect(config, job, zfs, log, None, mode="restore")
+    else:
+        source = LocalReceiver(zfs, job, job.root_fs, log)
+    progress = Progress(sys.stderr, sys.stderr.isatty() and not args.json)
+    try:
+        reports = restore(job, source, zfs, None if args.all else args.fs, log, to=args.to,
+                          snapshot=args.snapshot, dry_run=args.dry_run, progress=progress)
+    except ZreplError:
+        if control.interrupted:
+            raise KeyboardInterrupt() from None
+        raise
+    finally:
+        source.close()
+    code = 130 if control.interrupted else 1 if any(r["error"] for r in reports) else 0
+    if args.json:
+        out.write(json.dumps({"schema": "zrepl.py/restore/1", "job": job.name,
+                              "dry_run": args.dry_run, "exit_code": code,
+                              "filesystems": reports}, indent=2) + "\n")
+        return code
+    for r in reports:
+        if r["error"]:
+            out.write(f"ERROR {r['fs']}: {r['error']['message']}\n")
+        else:
+            verb = "would restore" if args.dry_run else "restored"
+            out.write(f"{verb} {r['fs']}@{r['snapshot']} -> {r['target']}\n")
+    return code
+
+
 def cmd_stdinserver(args, zfs, log):
     """The ssh forced command (SPEC §1.5.10): serve the matching sink or source job on
     fd 0/1 in this process; no daemon."""
@@ -8562,6 +8731,20 @@ def build_parser():
     h.add_argument("--dry-run", action="store_true", help="only say what would be sent")
     h.add_argument("--json", action="store_true")
 
+    rs = sub.add_parser("restore", help="bring replicated filesystems back from the job's "
+                                        "other side (rescue)")
+    rs.add_argument("--job", required=True, help="a push job (from its sink) or a pull job "
+                                                 "(from its root_fs; needs --to)")
+    g = rs.add_mutually_exclusive_group(required=True)
+    g.add_argument("--all", action="store_true", help="every replicated filesystem")
+    g.add_argument("--fs", nargs="+", metavar="FS", help="sender-side paths, e.g. tank/home")
+    rs.add_argument("--to", metavar="LOCAL_ROOT", help="restore under this dataset (default: "
+                                                       "each filesystem's own name)")
+    rs.add_argument("--snapshot", metavar="NAME", help="restore this snapshot (default: the "
+                                                       "newest)")
+    rs.add_argument("--dry-run", action="store_true", help="only say what would be restored")
+    rs.add_argument("--json", action="store_true")
+
     si = sub.add_parser("stdinserver", help="serve a sink or source job on stdin/stdout "
                                             "(the ssh forced command; no daemon needed)")
     si.add_argument("identity", metavar="CLIENT_IDENTITY",
@@ -8608,6 +8791,8 @@ def main(argv=None):
             return cmd_status(args, out)
         if args.command == "heal":
             return cmd_heal(args, zfs, out, log)
+        if args.command == "restore":
+            return cmd_restore(args, zfs, out, log)
         if args.command == "stdinserver":
             return cmd_stdinserver(args, zfs, log)
         if args.command == "zfs-abstraction":
