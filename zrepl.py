@@ -11,14 +11,20 @@ Linux host and run it with the configuration zrepl users already have::
 The module reads like a book, dependencies first. Sections 1-6 only decide; from the ZFS
 adapter on (section 7) the code acts on the world: processes, sockets, threads, the clock.
 
-     1  Errors               the hierarchy; every error is temporary / local_to_fs / permanent
+     1  Errors               ERROR_KINDS (flags, exit code, hint) and the error classes
      2  Utilities            durations, sizes, names, timestamp layouts, cron, atomic files
      3  Config               YAML-subset reader (nodes carry line/col) -> schema -> typed config
-     4  Model and names      datasets, versions, filters, placeholders, zrepl's on-disk names
-     5  Keep rules           (the snap/prune issue)
-     6  Planner              (the replication issue)
-     7  ZFS adapter          the one place that runs zfs/zpool; capability probes; classify()
-     8-13                    endpoints, transport, replication, pruner/snapper, jobs, status
+     4  Model and names      datasets, versions, filters, placeholders, zrepl's on-disk names,
+                             the records of the wire and their checks, parsers of zfs output
+     5  Keep rules           grid / last_n / regex / not_replicated, with reasons
+     6  Planner              one filesystem's two sides -> steps or a conflict
+     7  ZFS adapter          the one place that runs zfs/zpool; probes; classify(); relay()
+     8  Endpoints            the Sender and Receiver method tables, on this host's ZFS
+     9  Transport and RPC    serve_endpoint, the wire (frames, Server, Client), ssh, connect()
+    10  Replication driver   attempts, the error-count queue, steps, watchdog; heal, restore
+    11  Pruner and snapper   keep rules and snapshot rounds carried out
+    12  Jobs and daemon      rundir, locks, stop conditions, one invocation of a job
+    13  Status and metrics   what the user and their monitoring read
     14  CLI                  argparse, one function per command, main(argv) -> exit code
 
 Exit codes: 0 success, 1 something failed (nothing lost), 2 usage or configuration error,
@@ -5435,6 +5441,9 @@ def _json_frame(payload, what):
     return wire_object(doc, what)
 
 
+_WRITEV = getattr(os, "writev", None)
+
+
 class Connection:
     """Frames over a byte stream given as two file descriptors (a socket twice, an ssh
     child's pipes, a stdinserver's fd 0 and 1), non-blocking underneath so that every
@@ -5468,16 +5477,34 @@ class Connection:
         if len(payload) > FRAME_LIMITS[kind]:
             raise ProtocolError(f"{FRAME_NAMES[kind]} frame of {len(payload)} bytes is over "
                                 "its limit")
-        self._write(len(payload).to_bytes(4, "big") + bytes((kind,)) + payload,
-                    stopped=stopped)
+        header = len(payload).to_bytes(4, "big") + bytes((kind,))
+        if len(payload) < 65536:
+            self._write(header + payload, stopped=stopped)
+        else:                              # a DATA frame: no copy of the payload
+            self._write(header, stopped=stopped, more=payload)
 
     def send_json(self, kind, doc):
         self.send(kind, json.dumps(doc, separators=(",", ":")).encode("utf-8"))
 
-    def _write(self, data, absorb=True, stopped=None):
+    def _write(self, data, absorb=True, stopped=None, more=b""):
         view = memoryview(data)
+        rest = memoryview(more)
         with self._wlock:
-            while view:
+            if rest and _WRITEV is not None:
+                try:
+                    n = _WRITEV(self.wfd, [view, rest])
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError as e:
+                    raise TransportError(f"connection to {self.name} broke: "
+                                         f"{e.strerror}") from None
+                if n >= len(view):
+                    rest, view = rest[n - len(view):], rest[:0]
+                else:
+                    view = view[n:]
+            while view or rest:
+                if not view:
+                    view, rest = rest, rest[:0]
                 if self.closed:
                     raise TransportError(f"connection to {self.name} is closed")
                 if stopped is not None and stopped():
@@ -5555,7 +5582,8 @@ class Connection:
                     return None
                 if peek:
                     return kind
-                payload = bytes(self._rbuf[5:5 + n])
+                with memoryview(self._rbuf) as view:     # one copy, not two
+                    payload = bytes(view[5:5 + n])
                 del self._rbuf[:5 + n]
                 return kind, payload
             return None

@@ -50,8 +50,11 @@ def token(target):
 
 
 def _zfs_child(proc, verb, name):
-    """The `zfs <verb> ... <name>` child of proc (not one of the capability probes)."""
-    for pid in _children(proc.pid):
+    """The `zfs <verb> ... <name>` child of proc (not one of the capability probes); over
+    ssh the receiving side's runs under sshd, so any such process on this host."""
+    pids = _children(proc.pid) if Rig.transport == "local" else \
+        [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    for pid in pids:
         try:
             with open("/proc/%d/cmdline" % pid, "rb") as f:
                 argv = f.read().split(b"\0")
