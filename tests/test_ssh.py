@@ -267,3 +267,49 @@ def test_a_network_that_stops_forwarding_ends_the_run_within_the_timeout(rig, ss
         print("cut to exit: %.1f s" % cut_to_exit)
     finally:
         relay.close()
+
+
+def test_the_source_killed_mid_transfer_of_a_pull_fails_clearly_and_the_next_run_converges(
+        pools, tmp_path, ssh_bed):
+    src, dst = pools.src + "/pullkill", pools.dst + "/pullkill"
+    make_tree(src, ["big"])
+    make_tree(dst, [])
+    fs = src + "/big"
+    write_data(fs, 24 << 20)
+    snap(fs, "s1")
+    cfg = tmp_path / "zrepl.yml"
+    cfg.write_text(
+        "global: {rundir: %s}\njobs:\n"
+        "  - name: source\n    type: source\n"
+        "    serve: {type: stdinserver, client_identities: [host1]}\n"
+        "    filesystems: {%s: true}\n    snapshotting: {type: manual}\n"
+        "    send: {bandwidth_limit: {max: 2 MiB}}\n"
+        "  - name: pull\n    type: pull\n    connect: %s\n    root_fs: %s\n    interval: 10m\n"
+        "    pruning: {keep_sender: [{type: regex, regex: '.*'}], "
+        "keep_receiver: [{type: regex, regex: '.*'}]}\n"
+        % (q(tmp_path / "run"), q(fs), ssh_bed.connect_yaml("host1"), q(dst)))
+    ssh_bed.use(cfg)
+    from conftest import ZREPL_PY, run_cli
+    import sys
+    proc = subprocess.Popen([sys.executable, str(ZREPL_PY), "--config", str(cfg), "once"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, ZREPL_REPLICATION_MAX_ATTEMPTS="1"))
+    deadline = time.monotonic() + 60
+    while not _pids("zfs send .*" + fs):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(1.0)
+    for pid in _pids("stdinserver host1"):
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "ssh" in err, err
+    deadline = time.monotonic() + 60
+    while _pids("zfs send .*" + fs):           # the orphaned send dies on its broken pipe
+        assert time.monotonic() < deadline, "the source's zfs send was not reaped"
+        time.sleep(0.2)
+    cp = run_cli("once", config=cfg)
+    assert cp.returncode == 0, cp.stderr
+    got = {n: v["guid"] for n, v in state(dst + "/" + fs).items() if "@" in n}
+    assert got == {dst + "/" + fs + "@s1": state(fs + "@s1")[fs + "@s1"]["guid"]}
+    assert_only_known_holds(src)

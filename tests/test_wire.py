@@ -140,13 +140,21 @@ def _conn(sock, idle=zrepl.IDLE_TIMEOUT, name="peer"):
 def test_frames_cross_whole_and_heartbeats_are_invisible():
     a, b = socket.socketpair()
     ca, cb = _conn(a, name="a"), _conn(b, name="b")
+    got = []
+
+    def read():
+        got.append(cb.receive_json(zrepl.REQUEST))
+        got.append(cb.receive())
+    reader = threading.Thread(target=read)
+    reader.start()
     try:
         ca.send_json(zrepl.REQUEST, {"id": 1, "method": "Ping", "params": {}})
         ca.send(zrepl.HEARTBEAT)
-        ca.send(zrepl.DATA, b"x" * (1 << 20))
-        assert cb.receive_json(zrepl.REQUEST) == {"id": 1, "method": "Ping", "params": {}}
-        kind, payload = cb.receive()
-        assert (kind, len(payload)) == (zrepl.DATA, 1 << 20)
+        ca.send(zrepl.DATA, b"x" * (1 << 20))        # more than a socket buffer holds
+        reader.join(timeout=20)
+        assert got[0] == {"id": 1, "method": "Ping", "params": {}}
+        kind, payload = got[1]
+        assert (kind, payload) == (zrepl.DATA, b"x" * (1 << 20))
     finally:
         ca.close()
         cb.close()
