@@ -5289,6 +5289,16 @@ class LocalReceiver(Receiver):
         broken pipe (SPEC §8.9)."""
         try:
             complete = relay(source, proc)
+        except ZreplError as e:
+            if e.kind in ("connection", "stream-broken"):
+                # the stream broke off (a peer gone, a cut): end it as a short stream, so
+                # that a resumable receive keeps what arrived (`receive -s`)
+                proc.close_stdin()
+                proc.finish(timeout=4 * KILL_GRACE)
+            else:
+                proc.cancel()
+                proc.finish(timeout=KILL_GRACE)
+            raise
         except BaseException:
             proc.cancel()
             proc.finish(timeout=KILL_GRACE)
