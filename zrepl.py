@@ -6134,6 +6134,19 @@ def _parse_filesystems(result):
     return out
 
 
+def _peer_bucket(hello):
+    """The peer's announced bandwidth_limit (HELLO) as a bucket, or None."""
+    limit = (hello or {}).get("bandwidth_limit") or {}
+    ok = _is_uint(limit.get("max")) and limit["max"] > 0 and \
+        _is_uint(limit.get("bucket_capacity"))
+    return TokenBucket(limit["max"], limit["bucket_capacity"]) if ok else None
+
+
+def _plans_params(plans):
+    return {"plans": [{"fs": p, "steps": [s.to_json() for s in steps]}
+                      for p, steps in plans.items()]}
+
+
 def _step_params(path, step, **extra):
     return dict({"fs": path, "step": step.to_json()}, **extra)
 
@@ -6143,10 +6156,7 @@ class RemoteSender(Sender):
 
     def __init__(self, client):
         self.client = client
-        limit = (client.hello or {}).get("bandwidth_limit") or {}
-        self.bucket = TokenBucket(limit["max"], limit["bucket_capacity"]) if _is_uint(
-            limit.get("max")) and limit.get("max") and _is_uint(
-            limit.get("bucket_capacity")) else None
+        self.bucket = _peer_bucket(client.hello)
 
     def list_filesystems(self):
         return _parse_filesystems(self.client.call("ListFilesystems", {"versions": True}))
@@ -6161,8 +6171,7 @@ class RemoteSender(Sender):
         return got[0] if got and _is_uint(got[0]) else None
 
     def prepare(self, plans):
-        return _parse_errors(self.client.call("PrepareSteps", {"plans": [
-            {"fs": p, "steps": [s.to_json() for s in steps]} for p, steps in plans.items()]}))
+        return _parse_errors(self.client.call("PrepareSteps", _plans_params(plans)))
 
     def send(self, path, step, prepared=False):
         stream = self.client.start_send(_step_params(path, step, prepared=prepared),
@@ -6219,10 +6228,7 @@ class RemoteReceiver(Receiver):
         hello = client.hello or {}
         self.root = wire_dataset_name(hello, "root")
         self.resumable = hello.get("resumable") is True
-        limit = hello.get("bandwidth_limit") or {}
-        self.bucket = TokenBucket(limit["max"], limit["bucket_capacity"]) if _is_uint(
-            limit.get("max")) and limit.get("max") and _is_uint(
-            limit.get("bucket_capacity")) else None
+        self.bucket = _peer_bucket(hello)
 
     def list_filesystems(self):
         return _parse_filesystems(self.client.call("ListFilesystems", {"versions": True}))
@@ -6231,8 +6237,7 @@ class RemoteReceiver(Receiver):
         return self.resumable
 
     def prepare(self, plans):
-        return _parse_errors(self.client.call("PrepareSteps", {"plans": [
-            {"fs": p, "steps": [s.to_json() for s in steps]} for p, steps in plans.items()]}))
+        return _parse_errors(self.client.call("PrepareSteps", _plans_params(plans)))
 
     def receive(self, path, step, stream):
         r = self.client.receive(_step_params(path, step), MeteredStream(stream, [self.bucket]),
@@ -7099,32 +7104,41 @@ def heal(job, sender, receiver, zfs, path, snapshot, log, *, dry_run=False):
     stream = there.send(path, step)
     moved = []
     try:
-        proc = zfs.receive_corrective(local_name)
+        receive_stream(stream, lambda: zfs.receive_corrective(local_name), path,
+                       local_name, on_bytes=moved.append)
+    finally:
+        report["bytes"] = sum(moved)
+    return report
+
+
+def receive_stream(stream, start_receive, path, target, on_bytes=None):
+    """Relay a whole Stream into the `zfs receive` that start_receive() starts, then finish
+    both; the receiving side's error wins over the sender's broken pipe, and every process
+    is reaped on every path."""
+    try:
+        proc = start_receive()
     except BaseException:
         stream.cancel()
         stream.finish(timeout=KILL_GRACE)
         raise
     try:
-        complete = relay(MeteredStream(stream, on_bytes=moved.append), proc)
+        complete = relay(MeteredStream(stream, on_bytes=on_bytes), proc)
     except BaseException:
         stream.cancel()
         proc.cancel()
         proc.finish(timeout=KILL_GRACE)
         stream.finish(timeout=KILL_GRACE)
         raise
-    finally:
-        report["bytes"] = sum(moved)
     end = proc.finish()
     if end.error is not None or not complete:
         stream.cancel()
-        stream.finish(timeout=KILL_GRACE)    # the receiving side's error says why
+        stream.finish(timeout=KILL_GRACE)
         if end.error is None:
-            raise ZreplError(f"zfs receive -c {local_name} stopped reading",
+            raise ZreplError(f"zfs receive into {target} stopped reading",
                              kind="stream-broken", fs=path)
         end.error.fs = path
         raise end.error
     stream.finish().check()
-    return report
 
 
 def restore(job, source, zfs, paths, log, *, to=None, snapshot=None, dry_run=False,
@@ -7218,35 +7232,15 @@ def _restore_parents(zfs, target, to, here, log):
 
 def _restore_one(zfs, source, path, version, target, force, progress):
     run = StepRun(path, Step("full", None, version, "guarantee_nothing"), None)
-    stream = source.send(path, run.step)
-    proc = None
+    run.stream = source.send(path, run.step)
+    progress.runs.append(run)
     try:
-        proc = zfs.receive(target, force=force)
-        run.stream = stream
-        progress.runs.append(run)
-        complete = relay(MeteredStream(stream, on_bytes=run.count), proc)
-    except BaseException:
-        stream.cancel()
-        if proc is not None:
-            proc.cancel()
-            proc.finish(timeout=KILL_GRACE)
-        stream.finish(timeout=KILL_GRACE)
-        raise
+        receive_stream(run.stream, lambda: zfs.receive(target, force=force), path, target,
+                       on_bytes=run.count)
     finally:
-        if run in progress.runs:
-            progress.runs.remove(run)
-            progress.finished_bytes += run.bytes
-            progress.done_fs += 1
-    end = proc.finish()
-    if end.error is not None or not complete:
-        stream.cancel()
-        stream.finish(timeout=KILL_GRACE)
-        if end.error is None:
-            raise ZreplError(f"zfs receive {target} stopped reading", kind="stream-broken",
-                             fs=path)
-        end.error.fs = path
-        raise end.error
-    stream.finish().check()
+        progress.runs.remove(run)
+        progress.finished_bytes += run.bytes
+        progress.done_fs += 1
     return run.bytes
 
 
