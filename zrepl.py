@@ -4472,6 +4472,8 @@ class ZFSProcess:
                 return _SPLICE(self.proc.stdout.fileno(), fd, n)
             except BrokenPipeError:
                 return -1
+            except BlockingIOError:
+                raise                   # a non-blocking fd that is full: its owner waits
             except (OSError, ValueError) as e:
                 if self.cancelled:
                     return 0
@@ -4482,6 +4484,27 @@ class ZFSProcess:
                                    kind="stream-broken", fs=self.fs) from None
                 # fd is no pipe (a socket, a file): the portable path from now on
         return write_all(fd, self.read(n))
+
+    def ready(self, n):
+        """Wait until the stream has bytes or has ended -> how many (at most n) the next
+        splice_to can move whole, 0 at the end; None where the kernel path is missing (the
+        caller reads instead). A framed sink needs the count before the bytes: it writes
+        the DATA frame's header, then splices exactly that many."""
+        if _SPLICE is None or self.cancelled:
+            return None if not self.cancelled else 0
+        import fcntl
+        import termios
+        fd = self.proc.stdout.fileno()
+        while not self.cancelled:
+            r, _, _ = _select([fd], [], 1.0)
+            if not r:
+                continue
+            try:
+                buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+            except OSError:
+                return None
+            return min(n, int.from_bytes(buf, sys.byteorder))    # readable and 0: the end
+        return 0
 
     def read(self, n):
         """Up to n bytes of the stream (b"" at its end)."""
@@ -4505,6 +4528,11 @@ class ZFSProcess:
         """Feed all of data to the command's stdin; False if it stopped reading."""
         fd = self.write_fd()
         return fd is not None and write_all(fd, data) >= 0
+
+    def write_from(self, source, n):
+        """The relay's step where write_fd() is gone -> bytes moved, 0, or -1."""
+        data = source.read(n)
+        return len(data) if not data or self.write(data) else -1
 
     def close_stdin(self):
         if self.proc.stdin and not self.proc.stdin.closed:
@@ -4570,21 +4598,27 @@ def write_all(fd, data):
     return len(data)
 
 
+def _select(r, w, timeout):
+    try:
+        return select.select(r, w, [], timeout)[:2] + (None,)
+    except (OSError, ValueError):
+        return list(r), list(w), None            # a closed fd: the next read/write says so
+
+
 RELAY_CHUNK = 1 << 20
 
 
 def relay(source, sink, chunk=RELAY_CHUNK):
-    """THE relay loop: move a Stream (read, splice_to) into a sink (`write_fd()` for the
-    kernel path, else `write(bytes) -> bool`, e.g. DATA frames) until the stream ends
-    -> True, or False if the sink stopped taking it. Meters and limits live in the
+    """THE relay loop: move a Stream (read, ready, splice_to) into a sink (`write_fd()`
+    for the kernel path, else `write_from(source, n)`, e.g. DATA frames) until the stream
+    ends -> True, or False if the sink stopped taking it. Meters and limits live in the
     Stream wrappers, so every transport counts and throttles the same way."""
     while True:
         fd = sink.write_fd()
         if fd is not None:
             moved = source.splice_to(fd, chunk)
         else:
-            data = source.read(chunk)
-            moved = len(data) if not data or sink.write(data) else -1
+            moved = sink.write_from(source, chunk)
         if moved == 0:
             return True
         if moved < 0:
@@ -4711,6 +4745,9 @@ class MeteredStream:
         if data:
             self._count(len(data))
         return data
+
+    def ready(self, n):
+        return 0 if self.stopped() else self.inner.ready(self._paid(n))
 
     def splice_to(self, fd, n):
         if self.stopped():
@@ -5471,6 +5508,7 @@ class Connection:
         for fd in {rfd, wfd}:
             os.set_blocking(fd, False)
         self._rbuf = bytearray()
+        self._data_left = 0               # of a DATA frame being spliced (splice_data)
         self._rlock = threading.Lock()
         self._wlock = threading.RLock()
         self.closed = False
@@ -5492,6 +5530,42 @@ class Connection:
             self._write(header + payload, stopped=stopped)
         else:                              # a DATA frame: no copy of the payload
             self._write(header, stopped=stopped, more=payload)
+
+    def send_spliced(self, source, n, stopped=None):
+        """One DATA frame of the next n bytes of `source` (its ready() promised them),
+        moved by the kernel from its pipe into ours: no copy through Python."""
+        with self._wlock:
+            self._write(n.to_bytes(4, "big") + bytes((DATA,)), stopped=stopped)
+            left = n
+            while left:
+                try:
+                    moved = source.splice_to(self.wfd, left)
+                except BlockingIOError:
+                    moved = None
+                if moved is not None and moved <= 0:
+                    raise TransportError(f"sending to {self.name}: the stream ended inside "
+                                         "a frame" if moved == 0 else
+                                         f"connection to {self.name} broke")
+                if moved:
+                    left -= moved
+                    continue
+                self._wait_writable(stopped)
+            self.last_sent = time.monotonic()
+
+    def _wait_writable(self, stopped, absorb=True):
+        """The peer is not reading: wait for room, still hearing it (its heartbeats say it
+        lives), until idle_timeout of silence."""
+        if self.closed:
+            raise TransportError(f"connection to {self.name} is closed")
+        if stopped is not None and stopped():
+            raise TransportError(f"sending to {self.name} was cancelled")
+        readable = [self.rfd] if absorb and not self.eof else []
+        r, _, _ = _select(readable, [self.wfd], 1.0)
+        if r:
+            self._fill()
+        if time.monotonic() - self.last_heard > self.idle_timeout:
+            raise TransportError(f"{self.name} stopped reading and sent nothing for "
+                                 f"{format_duration(self.idle_timeout)}")
 
     def send_json(self, kind, doc):
         self.send(kind, json.dumps(doc, separators=(",", ":")).encode("utf-8"))
@@ -5527,14 +5601,7 @@ class Connection:
                 except OSError as e:
                     raise TransportError(f"connection to {self.name} broke: "
                                          f"{e.strerror}") from None
-                # the peer is not reading: still hear it (its heartbeats say it lives)
-                readable = [self.rfd] if absorb and not self.eof else []
-                r, _, _ = _select(readable, [self.wfd], 1.0)
-                if r:
-                    self._fill()
-                if time.monotonic() - self.last_heard > self.idle_timeout:
-                    raise TransportError(f"{self.name} stopped reading and sent nothing for "
-                                         f"{format_duration(self.idle_timeout)}")
+                self._wait_writable(stopped, absorb)
             self.last_sent = time.monotonic()
 
     def _heartbeats(self):
@@ -5578,6 +5645,16 @@ class Connection:
         """The next frame in the buffer other than HEARTBEAT -> (kind, payload), or its
         kind only if `peek`, or None while it is incomplete."""
         with self._rlock:
+            if self._data_left:                  # the rest of a frame splice_data began
+                if not self._rbuf:
+                    return None
+                if peek:
+                    return DATA
+                take = min(len(self._rbuf), self._data_left)
+                payload = bytes(self._rbuf[:take])
+                del self._rbuf[:take]
+                self._data_left -= take
+                return DATA, payload
             while len(self._rbuf) >= 5:
                 n, kind = int.from_bytes(self._rbuf[:4], "big"), self._rbuf[4]
                 if kind not in FRAME_LIMITS:
@@ -5616,6 +5693,85 @@ class Connection:
             elif time.monotonic() - self.last_heard > wait:
                 raise TransportError(f"{self.name} sent nothing for {format_duration(wait)}")
 
+    def splice_data(self, fd, n):
+        """Move up to n bytes of the payload of a DATA frame (the current one, or the next
+        frame if it is DATA) into fd, from our read fd straight into fd's pipe -> bytes
+        moved; None if the next frame is another kind (the caller receive()s it). Only
+        the 5 header bytes pass through Python."""
+        while not self._data_left:
+            with self._rlock:
+                while len(self._rbuf) >= 5 and self._rbuf[4] == HEARTBEAT \
+                        and self._rbuf[:4] == b"\0\0\0\0":
+                    del self._rbuf[:5]
+                if len(self._rbuf) >= 5:
+                    n_frame, kind = int.from_bytes(self._rbuf[:4], "big"), self._rbuf[4]
+                    if kind != DATA or n_frame > FRAME_LIMITS[DATA]:
+                        return None              # receive() says what is wrong with it
+                    del self._rbuf[:5]
+                    self._data_left = n_frame
+                    if not n_frame:
+                        return None
+                    break
+            self._fill_upto(5)
+        with self._rlock:
+            if self._rbuf:                       # what an earlier read took ahead
+                take = min(len(self._rbuf), self._data_left, n)
+                moved = write_all(fd, self._rbuf[:take])
+                if moved > 0:
+                    del self._rbuf[:take]
+                    self._data_left -= take
+                return moved
+        while True:
+            try:
+                moved = _SPLICE(self.rfd, fd, min(n, self._data_left))
+            except (BlockingIOError, InterruptedError):
+                moved = None
+            except BrokenPipeError:
+                return -1
+            except OSError as e:
+                raise TransportError(f"connection to {self.name} broke: {e.strerror}") from None
+            if moved == 0:
+                self.eof = True
+                raise TransportError(f"{self.name} closed the connection inside a frame")
+            if moved:
+                self._data_left -= moved
+                self.last_heard = time.monotonic()
+                return moved
+            self._wait_readable()
+
+    def _fill_upto(self, want):
+        """Read at most what makes the buffer `want` bytes long (a frame header: the
+        payload behind it stays in the kernel for splice_data), waiting up to the idle
+        timeout."""
+        while True:
+            with self._rlock:
+                need = want - len(self._rbuf)
+                if need <= 0:
+                    return
+                try:
+                    data = os.read(self.rfd, need)
+                except (BlockingIOError, InterruptedError):
+                    data = None
+                except OSError as e:
+                    raise TransportError(f"connection to {self.name} broke: "
+                                         f"{e.strerror}") from None
+                if data == b"":
+                    self.eof = True
+                    raise TransportError(f"{self.name} closed the connection")
+                if data:
+                    self._rbuf += data
+                    self.last_heard = time.monotonic()
+                    continue
+            self._wait_readable()
+
+    def _wait_readable(self):
+        if self.closed:
+            raise TransportError(f"connection to {self.name} is closed")
+        r, _, _ = _select([self.rfd], [], 1.0)
+        if not r and time.monotonic() - self.last_heard > self.idle_timeout:
+            raise TransportError(f"{self.name} sent nothing for "
+                                 f"{format_duration(self.idle_timeout)}")
+
     def receive_json(self, want, timeout=None):
         kind, payload = self.receive(timeout)
         if kind != want:
@@ -5649,13 +5805,6 @@ class Connection:
             self.on_close()
 
 
-def _select(r, w, timeout):
-    try:
-        return select.select(r, w, [], timeout)[:2] + (None,)
-    except (OSError, ValueError):
-        return list(r), list(w), None            # a closed fd: the next read/write says so
-
-
 class WireInStream:
     """A Stream arriving as DATA frames until END (SPEC §9.2)."""
 
@@ -5685,8 +5834,15 @@ class WireInStream:
             return b""
         raise ProtocolError(f"{self.conn.name} sent {FRAME_NAMES[kind]} inside a stream")
 
+    def ready(self, n):
+        return None
+
     def splice_to(self, fd, n):
-        data = self.read(n)
+        if _SPLICE is not None and not self._left and self.end is None:
+            moved = self.conn.splice_data(fd, n)
+            if moved is not None:
+                return moved
+        data = self.read(n)                       # END, or the portable path
         return write_all(fd, data) if data else 0
 
     def stopped(self):
@@ -5740,13 +5896,23 @@ class WireOutSink:
     def write_fd(self):
         return None
 
-    def write(self, data):
+    def write_from(self, source, n):
+        """One relay step: a DATA frame spliced from the source's pipe where the kernel
+        allows, else read and framed -> bytes moved, 0 at the end, -1 if the peer
+        answered early."""
         if self.watch_replies and self.conn.pending():
             self.replied = True
-            return False
-        for i in range(0, len(data), FRAME_LIMITS[DATA]):
-            self.conn.send(DATA, data[i:i + FRAME_LIMITS[DATA]], stopped=self.stopped)
-        return True
+            return -1
+        ready = source.ready(min(n, FRAME_LIMITS[DATA]))
+        if ready is None:
+            data = source.read(n)
+            if data:
+                for i in range(0, len(data), FRAME_LIMITS[DATA]):
+                    self.conn.send(DATA, data[i:i + FRAME_LIMITS[DATA]], stopped=self.stopped)
+            return len(data)
+        if ready:
+            self.conn.send_spliced(source, ready, stopped=self.stopped)
+        return ready
 
 
 # --- the server side: one session on one connection ---------------------------------------

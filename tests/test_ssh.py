@@ -313,3 +313,60 @@ def test_the_source_killed_mid_transfer_of_a_pull_fails_clearly_and_the_next_run
     got = {n: v["guid"] for n, v in state(dst + "/" + fs).items() if "@" in n}
     assert got == {dst + "/" + fs + "@s1": state(fs + "@s1")[fs + "@s1"]["guid"]}
     assert_only_known_holds(src)
+
+
+# --- SPEC §9.7: bandwidth_limit over the wire, on whichever side configures it ------------
+
+BW = "bandwidth_limit: {max: 1 MiB, bucket_capacity: 128 KiB}"
+BW_BYTES = 5 << 20          # 5 MiB at 1 MiB/s: at least ~4.8 s whichever side holds it back
+
+
+@pytest.mark.parametrize("side", ["push-send", "sink-recv"])
+def test_a_push_honours_the_bandwidth_limit_of_either_side(rig, side):
+    r = rig("bw" + side.replace("-", ""))
+    make_tree(r.src, ["a"])
+    fs = r.fs("a")
+    write_data(fs, BW_BYTES)
+    snap(fs, "s1")
+    if side == "push-send":
+        r.configure([fs], push_extra=["send: {%s}" % BW])
+    else:                       # enforced by the stdinserver on the far side
+        r.configure([fs], sink_extra=["recv: {%s}" % BW])
+    t0 = time.monotonic()
+    job = r.ok()
+    elapsed = time.monotonic() - t0
+    assert fs_reports(job)[fs]["bytes_replicated"] >= BW_BYTES
+    assert elapsed >= (BW_BYTES - (128 << 10)) / (1 << 20) * 0.95, elapsed
+    assert_guids_equal(r, fs)
+
+
+@pytest.mark.parametrize("side", ["source-send", "pull-recv"])
+def test_a_pull_honours_the_bandwidth_limit_of_either_side(pools, tmp_path, ssh_bed, side):
+    tag = "bw" + side.replace("-", "")
+    src, dst = pools.src + "/" + tag, pools.dst + "/" + tag
+    make_tree(src, ["a"])
+    make_tree(dst, [])
+    fs = src + "/a"
+    write_data(fs, BW_BYTES)
+    snap(fs, "s1")
+    cfg = tmp_path / "zrepl.yml"
+    cfg.write_text(
+        "global: {rundir: %s}\njobs:\n"
+        "  - name: source\n    type: source\n"
+        "    serve: {type: stdinserver, client_identities: [host1]}\n"
+        "    filesystems: {%s: true}\n    snapshotting: {type: manual}\n%s"
+        "  - name: pull\n    type: pull\n    connect: %s\n    root_fs: %s\n    interval: 10m\n%s"
+        "    pruning: {keep_sender: [{type: regex, regex: '.*'}], "
+        "keep_receiver: [{type: regex, regex: '.*'}]}\n"
+        % (q(tmp_path / "run"), q(fs), "    send: {%s}\n" % BW if side == "source-send" else "",
+           ssh_bed.connect_yaml("host1"), q(dst),
+           "    recv: {%s}\n" % BW if side == "pull-recv" else ""))
+    ssh_bed.use(cfg)
+    from conftest import run_cli
+    t0 = time.monotonic()
+    cp = run_cli("once", config=cfg)
+    elapsed = time.monotonic() - t0
+    assert cp.returncode == 0, cp.stderr
+    assert elapsed >= (BW_BYTES - (128 << 10)) / (1 << 20) * 0.95, elapsed
+    got = {n: v["guid"] for n, v in state(dst + "/" + fs).items() if "@" in n}
+    assert got == {dst + "/" + fs + "@s1": state(fs + "@s1")[fs + "@s1"]["guid"]}
