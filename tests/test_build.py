@@ -62,3 +62,26 @@ def test_is_built_from_the_current_zrepl_py():
     with zipfile.ZipFile(str(PYZ)) as z:
         packed = z.read("site-packages/zrepl.py")
     assert packed == (REPO / "zrepl.py").read_bytes(), "zrepl.pyz is stale: run ./build.sh"
+
+
+def test_serves_stdinserver_as_an_ssh_forced_command_runs_it(tmp_path):
+    """The .pyz as the passive side's forced command (SPEC §9.5): preamble, an answer to
+    our HELLO (the sink's, or its error where this host has no ZFS), a clean end at EOF."""
+    cfg = tmp_path / "zrepl.yml"
+    cfg.write_text("global: {rundir: %s}\njobs:\n  - name: sink\n    type: sink\n"
+                   "    root_fs: smokepool/sink\n"
+                   "    serve: {type: stdinserver, client_identities: [host1]}\n" % (tmp_path / "run"))
+    hello = json.dumps({"protocol": 1, "software": "test", "job": "push",
+                        "mode": "replicate"}).encode()
+    frame = len(hello).to_bytes(4, "big") + bytes((1,)) + hello
+    cp = subprocess.run(["env", "-i", "PATH=" + BARE_PATH, "HOME=" + NO_HOME, "python3", str(PYZ),
+                         "--config", str(cfg), "stdinserver", "host1"], input=frame,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    err = cp.stderr.decode("utf-8", "replace")
+    assert b"Traceback" not in cp.stderr and cp.returncode in (0, 1), (cp.returncode, err)
+    out = cp.stdout
+    assert out.startswith(b"ZREPLPY1"), out[:200]
+    n, kind = int.from_bytes(out[8:12], "big"), out[12]
+    assert kind == 1, out[:200]                                  # HELLO
+    doc = json.loads(out[13:13 + n].decode())
+    assert doc.get("job_type") == "sink" or "error" in doc, doc
