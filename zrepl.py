@@ -6685,7 +6685,13 @@ def connect(config, job, zfs, log, rundir, *, snapshot_round=None, mode="replica
 # filesystems go last but never starve), errors decide by their class, a watchdog cancels
 # a step that moves no bytes, and one filesystem's failure never stops the others.
 
-MAX_ATTEMPTS = int(os.environ.get("ZREPL_REPLICATION_MAX_ATTEMPTS", "3") or 3)
+MAX_ATTEMPTS = 3
+
+
+def max_attempts_from(environ):
+    """ZREPL_REPLICATION_MAX_ATTEMPTS (zrepl's knob, read per run, not at import)."""
+    text = environ.get("ZREPL_REPLICATION_MAX_ATTEMPTS", "")
+    return int(text) if text.isdigit() and int(text) > 0 else MAX_ATTEMPTS
 RETRY_DELAY = 5.0
 RETRIES_PER_ATTEMPT = 2
 
@@ -6815,7 +6821,8 @@ class Replication:
     """One replication phase of an active job between a sender and a receiver endpoint."""
 
     def __init__(self, job, sender, receiver, log, control, *, dry_run=False,
-                 progress=None, prev_report=None):
+                 progress=None, prev_report=None, max_attempts=MAX_ATTEMPTS):
+        self.max_attempts = max_attempts
         self.job = job
         self.sender = sender
         self.receiver = receiver
@@ -6848,7 +6855,7 @@ class Replication:
                   "finished_at": None, "error": None, "bytes_expected": None,
                   "bytes_replicated": 0, "filesystems": []}
         phase_error = None
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        for attempt in range(1, self.max_attempts + 1):
             if self.control.should_stop():
                 break
             report["attempts"] = attempt
@@ -6862,7 +6869,7 @@ class Replication:
             again = [f for f in self.fs.values() if not f.finished]
             if fatal is None and not again:
                 break
-            if attempt < MAX_ATTEMPTS:
+            if attempt < self.max_attempts:
                 self.log("info", "repl", f"attempt {attempt} left {len(again)} filesystems "
                                          "unfinished; trying again")
         for f in self.fs.values():
@@ -7418,8 +7425,21 @@ def _restore_one(zfs, source, path, version, target, force, progress):
 # not mean snapper needs to stop for all others").
 
 HOOK_OUTPUT_TAIL = 64 * 1024
-RUNNING_HOOKS = set()          # hook processes a SIGTERM/SIGINT must reach (SPEC §10.3)
-HOOKS_STOPPED = threading.Event()   # set by the signal handler: hooks started now get TERM
+
+
+class HookState:
+    """The hook processes of one run and whether that run was told to stop (SPEC §10.3):
+    a stop reaches its running hooks, and a hook started after it is stopped at once.
+    Each run has its own, so the daemon's job threads never signal each other's hooks."""
+
+    def __init__(self):
+        self.stopped = threading.Event()
+        self.running = set()
+
+    def stop(self):
+        self.stopped.set()
+        for proc in list(self.running):
+            signal_process_group(proc, signal.SIGTERM)
 
 
 def signal_process_group(proc, sig):
@@ -7439,7 +7459,7 @@ def kill_process_group(proc):
         return proc.communicate()
 
 
-def _wait_hook(proc, deadline):
+def _wait_hook(proc, deadline, hooks):
     """Wait for a hook -> (stdout, stderr), or (None, None) at its deadline. After a stop
     signal its group is signalled again each half second (a child it forked after the
     first TERM escaped that one and would hold its pipes open) and killed after the
@@ -7451,7 +7471,7 @@ def _wait_hook(proc, deadline):
         except subprocess.TimeoutExpired:
             pass
         now = time.monotonic()
-        if HOOKS_STOPPED.is_set():
+        if hooks.stopped.is_set():
             stopped_at = stopped_at or now
             if now - stopped_at < KILL_GRACE:
                 signal_process_group(proc, signal.SIGTERM)
@@ -7462,8 +7482,9 @@ def _wait_hook(proc, deadline):
             return None, None
 
 
-def run_hook(hook, edge, fs, snapname, log):
-    """Run one command hook edge (SPEC §6.2) -> its report entry; never raises."""
+def run_hook(hook, edge, fs, snapname, log, hooks):
+    """Run one command hook edge (SPEC §6.2) as part of the run whose HookState is
+    `hooks` -> its report entry; never raises."""
     env = dict(os.environ, ZREPL_HOOKTYPE=f"{edge}_snapshot", ZREPL_FS=fs,
                ZREPL_SNAPNAME=snapname, ZREPL_DRYRUN="",
                ZREPL_TIMEOUT=str(int(hook.timeout)))
@@ -7482,11 +7503,11 @@ def run_hook(hook, edge, fs, snapname, log):
                                                local_to_fs=True), fs)
         return entry
     timed_out = False
-    RUNNING_HOOKS.add(proc)
-    if HOOKS_STOPPED.is_set():       # the signal came between Popen and the line above
+    hooks.running.add(proc)
+    if hooks.stopped.is_set():       # the stop came between Popen and the line above
         signal_process_group(proc, signal.SIGTERM)
     try:
-        out, err = _wait_hook(proc, started + hook.timeout)
+        out, err = _wait_hook(proc, started + hook.timeout, hooks)
         timed_out = out is None
         if timed_out:
             out, err = kill_process_group(proc)
@@ -7494,7 +7515,7 @@ def run_hook(hook, edge, fs, snapname, log):
         kill_process_group(proc)
         raise
     finally:
-        RUNNING_HOOKS.discard(proc)
+        hooks.running.discard(proc)
     entry["duration_s"] = round(time.monotonic() - started, 3)
     entry["exit_status"] = proc.returncode
     text_out, text_err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
@@ -7516,12 +7537,13 @@ def run_hook(hook, edge, fs, snapname, log):
 class Snapper:
     """One snapshot round of a job (SPEC §6): due-ness, hooks, atomic groups, report."""
 
-    def __init__(self, zfs, job, log, should_stop=lambda: False):
+    def __init__(self, zfs, job, log, should_stop=lambda: False, hooks=None):
         self.zfs = zfs
         self.job = job
         self.cfg = job.snapshotting
         self.log = log
         self.should_stop = should_stop
+        self.hooks = hooks if hooks is not None else HookState()
 
     def run(self, mode, now, dry_run=False):
         """mode due|always|never -> the `snapshotting` part of the job report."""
@@ -7572,7 +7594,8 @@ class Snapper:
                          fs=name)
         for name in due:
             for hook in reversed(ran_pre.get(name, [])):
-                entries[name]["hooks"].append(run_hook(hook, "post", name, snapname, self.log))
+                entries[name]["hooks"].append(run_hook(hook, "post", name, snapname, self.log,
+                                                        self.hooks))
         return report
 
     def _pre_hooks(self, due, snapname, entries):
@@ -7588,7 +7611,7 @@ class Snapper:
             for hook in self.cfg.hooks:
                 if not filter_accepts(hook.filesystems, name):
                     continue
-                entry = run_hook(hook, "pre", name, snapname, self.log)
+                entry = run_hook(hook, "pre", name, snapname, self.log, self.hooks)
                 entries[name]["hooks"].append(entry)
                 if entry["error"] is None:
                     ran[name].append(hook)
@@ -7809,12 +7832,18 @@ class JobLock:
 
 
 class RunControl:
-    """When a run must stop: --max-runtime's deadline, or SIGINT/SIGTERM (SPEC §1.3, §10.3)."""
+    """When one run must stop: --max-runtime's deadline, or SIGINT/SIGTERM (SPEC §1.3,
+    §10.3), with the run's own hooks to stop with it."""
 
     def __init__(self, max_runtime=None):
         self.deadline = time.monotonic() + max_runtime if max_runtime else None
         self.interrupted = False
         self.deadline_hit = False
+        self.hooks = HookState()
+
+    def stop(self):
+        self.interrupted = True
+        self.hooks.stop()
 
     def should_stop(self):
         if self.interrupted:
@@ -7825,15 +7854,39 @@ class RunControl:
         return False
 
     def install_signal_handlers(self):
+        """For a command that is one run: this process's signals stop it."""
+        SignalFanout().install().add(self)
+
+
+class SignalFanout:
+    """SIGINT/SIGTERM for every live run of this process (the one run of `once`, one per
+    job thread in the daemon): the first signal stops them all, hooks included; a second
+    one stops waiting for children."""
+
+    def __init__(self):
+        self.runs = []
+        self.signalled = False
+
+    def install(self):
         def handler(signum, frame):
-            if self.interrupted:        # the second signal: stop waiting for children
+            if self.signalled:
                 raise KeyboardInterrupt
-            self.interrupted = True
-            HOOKS_STOPPED.set()
-            for proc in list(RUNNING_HOOKS):   # running hooks get the signal too
-                signal_process_group(proc, signal.SIGTERM)
+            self.signalled = True
+            for run in list(self.runs):
+                run.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, handler)
+        return self
+
+    def add(self, run):
+        self.runs.append(run)
+        if self.signalled:
+            run.stop()
+        return run
+
+    def discard(self, run):
+        if run in self.runs:
+            self.runs.remove(run)
 
 
 JOB_EXIT_CODES = {"done": 0, "failed": 1, "interrupted": 130, "timed_out": 4, "locked": 3}
@@ -7891,14 +7944,73 @@ def finish_job_report(report, control, failed):
 
 
 class JobRunner:
-    """One invocation of an active or snap job (SPEC §10.1), shared by `once` and `prune`."""
+    """Invocations of jobs (SPEC §10.1): the one engine of `once`, `prune` and the
+    daemon's job threads."""
 
-    def __init__(self, config, zfs, log, control):
+    def __init__(self, config, zfs, log, control, environ=None):
         self.config = config
         self.zfs = zfs
         self.log = log
         self.control = control
         self.rundir = config.global_.rundir
+        self.max_attempts = max_attempts_from(os.environ if environ is None else environ)
+
+    def invoke(self, job, mode, dry_run, progress=None):
+        """One invocation: lock -> snapshot round -> replicate -> prune the sender -> prune
+        the receiver (a snap job: snapshot round -> prune) -> the job report, persisted in
+        rundir/last/ unless dry_run. A job locked by another process is a `locked` report."""
+        if self.control.should_stop():
+            return finish_job_report(new_job_report(job, dry_run, time.time()),
+                                     self.control, failed=False)
+        lock = None if dry_run else JobLock(self.rundir, job.name)
+        try:
+            if lock:
+                lock.acquire()
+        except LockHeld as e:
+            self.log("error", "job", str(e), job=job.name)
+            report = new_job_report(job, dry_run, time.time())
+            report.update(state="locked", exit_code=3, finished_at=report["started_at"],
+                          errors=[error_json(e)])
+            return report
+        try:
+            if job.type == "snap":
+                report = self.run_snap_job(job, mode, dry_run)
+            else:
+                report = self.run_active_job(job, mode, dry_run, progress)
+            if lock:
+                atomic_write(last_report_path(self.rundir, job.name),
+                             json.dumps(report, indent=1) + "\n", mode=0o600)
+            return report
+        finally:
+            if lock:
+                lock.release()
+
+    def invoke_prune(self, job, sides, dry_run, explain=False):
+        """Pruning alone (`prune`): under the job's lock (LockHeld if another process has
+        it), the given sides of an active job or a snap job's filesystems -> [side part]."""
+        lock = None
+        if not dry_run:
+            lock = JobLock(self.rundir, job.name)
+            lock.acquire()
+        try:
+            prev = load_last_report(self.rundir, job.name)
+            if job.type == "snap":
+                return [self.prune_local(job, prev, dry_run, explain=explain)]
+            parts = []
+            sender, receiver = connect(self.config, job, self.zfs, self.log, self.rundir)
+            try:
+                for side in sides:
+                    if self.control.should_stop():
+                        break
+                    parts.append(self.prune_side(job, side, sender, receiver, prev, dry_run,
+                                                 explain=explain))
+            finally:
+                sender.close()
+                receiver.close()
+            return parts
+        finally:
+            if lock:
+                lock.release()
 
     def destroy_local(self, key, ds, snapshots, should_stop):
         return destroy_checked(self.zfs, ds, snapshots, should_stop)
@@ -7925,7 +8037,8 @@ class JobRunner:
         if self.control.should_stop():
             return False
         try:
-            snap = Snapper(self.zfs, job, self.log, self.control.should_stop)
+            snap = Snapper(self.zfs, job, self.log, self.control.should_stop,
+                           self.control.hooks)
             report["snapshotting"] = snap.run(mode, now, dry_run)
             return round_failed(report["snapshotting"])
         except ZreplError as e:
@@ -7959,7 +8072,8 @@ class JobRunner:
         source's own snapshotting and hooks, run where the source is."""
         if job.snapshotting is None or self.control.should_stop():
             return None
-        return Snapper(self.zfs, job, self.log, self.control.should_stop).run(
+        return Snapper(self.zfs, job, self.log, self.control.should_stop,
+                       self.control.hooks).run(
             mode, time.time(), dry_run)
 
     def _run_active(self, job, mode, dry_run, progress, report, prev, sender, receiver):
@@ -7981,7 +8095,8 @@ class JobRunner:
                 failed = True
         if not self.control.should_stop():
             repl = Replication(job, sender, receiver, self.log, self.control,
-                               dry_run=dry_run, progress=progress, prev_report=prev)
+                               dry_run=dry_run, progress=progress, prev_report=prev,
+                               max_attempts=self.max_attempts)
             report["replication"] = repl.run()
             if report["replication"]["state"] == "failed":
                 failed = True
@@ -8528,7 +8643,9 @@ def cmd_once(args, zfs, out, log):
     started = time.time()
     reports = []
     for job in jobs:
-        reports.append(_once_job(runner, job, args, rundir, control, log))
+        progress = None if job.type == "snap" else \
+            Progress(sys.stderr, sys.stderr.isatty() and not args.no_progress)
+        reports.append(runner.invoke(job, args.snapshot, args.dry_run, progress))
     code = combine_exit_codes(r["exit_code"] for r in reports)
     if args.json:
         out.write(json.dumps({"schema": "zrepl.py/once/1", "version": VERSION,
@@ -8541,35 +8658,6 @@ def cmd_once(args, zfs, out, log):
     return code
 
 
-def _once_job(runner, job, args, rundir, control, log):
-    if control.should_stop():
-        report = new_job_report(job, args.dry_run, time.time())
-        return finish_job_report(report, control, failed=False)
-    lock = None if args.dry_run else JobLock(rundir, job.name)
-    try:
-        if lock:
-            lock.acquire()
-    except LockHeld as e:
-        log("error", "job", str(e), job=job.name)
-        report = new_job_report(job, args.dry_run, time.time())
-        report.update(state="locked", exit_code=3, finished_at=report["started_at"],
-                      errors=[error_json(e)])
-        return report
-    try:
-        if job.type == "snap":
-            report = runner.run_snap_job(job, args.snapshot, args.dry_run)
-        else:
-            progress = Progress(sys.stderr, sys.stderr.isatty() and not args.no_progress)
-            report = runner.run_active_job(job, args.snapshot, args.dry_run, progress)
-        if lock:
-            atomic_write(last_report_path(rundir, job.name),
-                         json.dumps(report, indent=1) + "\n", mode=0o600)
-        return report
-    finally:
-        if lock:
-            lock.release()
-
-
 def cmd_prune(args, zfs, out, log):
     config = _load(args)
     _apply_logging(config, log, args)
@@ -8578,32 +8666,11 @@ def cmd_prune(args, zfs, out, log):
     rundir = config.global_.rundir
     control = RunControl()
     control.install_signal_handlers()
-    lock = None
     if not args.dry_run:
         prepare_rundir(rundir)
-        lock = JobLock(rundir, job.name)
-        lock.acquire()
-    parts = []
-    try:
-        prev = load_last_report(rundir, job.name)
-        runner = JobRunner(config, zfs, log, control)
-        if job.type == "snap":
-            parts.append(runner.prune_local(job, prev, args.dry_run, explain=args.json))
-        else:
-            sender, receiver = connect(config, job, zfs, log, rundir)
-            try:
-                sides = ("sender", "receiver") if args.side == "both" else (args.side,)
-                for side in sides:
-                    if control.should_stop():
-                        break
-                    parts.append(runner.prune_side(job, side, sender, receiver, prev,
-                                                   args.dry_run, explain=args.json))
-            finally:
-                sender.close()
-                receiver.close()
-    finally:
-        if lock:
-            lock.release()
+    sides = ("sender", "receiver") if args.side == "both" else (args.side,)
+    parts = JobRunner(config, zfs, log, control).invoke_prune(job, sides, args.dry_run,
+                                                              explain=args.json)
     code = 130 if control.interrupted else 1 if any(p["state"] == "failed"
                                                     for p in parts) else 0
     if args.json:

@@ -536,3 +536,36 @@ def test_successful_once_is_silent(pool, tmp_path):
     got = snapshots(pool + "/quiet")
     assert len(got[pool + "/quiet"]) == 1 and got[pool + "/quiet"] == got[pool + "/quiet/a"]
     assert got[pool + "/quiet"][0].startswith("zrepl_")
+
+
+# --- SPEC §10.3: a signal fans out to every live run; each run stops only its own hooks --------
+
+def test_a_signal_stops_every_live_run_and_the_hooks_of_each():
+    import zrepl
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    hooks = []
+    try:
+        fan = zrepl.SignalFanout().install()
+        a, b = fan.add(zrepl.RunControl()), fan.add(zrepl.RunControl())
+        bystander = zrepl.RunControl()               # a run the fan-out does not know
+        for run in (a, b, bystander):
+            proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+            run.hooks.running.add(proc)
+            hooks.append(proc)
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while not (a.should_stop() and b.should_stop()):   # the handler runs between bytecodes
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert hooks[0].wait(timeout=5) == -signal.SIGTERM
+        assert hooks[1].wait(timeout=5) == -signal.SIGTERM
+        assert not bystander.should_stop() and hooks[2].poll() is None
+        late = fan.add(zrepl.RunControl())           # a run that starts after the signal
+        assert late.should_stop() and late.hooks.stopped.is_set()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for proc in hooks:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
