@@ -1902,9 +1902,14 @@ class _Schema(_Checker):
         return v is True
 
     def _cert_file(self, node, what):
-        path = self.abspath(node, what)
+        """A TLS or ssh key file: a relative path is relative to this configuration file's
+        directory (as zrepl's own documentation examples have them), shown absolute."""
+        path = self.parsed(node, what, str, lambda v: None if v else "must not be empty")
         if path is _BAD:
             return None
+        if not path.startswith("/"):
+            path = os.path.normpath(os.path.join(
+                os.path.dirname(os.path.abspath(self.file)), path))
         if not self.skip_cert_check:
             try:
                 with open(path, "rb"):
@@ -2479,10 +2484,12 @@ def cross_check_jobs(jobs):
         if s is None:
             continue
         if s.type == "local" and s.listener_name:
-            if s.listener_name in listeners:
+            if s.listener_name in listeners:       # zrepl accepts it (its bandwidth sample)
                 out.append(_problem(s.pos["listener_name"],
                                     f"listener_name {s.listener_name!r} is already served by "
-                                    f"job {listeners[s.listener_name]!r}"))
+                                    f"job {listeners[s.listener_name]!r}; local connections "
+                                    f"go to that job, job {j.name!r} gets none",
+                                    warning=True))
             listeners.setdefault(s.listener_name, j.name)
         if s.type == "stdinserver":
             for ident in s.client_identities:
@@ -8499,7 +8506,9 @@ def _encryption_problems(job, filesystems, zfs, log):
 
 def cmd_configcheck(args, zfs, out, log):
     config = _load(args, skip_cert_check=args.skip_cert_check)
-    problems = config.warnings + _host_problems(config, zfs, log)
+    problems = list(config.warnings)
+    if not args.skip_host_checks:       # a configuration meant for another host: no ZFS
+        problems += _host_problems(config, zfs, log)
     errors = [p for p in problems if not p.warning]
     for p in [p for p in problems if p.warning]:
         sys.stderr.write(f"{p}\n")
@@ -8952,6 +8961,9 @@ def build_parser():
                    help="also print the normalized configuration")
     c.add_argument("--skip-cert-check", action="store_true",
                    help="do not open TLS and ssh key files")
+    c.add_argument("--skip-host-checks", action="store_true",
+                   help="check a configuration meant for another host: no capability "
+                        "refusals, no dataset checks (nothing asks this host's ZFS)")
 
     o = sub.add_parser("once", help="run each job's cycle once (for cron), then exit")
     o.add_argument("jobs", nargs="*", metavar="JOB", help="jobs to run (default: every "

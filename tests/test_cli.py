@@ -228,3 +228,71 @@ def test_placeholder_missing_dataset_exits_1(pools):
     assert cp.returncode == 1
     assert "zrepl.py: error: dataset %s/nope does not exist" % pools.dst in cp.stderr
     assert_no_traceback(cp)
+
+
+# --- configcheck accepts what zrepl accepts (SPEC §2.10) ------------------------------------
+
+RELATIVE_KEYS = """\
+jobs:
+  - name: push_ssh
+    type: push
+    connect: {type: ssh+stdinserver, host: backup, user: root, port: 22,
+              identity_file: keys/id_ed25519}
+    filesystems: {"pool/data<": true}
+    snapshotting: {type: manual}
+    pruning: {keep_sender: [{type: last_n, count: 5}], keep_receiver: [{type: last_n, count: 5}]}
+  - name: pull_tls
+    type: pull
+    connect: {type: tls, address: "backup:8888", ca: tls/ca.crt, cert: ./tls/me.crt,
+              key: ../elsewhere/me.key, server_cn: backup}
+    root_fs: pool/pulled
+    interval: 10m
+    pruning: {keep_sender: [{type: last_n, count: 5}], keep_receiver: [{type: last_n, count: 5}]}
+"""
+
+
+def test_relative_key_paths_are_resolved_against_the_configuration_file(tmp_path):
+    etc = tmp_path / "etc"
+    for rel in ("keys/id_ed25519", "tls/ca.crt", "tls/me.crt", "../elsewhere/me.key"):
+        (etc / rel).parent.mkdir(parents=True, exist_ok=True)
+        (etc / rel).write_text("x")
+    cfg = etc / "zrepl.yml"
+    cfg.write_text(RELATIVE_KEYS)
+    cp = run_cli("configcheck", "--skip-host-checks", "--format", "json", "--what", "jobs",
+                 config=cfg, cwd="/")
+    assert cp.returncode == 0, cp.stderr
+    push, pull = json.loads(cp.stdout)
+    assert push["connect"]["identity_file"] == str(etc / "keys/id_ed25519")
+    assert (pull["connect"]["ca"], pull["connect"]["cert"], pull["connect"]["key"]) == (
+        str(etc / "tls/ca.crt"), str(etc / "tls/me.crt"), str(tmp_path / "elsewhere/me.key"))
+    (etc / "keys/id_ed25519").unlink()                  # missing: an error naming the path...
+    cp = run_cli("configcheck", "--skip-host-checks", config=cfg, cwd="/")
+    assert cp.returncode == 2 and str(etc / "keys/id_ed25519") in cp.stderr, cp.stderr
+    assert "Traceback" not in cp.stderr
+    # ...that --skip-cert-check does not look for (a configuration for another host)
+    cp = run_cli("configcheck", "--skip-host-checks", "--skip-cert-check", config=cfg, cwd="/")
+    assert cp.returncode == 0, cp.stderr
+
+
+def test_skip_host_checks_asks_nothing_of_this_hosts_zfs(tmp_path):
+    """A configuration for another host: a filter of datasets that do not exist here and,
+    where this ZFS lacks `send -w`, a raw send: refused or warned about without the flag."""
+    cfg = tmp_path / "zrepl.yml"
+    cfg.write_text("jobs:\n  - name: snapjob\n    type: snap\n"
+                   "    filesystems: {\"nosuchpool/data<\": true}\n"
+                   "    snapshotting: {type: periodic, prefix: zrepl_, interval: 10m}\n"
+                   "    pruning: {keep: [{type: regex, regex: \".*\"}]}\n")
+    cp = run_cli("configcheck", config=cfg)
+    assert_no_traceback(cp)
+    assert cp.returncode == 0 and "matches no dataset on this host" in cp.stderr, cp.stderr
+    cp = run_cli("configcheck", "--skip-host-checks", config=cfg)
+    assert cp.returncode == 0 and "matches no dataset" not in cp.stderr, cp.stderr
+    raw = tmp_path / "raw.yml"
+    raw.write_text(RELATIVE_KEYS.split("  - name: pull_tls")[0].replace(
+        "snapshotting: {type: manual}", "snapshotting: {type: manual}\n    send: {raw: true}"))
+    cp = run_cli("configcheck", "--skip-host-checks", "--skip-cert-check", config=raw)
+    assert cp.returncode == 0, cp.stderr
+    caps = zrepl.ZFS().capabilities()
+    if caps.available and not caps["send_w"]:
+        cp = run_cli("configcheck", "--skip-cert-check", config=raw)
+        assert cp.returncode == 2 and "zfs send -w" in cp.stderr, cp.stderr

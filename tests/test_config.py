@@ -130,6 +130,7 @@ SPOT_CHECKS = [
     ("push_local.yml", "home_to_usb", "initial_replication", "most_recent"),
     ("push_local.yml", "home_to_usb", "send.compressed", False),
     ("push_local.yml", "home_to_usb", "send.bandwidth_limit.max", -1),
+    ("listener_served_twice.yml", "sink_two", "serve.listener_name", "disk"),
     ("push_local.yml", "home_to_usb", "send.bandwidth_limit.bucket_capacity", 128 * 1024),
     ("push_local.yml", "usb_sink", "serve.listener_name", "usb_disk"),
     ("push_local.yml", "usb_sink", "root_fs", "usb/zrepl"),
@@ -473,6 +474,8 @@ def test_logging_outlet_defaults(tmp_path):
     ("keep_rules.yml", 29, "not_replicated keeps nothing on the receiver"),
     ("push_local.yml", 31, "pruning.keep_receiver: no rule keeps snapshots whose names do not "
                            "start with 'zrepl_'"),
+    ("listener_served_twice.yml", 10, "listener_name 'disk' is already served by job "
+                                      "'sink_one'; local connections go to that job"),
 ])
 def test_valid_config_warnings(name, line, substring):
     config = load(VALID / name)
@@ -591,7 +594,6 @@ INVALID_CASES = [
     case("filter_value_quoted_true.yml", 7, 19, "must be a boolean"),
     # --- cross-checks (SPEC §2.10)
     case("connect_local_unserved.yml", 9, 43, "no sink or source job serves listener_name 'backup_dsk'"),
-    case("listener_served_twice.yml", 10, 41, "listener_name 'disk' is already served by job 'sink_one'"),
     case("stdinserver_identity_clash.yml", 11, None, "client identity 'laptop' is already served"),
     case("tcp_listen_clash.yml", 14, 15, "listen address ':8888' is already used by job 'sink_tcp'"),
     case("tcp_cidr_without_star.yml", 11, 25, "must contain exactly one '*'"),
