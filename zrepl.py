@@ -8385,6 +8385,108 @@ def render_prune_report(part, dry_run):
     return ("\n\n" if dry_run else "\n").join(out) + ("\n" if out else "")
 
 
+# --- monitor: Nagios/Icinga plugin conventions ---------------------------------------------
+
+NAGIOS_OK, NAGIOS_WARNING, NAGIOS_CRITICAL, NAGIOS_UNKNOWN = 0, 1, 2, 3
+NAGIOS_WORDS = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
+_NAGIOS_SEVERITY = (NAGIOS_OK, NAGIOS_WARNING, NAGIOS_UNKNOWN, NAGIOS_CRITICAL)
+
+
+@dataclass
+class MonitorLimits:
+    """Thresholds of `monitor` (seconds and counts; None: not checked)."""
+    warn_age: Optional[float] = None
+    crit_age: Optional[float] = None
+    warn_count: Optional[int] = None
+    crit_count: Optional[int] = None
+    lag_warn: Optional[float] = None
+    lag_crit: Optional[float] = None
+
+
+def _nagios_worst(codes):
+    return max(codes, key=_NAGIOS_SEVERITY.index, default=NAGIOS_OK)
+
+
+def _over(value, warn, crit, low=False):
+    """The state of one measurement against its thresholds (`low`: smaller is worse)."""
+    def bad(limit):
+        return limit is not None and (value < limit if low else value > limit)
+    return NAGIOS_CRITICAL if bad(crit) else NAGIOS_WARNING if bad(warn) else NAGIOS_OK
+
+
+def evaluate_monitor(job_name, snapshots, report, now, limits, prefix, check_lag):
+    """A monitoring check of one job -> (exit code, the one status line with perfdata).
+
+    snapshots: {fs: [(snapshot name, creation)]} of the job's filesystems on this host;
+    report: its last job report (or None); check_lag: the job replicates (push, pull)."""
+    findings = []              # (state, text)
+    ages, counts, lags = {}, {}, {}
+    for fs, snaps in sorted(snapshots.items()):
+        mine = [c for n, c in snaps if n.startswith(prefix)]
+        counts[fs] = len(mine)
+        ages[fs] = now - max(mine) if mine else None
+    if not snapshots:
+        findings.append((NAGIOS_UNKNOWN, "no filesystems"))
+    for fs, n in counts.items():
+        state = _over(n, limits.warn_count, limits.crit_count, low=True)
+        if state:
+            findings.append((state, f"{fs} has {n} snapshots{' ' + prefix + '*' if prefix else ''}"))
+        if ages[fs] is None:
+            if limits.warn_age is not None or limits.crit_age is not None:
+                findings.append((NAGIOS_CRITICAL, f"{fs} has no snapshot"
+                                                  f"{' ' + prefix + '*' if prefix else ''}"))
+            continue
+        state = _over(ages[fs], limits.warn_age, limits.crit_age)
+        if state:
+            findings.append((state, f"{fs} newest snapshot {format_duration(ages[fs])} old"))
+    if check_lag:
+        repl = (report or {}).get("replication") or {}
+        rows = {f["fs"]: f for f in repl.get("filesystems", []) if isinstance(f, dict)}
+        wanted = limits.lag_warn is not None or limits.lag_crit is not None
+        if report is None and wanted:
+            findings.append((NAGIOS_UNKNOWN, "no report of a run yet (rundir/last)"))
+        for fs in sorted(rows):
+            last = (rows[fs].get("last_replicated") or {}).get("creation")
+            if last is None:
+                if wanted:
+                    findings.append((NAGIOS_CRITICAL, f"{fs} was never replicated"))
+                continue
+            try:
+                lags[fs] = now - _parse_time(last)
+            except ValueError:
+                continue
+            state = _over(lags[fs], limits.lag_warn, limits.lag_crit)
+            if state:
+                findings.append((state, f"{fs} lags {format_duration(lags[fs])}"))
+    code = _nagios_worst([s for s, _ in findings])
+    bad = [t for s, t in sorted(findings, key=lambda f: -_NAGIOS_SEVERITY.index(f[0])) if s]
+    summary = f"job {job_name}: {len(snapshots)} filesystems"
+    known = [a for a in ages.values() if a is not None]
+    if known:
+        summary += f", newest snapshot at most {format_duration(max(known))} old"
+    if counts:
+        summary += f", at least {min(counts.values())} snapshots"
+    if lags:
+        summary += f", lag at most {format_duration(max(lags.values()))}"
+    if bad:
+        summary += ": " + "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5
+                                                 else "")
+
+    def perf(label, value, unit, warn, crit):
+        t = lambda x: "" if x is None else str(int(x))  # noqa: E731
+        return f"{label}={int(value)}{unit};{t(warn)};{t(crit)};0;"
+    data = []
+    if counts:
+        data.append(perf("snapshots_min", min(counts.values()), "", limits.warn_count,
+                         limits.crit_count))
+    if known:
+        data.append(perf("newest_age_max", max(known), "s", limits.warn_age, limits.crit_age))
+    if lags:
+        data.append(perf("lag_max", max(lags.values()), "s", limits.lag_warn, limits.lag_crit))
+    line = f"ZREPL {NAGIOS_WORDS[code]} - {summary}"
+    return code, line + (" | " + " ".join(data) if data else "")
+
+
 ###############################################################################
 # 14. CLI — argparse, one function per command, main(argv) -> exit code
 ###############################################################################
@@ -8863,6 +8965,41 @@ def cmd_status(args, out):
             return 0
 
 
+def cmd_monitor(args, zfs, out, log):
+    """A Nagios/Icinga check of one job on this host, cron host or daemon alike: its
+    filesystems' snapshot count and newest age (with the job's prefix), the replication
+    lag from its last report. Anything that stops the check is UNKNOWN (exit 3)."""
+    try:
+        config = _load(args, skip_cert_check=True)
+        job = config.job(args.job)            # any type: a sink's received copies too
+        if job is None:
+            raise UsageError(f"no job named {args.job!r} in {config.path}")
+        if job.type in ("push", "snap", "source"):
+            patterns = job.filesystems
+        else:                                   # what a pull or sink received
+            patterns = ((job.root_fs + "<", True),)
+        prefix = args.prefix
+        if prefix is None:
+            prefix = job.snapshotting.prefix if job.snapshotting is not None and \
+                job.snapshotting.prefix and job.type in ("push", "snap", "source") else ""
+        _, accepted = select_filesystems(zfs, patterns, log)
+        snapshots = {n: [(v.name, v.creation) for v in d.snapshots]
+                     for n, d in accepted.items() if not d.is_placeholder and n != job.root_fs}
+        report = load_last_report(config.global_.rundir, job.name)
+    except ConfigError as e:
+        out.write(f"ZREPL UNKNOWN - configuration: {e.problems[0] if e.problems else e}\n")
+        return NAGIOS_UNKNOWN
+    except ZreplError as e:
+        out.write(f"ZREPL UNKNOWN - {str(e).splitlines()[0] if str(e) else e.kind}\n")
+        return NAGIOS_UNKNOWN
+    limits = MonitorLimits(args.warn_age, args.crit_age, args.warn_count, args.crit_count,
+                           args.lag_warn, args.lag_crit)
+    code, line = evaluate_monitor(job.name, snapshots, report, time.time(), limits, prefix,
+                                  job.type in ("push", "pull"))
+    out.write(line + "\n")
+    return code
+
+
 def _fs_filter_arg(text):
     """--fs: one dataset (exact), or `pattern:ok,pattern:!` pairs with filter syntax ->
     (predicate, listing roots) so only the selected subtrees are listed."""
@@ -9008,6 +9145,21 @@ def build_parser():
     h.add_argument("--dry-run", action="store_true", help="only say what would be sent")
     h.add_argument("--json", action="store_true")
 
+    mo = sub.add_parser("monitor", help="Nagios/Icinga check of one job: snapshot count "
+                                        "and age, replication lag (exit 0/1/2/3)")
+    mo.add_argument("--job", required=True)
+    mo.add_argument("--prefix", help="count only snapshots with this prefix (default: the "
+                                     "job's snapshotting prefix; a pull or sink: all)")
+    for flag, what in (("--warn-age", "newest snapshot older than D: WARNING"),
+                       ("--crit-age", "... CRITICAL"),
+                       ("--lag-warn", "replication lag (now - the newest replicated "
+                                      "snapshot's creation) over D: WARNING"),
+                       ("--lag-crit", "... CRITICAL")):
+        mo.add_argument(flag, type=_duration_arg, metavar="D", help=what)
+    mo.add_argument("--warn-count", type=int, metavar="N", help="fewer than N snapshots: "
+                                                                "WARNING")
+    mo.add_argument("--crit-count", type=int, metavar="N", help="... CRITICAL")
+
     rs = sub.add_parser("restore", help="bring replicated filesystems back from the job's "
                                         "other side (rescue)")
     rs.add_argument("--job", required=True, help="a push job (from its sink) or a pull job "
@@ -9042,6 +9194,19 @@ def build_parser():
     return p
 
 
+def _command_word(argv):
+    """The command of an argv that did not parse (a monitoring plugin's usage error is
+    UNKNOWN, 3, not 2 = CRITICAL)."""
+    rest = list(argv)
+    while rest:
+        word = rest.pop(0)
+        if word == "--config":
+            rest = rest[1:]
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv=None):
     """Run one command; returns the exit code. The only place that turns errors into codes."""
     argv = sys.argv[1:] if argv is None else argv
@@ -9050,6 +9215,9 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
     except UsageError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
+        if _command_word(argv) == "monitor":
+            out.write(f"ZREPL UNKNOWN - usage: {str(e).splitlines()[-1]}\n")
+            return NAGIOS_UNKNOWN
         return 2
     except SystemExit as e:   # --help
         return e.code if isinstance(e.code, int) else 0
@@ -9074,6 +9242,8 @@ def main(argv=None):
             return cmd_stdinserver(args, zfs, log)
         if args.command == "zfs-abstraction":
             return cmd_zfs_abstraction(args, zfs, out)
+        if args.command == "monitor":
+            return cmd_monitor(args, zfs, out, log)
         if args.command == "test" and args.test_command == "filesystems":
             return cmd_test_filesystems(args, zfs, out)
         if args.command == "test" and args.test_command == "placeholder":
