@@ -8385,6 +8385,160 @@ def render_prune_report(part, dry_run):
     return ("\n\n" if dry_run else "\n").join(out) + ("\n" if out else "")
 
 
+# --- Prometheus metrics (SPEC §11.2) --------------------------------------------------------
+
+METRICS_STATE = "metrics-state.json"      # in rundir: what the last reports alone forget
+
+
+def _label_value(v):
+    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _report_time(text):
+    try:
+        return _parse_time(text) if text else None
+    except ValueError:
+        return None
+
+
+def update_metrics_state(state, report):
+    """Carry what a report does not keep from one invocation to the next: when the job,
+    and each filesystem, last replicated without error, and when each filesystem last got
+    a snapshot -> the new state (plain data; the old one is not changed)."""
+    job = dict((state or {}).get(report["job"]) or {})
+    fs_ok = dict(job.get("fs_success") or {})
+    newest = dict(job.get("snapshot_newest") or {})
+    finished = _report_time(report.get("finished_at"))
+    started = _report_time(report.get("started_at"))
+    repl = report.get("replication") or {}
+    rows = [f for f in repl.get("filesystems") or [] if isinstance(f, dict)]
+    if finished is not None and repl:
+        for f in rows:
+            if f.get("state") in ("done", "uptodate"):
+                fs_ok[f["fs"]] = finished
+        if repl.get("state") == "done" and not any(f.get("state") in ("error", "conflict")
+                                                   for f in rows):
+            job["last_successful"] = finished
+    for f in (report.get("snapshotting") or {}).get("filesystems") or []:
+        if isinstance(f, dict) and f.get("state") == "taken" and started is not None:
+            newest[f["fs"]] = started
+    job.update(fs_success=fs_ok, snapshot_newest=newest)
+    out = dict(state or {})
+    out[report["job"]] = job
+    return out
+
+
+def render_metrics(config, reports, state, extra=()):
+    """The text exposition of the last reports of the configuration's jobs (SPEC §11.2),
+    the same for the daemon's /metrics and a prometheus_textfile. `extra`: (name, type,
+    help, [(labels, value)]) families only the daemon has."""
+    families = {}
+
+    def put(name, kind, text, labels, value):
+        fam = families.setdefault(name, (kind, text, []))
+        fam[2].append((labels, value))
+
+    for job in config.jobs:
+        report = reports.get(job.name)
+        if report is None:
+            continue
+        jl = {"zrepl_job": job.name}
+        mine = (state or {}).get(job.name) or {}
+        started = _report_time(report.get("started_at"))
+        finished = _report_time(report.get("finished_at"))
+        if started is not None:
+            put("zrepl_job_last_run_timestamp_seconds", "gauge", "start of the last "
+                "invocation", jl, started)
+            if finished is not None:
+                put("zrepl_job_last_run_duration_seconds", "gauge", "duration of the last "
+                    "invocation", jl, finished - started)
+        if report.get("exit_code") is not None:
+            put("zrepl_job_last_exit_code", "gauge", "exit code of the last invocation (SPEC "
+                "§1.3)", jl, report["exit_code"])
+        repl = report.get("replication")
+        if repl:
+            rows = [f for f in repl.get("filesystems") or [] if isinstance(f, dict)]
+            errors = sum(1 for f in rows if f.get("state") in ("error", "conflict"))
+            if repl.get("state") == "failed" and not rows:
+                errors = -1                             # listing or planning failed
+            put("zrepl_replication_filesystem_errors", "gauge", "filesystems that failed in "
+                "the last invocation, -1 if listing or planning failed", jl, errors)
+            for f in rows:
+                fl = dict(jl, filesystem=f["fs"])
+                if f.get("lag_s") is not None:
+                    put("zrepl_replication_lag_seconds", "gauge", "age of the newest "
+                        "replicated snapshot at the last invocation", fl, f["lag_s"])
+                put("zrepl_replication_last_bytes", "gauge", "bytes replicated in the last "
+                    "invocation", fl, f.get("bytes_replicated") or 0)
+        if mine.get("last_successful") is not None:
+            put("zrepl_replication_last_successful", "gauge", "unix time of the last "
+                "invocation with no failed filesystem", jl, mine["last_successful"])
+        for fs, t in sorted((mine.get("fs_success") or {}).items()):
+            put("zrepl_replication_last_success_timestamp_seconds", "gauge", "when the "
+                "filesystem was last up to date", dict(jl, filesystem=fs), t)
+        for fs, t in sorted((mine.get("snapshot_newest") or {}).items()):
+            put("zrepl_snapshot_newest_timestamp_seconds", "gauge", "when the job last took "
+                "a snapshot of the filesystem", dict(jl, filesystem=fs), t)
+        for side, part in sorted((report.get("pruning") or {}).items()):
+            if not part:
+                continue
+            pl = dict(jl, prune_side=side)
+            rows = [f for f in part.get("filesystems") or [] if isinstance(f, dict)]
+            put("zrepl_pruning_destroyed_last", "gauge", "snapshots destroyed in the last "
+                "invocation", pl, sum(len(f.get("destroyed") or []) for f in rows))
+            put("zrepl_pruning_errors", "gauge", "filesystems that failed pruning in the last "
+                "invocation", pl, sum(1 for f in rows if f.get("state") == "error")
+                + (1 if part.get("state") == "failed" and not rows else 0))
+    for name, kind, text, samples in extra:
+        for labels, value in samples:
+            put(name, kind, text, labels, value)
+    put("zrepl_build_info", "gauge", "zrepl.py version and Python", {
+        "version": VERSION, "python": platform.python_version()}, 1)
+    lines = []
+    for name in sorted(families):
+        kind, text, samples = families[name]
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        for labels, value in samples:
+            lab = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+            num = repr(float(value)) if isinstance(value, float) and value != int(value) \
+                else str(int(value))
+            lines.append(f"{name}{{{lab}}} {num}" if lab else f"{name} {num}")
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics_textfiles(config, log):
+    """After an invocation: every prometheus_textfile, from the last reports of all the
+    configuration's jobs (one job's run does not erase another's), written atomically.
+    A failure is a warning: metrics never fail a job."""
+    paths = [m.path for m in config.global_.monitoring if m.type == "prometheus_textfile"]
+    if not paths:
+        return
+    rundir = config.global_.rundir
+    reports = {j.name: r for j in config.jobs
+               for r in [load_last_report(rundir, j.name)] if r is not None}
+    state_path = os.path.join(rundir, METRICS_STATE)
+    try:
+        with open(state_path, "r", encoding="utf-8") as f:
+            state = json.load(f)
+        state = state if isinstance(state, dict) else {}
+    except (OSError, ValueError):
+        state = {}
+    for job in config.jobs:
+        if job.name in reports:
+            state = update_metrics_state(state, reports[job.name])
+    text = render_metrics(config, reports, state)
+    try:
+        atomic_write(state_path, json.dumps(state, indent=1) + "\n", mode=0o600)
+    except OSError as e:
+        log("warn", "meta", f"cannot write {state_path}: {e.strerror}")
+    for path in paths:
+        try:
+            atomic_write(path, text, mode=0o644)
+        except OSError as e:
+            log("warn", "meta", f"cannot write the prometheus_textfile {path}: {e.strerror} "
+                                "(the job itself is not affected)")
+
+
 # --- monitor: Nagios/Icinga plugin conventions ---------------------------------------------
 
 NAGIOS_OK, NAGIOS_WARNING, NAGIOS_CRITICAL, NAGIOS_UNKNOWN = 0, 1, 2, 3
@@ -8757,6 +8911,8 @@ def cmd_once(args, zfs, out, log):
         progress = None if job.type == "snap" else \
             Progress(sys.stderr, sys.stderr.isatty() and not args.no_progress)
         reports.append(runner.invoke(job, args.snapshot, args.dry_run, progress))
+        if not args.dry_run:
+            write_metrics_textfiles(config, log)
     code = combine_exit_codes(r["exit_code"] for r in reports)
     if args.json:
         out.write(json.dumps({"schema": "zrepl.py/once/1", "version": VERSION,
