@@ -33,6 +33,8 @@ Exit codes: 0 success, 1 something failed (nothing lost), 2 usage or configurati
 
 import argparse
 import bisect
+import contextlib
+import contextvars
 import dataclasses
 import errno
 import hashlib
@@ -3746,6 +3748,15 @@ def _zfs_env():
     return env
 
 
+def start_thread(target, *args):
+    """A daemon thread that runs in a copy of the caller's context, so what the caller's
+    invocation set there (the log tags of its job) holds in its helpers too."""
+    t = threading.Thread(target=contextvars.copy_context().run, args=(target,) + args,
+                         daemon=True)
+    t.start()
+    return t
+
+
 class ZFS:
     """Runs zfs and zpool: argv lists, per-call timeouts, parsed results, classified errors.
 
@@ -3913,10 +3924,7 @@ class ZFS:
                     return
                 with lock:
                     results[item] = value
-        threads = [threading.Thread(target=worker, daemon=True)
-                   for _ in range(min(workers, len(items)))]
-        for t in threads:
-            t.start()
+        threads = [start_thread(worker) for _ in range(min(workers, len(items)))]
         for t in threads:
             t.join()
         if failure:
@@ -7028,10 +7036,7 @@ class Replication:
                             f.running = StepRun(f.path, f.next_step, None)
                             f.state = "stepping"
                             running += 1
-                            t = threading.Thread(target=self._worker, args=(f, fatal),
-                                                 daemon=True)
-                            threads.append(t)
-                            t.start()
+                            threads.append(start_thread(self._worker, f, fatal))
                     busy = any(f.running for f in self.fs.values())
                     waiting = any(not f.finished and f.next_step is not None
                                   and f.ready_at != float("inf") for f in self.fs.values())
@@ -7961,11 +7966,19 @@ class JobRunner:
         self.control = control
         self.rundir = config.global_.rundir
         self.max_attempts = max_attempts_from(os.environ if environ is None else environ)
+        self.invocations = 0
 
     def invoke(self, job, mode, dry_run, progress=None):
         """One invocation: lock -> snapshot round -> replicate -> prune the sender -> prune
         the receiver (a snap job: snapshot round -> prune) -> the job report, persisted in
-        rundir/last/ unless dry_run. A job locked by another process is a `locked` report."""
+        rundir/last/ unless dry_run. A job locked by another process is a `locked` report.
+        Every line logged meanwhile names the job and the invocation's number (a
+        per-process counter, SPEC §11.3)."""
+        self.invocations += 1
+        with self.log.tagged(job=job.name, invocation=self.invocations):
+            return self._invoke(job, mode, dry_run, progress)
+
+    def _invoke(self, job, mode, dry_run, progress):
         if self.control.should_stop():
             return finish_job_report(new_job_report(job, dry_run, time.time()),
                                      self.control, failed=False)
@@ -7974,7 +7987,7 @@ class JobRunner:
             if lock:
                 lock.acquire()
         except LockHeld as e:
-            self.log("error", "job", str(e), job=job.name)
+            self.log("error", "job", str(e))
             report = new_job_report(job, dry_run, time.time())
             report.update(state="locked", exit_code=3, finished_at=report["started_at"],
                           errors=[error_json(e)])
@@ -8240,24 +8253,205 @@ _LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3}
 _LEVEL_TAGS = {"debug": "DEBG", "info": "INFO", "warn": "WARN", "error": "ERRO"}
 
 
-class Logger:
-    """The `human` log format on one stream (stderr for every command but `daemon`)."""
+# The tags of the invocation the current thread (or a helper of it, see start_thread) runs.
+_LOG_TAGS = contextvars.ContextVar("zrepl_log_tags", default={})
 
-    def __init__(self, stream, level="warn", job=""):
-        self.stream = stream
+
+class LogRecord:
+    """One log line before it is formatted (SPEC §11.3)."""
+    __slots__ = ("time", "level", "job", "subsystem", "message", "fields")
+
+    def __init__(self, when, level, job, subsystem, message, fields):
+        self.time, self.level, self.job = when, level, job
+        self.subsystem, self.message, self.fields = subsystem, message, fields
+
+
+def _local_stamp(when):
+    """RFC 3339 local time with milliseconds and offset."""
+    lt = time.localtime(when)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", lt) + f".{int(when * 1000) % 1000:03d}" + \
+        time.strftime("%z", lt)
+
+
+_LOGFMT_BARE = re.compile(r'^[^\s="\\]+$')
+
+
+def _logfmt_value(v):
+    text = str(v)
+    return text if _LOGFMT_BARE.match(text) else json.dumps(text)
+
+
+_COLORS = {"debug": "\x1b[36m", "info": "\x1b[32m", "warn": "\x1b[33m", "error": "\x1b[31m"}
+
+
+def format_record(rec, fmt, with_time=True, color=False):
+    """A record in one of the formats human, logfmt, json (SPEC §11.3) -> one line."""
+    if fmt == "json":
+        doc = {"time": rfc3339(rec.time)} if with_time else {}
+        doc.update(level=rec.level, job=rec.job, subsystem=rec.subsystem, msg=rec.message)
+        for k, v in rec.fields.items():
+            doc.setdefault(k, v if isinstance(v, (int, float, bool)) or v is None else str(v))
+        return json.dumps(doc, separators=(",", ":"))
+    if fmt == "logfmt":
+        parts = [f"time={_local_stamp(rec.time)}"] if with_time else []
+        parts += [f"level={rec.level}", f"job={_logfmt_value(rec.job)}",
+                  f"subsystem={rec.subsystem}", f"msg={json.dumps(rec.message)}"]
+        parts += [f"{k}={_logfmt_value(v)}" for k, v in rec.fields.items()]
+        return " ".join(parts)
+    tag = _LEVEL_TAGS[rec.level]
+    if color:
+        tag = f"{_COLORS[rec.level]}{tag}\x1b[0m"
+    extra = "".join(f" {k}={json.dumps(str(v))}" for k, v in rec.fields.items())
+    stamp = _local_stamp(rec.time) + " " if with_time else ""
+    return f"{stamp}[{tag}][{rec.job}][{rec.subsystem}]: {rec.message}{extra}"
+
+
+class StreamOutlet:
+    """`stdout` outlets: a text stream (stderr for `once` and the other one-shot commands,
+    whose stdout is their output)."""
+
+    def __init__(self, stream, level="warn", fmt="human", with_time=True, color=False):
+        self.stream, self.level, self.fmt, self.with_time = stream, _LEVELS[level], fmt, with_time
+        self.color = color and getattr(stream, "isatty", lambda: False)()
+
+    def emit(self, rec):
+        self.stream.write(format_record(rec, self.fmt, self.with_time, self.color) + "\n")
+        self.stream.flush()
+
+    def reopen(self):
+        pass
+
+
+class FileOutlet:
+    """`file` outlets: appended (0640), reopened on SIGHUP (after logrotate moved it)."""
+
+    def __init__(self, path, level, fmt, with_time=True):
+        self.path, self.level, self.fmt, self.with_time = path, _LEVELS[level], fmt, with_time
+        self.lock = threading.Lock()
+        self.fd = None
+
+    def emit(self, rec):
+        line = (format_record(rec, self.fmt, self.with_time) + "\n").encode("utf-8", "replace")
+        with self.lock:
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            write_all(self.fd, line)
+
+    def reopen(self):
+        with self.lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+
+
+class SyslogOutlet:
+    """`syslog` outlets: the stdlib syslog module, logfmt without time, priority by level."""
+
+    def __init__(self, facility, level, retry_interval=10.0):
+        import syslog
+        self._syslog = syslog
         self.level = _LEVELS[level]
+        self.facility = getattr(syslog, f"LOG_{facility.upper()}", syslog.LOG_LOCAL0)
+        self.retry_interval = retry_interval
+        self.opened = False
+        self.priorities = {"debug": syslog.LOG_DEBUG, "info": syslog.LOG_INFO,
+                           "warn": syslog.LOG_WARNING, "error": syslog.LOG_ERR}
+
+    def emit(self, rec):
+        if not self.opened:
+            self._syslog.openlog(PROG, self._syslog.LOG_PID, self.facility)
+            self.opened = True
+        self._syslog.syslog(self.priorities[rec.level], format_record(rec, "logfmt", False))
+
+    def reopen(self):
+        pass
+
+
+def outlets_from_config(config_outlets, stream):
+    """The configured outlets; `stdout` ones write to `stream`. `tcp` outlets are not in
+    this version: they are left out with a warning on the first outlet."""
+    out, skipped = [], []
+    for o in config_outlets:
+        if o.type == "stdout":
+            out.append(StreamOutlet(stream, o.level, o.format, o.time, o.color))
+        elif o.type == "file":
+            out.append(FileOutlet(o.path, o.level, o.format, o.time))
+        elif o.type == "syslog":
+            out.append(SyslogOutlet(o.facility, o.level, o.retry_interval))
+        else:
+            skipped.append(o)
+    return out, skipped
+
+
+class Logger:
+    """Log records to every outlet at or above its level (SPEC §11.3); a record carries
+    the job (its [job] column) and fields, among them `invocation`. An outlet that fails
+    never stops a job: the first outlet says so, once per failing outlet."""
+
+    def __init__(self, stream=None, level="warn", job="", *, outlets=None, fields=None):
+        self.outlets = outlets if outlets is not None else [StreamOutlet(stream, level)]
         self.job = job
+        self.fields = fields or {}
+        self._broken = set()
+
+    @property
+    def level(self):
+        return min((o.level for o in self.outlets), default=_LEVELS["error"])
+
+    @level.setter
+    def level(self, value):        # one-outlet loggers (the default on stderr)
+        for o in self.outlets:
+            o.level = value
+
+    def bind(self, job=None, **fields):
+        """A logger for one job or invocation: the same outlets, more tags."""
+        child = Logger(outlets=self.outlets, job=self.job if job is None else job,
+                       fields=dict(self.fields, **fields))
+        child._broken = self._broken
+        return child
+
+    @contextlib.contextmanager
+    def tagged(self, **tags):
+        """Every line logged by this thread meanwhile, by whatever component (the ZFS
+        adapter's zfs.cmd lines too), carries `tags` (job, invocation)."""
+        token = _LOG_TAGS.set(dict(_LOG_TAGS.get(), **tags))
+        try:
+            yield self
+        finally:
+            _LOG_TAGS.reset(token)
+
+    def reopen(self):
+        for o in self.outlets:
+            try:
+                o.reopen()
+            except OSError:
+                pass
 
     def __call__(self, level, subsystem, message, **fields):
-        if _LEVELS[level] < self.level:
+        n = _LEVELS[level]
+        if n < self.level:
             return
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)) + \
-            f".{int(now * 1000) % 1000:03d}" + time.strftime("%z", time.localtime(now))
-        extra = "".join(f" {k}={json.dumps(str(v))}" for k, v in fields.items())
-        self.stream.write(f"{stamp} [{_LEVEL_TAGS[level]}][{self.job}][{subsystem}]: "
-                          f"{message}{extra}\n")
-        self.stream.flush()
+        tags = dict(_LOG_TAGS.get())
+        job = fields.pop("job", None) or self.job or tags.pop("job", "")
+        tags.pop("job", None)
+        tags.update(self.fields)
+        tags.update(fields)
+        rec = LogRecord(time.time(), level, job or "", subsystem, message, tags)
+        for o in self.outlets:
+            if n < o.level:
+                continue
+            try:
+                o.emit(rec)
+            except (OSError, ValueError) as e:
+                if id(o) not in self._broken and o is not self.outlets[0]:
+                    self._broken.add(id(o))
+                    try:
+                        self.outlets[0].emit(LogRecord(
+                            rec.time, "error", "", "meta", f"log outlet "
+                            f"{type(o).__name__[:-6].lower()} failed: {e}; its lines are lost "
+                            "until it works again", {}))
+                    except (OSError, ValueError):
+                        pass
 
 
 # --- text renderings of reports (SPEC §1.5.4, §1.5.8) -----------------------------------------
@@ -8858,12 +9052,19 @@ def cmd_test_placeholder(args, zfs, out):
 
 
 def _apply_logging(config, log, args):
-    """`once`/`prune` log at the level of the config's stdout outlet (on stderr)."""
+    """The configuration's outlets for `once`, `prune` and the like: `stdout` outlets on
+    stderr (stdout is the command's output), file and syslog as configured. Without a
+    stdout outlet, warnings and errors still reach stderr (cron mails them); --debug puts
+    everything on stderr."""
+    outlets, skipped = outlets_from_config(config.global_.logging, sys.stderr)
+    if args.debug or not any(isinstance(o, StreamOutlet) for o in outlets):
+        outlets.insert(0, StreamOutlet(sys.stderr, "debug" if args.debug else "warn"))
     if args.debug:
-        return
-    for outlet in config.global_.logging:
-        if outlet.type == "stdout":
-            log.level = _LEVELS[outlet.level]
+        outlets = [o for o in outlets if not isinstance(o, StreamOutlet) or o is outlets[0]]
+    log.outlets[:] = outlets
+    for o in skipped:
+        log("warn", "meta", f"logging outlet type {o.type} is not in this version of zrepl.py;"
+                            " its lines go nowhere (use file or syslog)")
 
 
 def _check_host(config, zfs):
