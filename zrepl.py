@@ -2928,11 +2928,19 @@ def newest_prefixed(dataset, prefix):
 
 
 def cron_fires_between(spec, after, until, zone):
-    """Is there a fire time F of the cron spec with after < F <= until (zone's wall clock)?
+    """Is there a fire time F of the cron spec with after < F <= until (zone's wall clock)?"""
+    return next_cron_fire(spec, after, zone, until) is not None
+
+
+def next_cron_fire(spec, after, zone, until=None):
+    """The first fire time F of the cron spec with after < F (<= until; default: within
+    a year and a day, None if none, e.g. `0 0 30 2 *`), in zone's wall clock (SPEC §6.5).
 
     Walks minutes (or seconds, for a 6-field spec) but jumps over whole days and hours
     that cannot match, so a gap of a year costs a few thousand steps at most.
     """
+    if until is None:
+        until = after + 367 * 86400
     step = 1 if spec.seconds != frozenset([0]) else 60
     t = int(after) // step * step + step
     while t <= until:
@@ -2954,9 +2962,33 @@ def cron_fires_between(spec, after, until, zone):
             t += 3600 - (tm.tm_min * 60 + tm.tm_sec)
             continue
         if tm.tm_min in spec.minutes and tm.tm_sec in spec.seconds:
-            return True
+            return t
         t += step
-    return False
+    return None
+
+
+def periodic_sync_point(newest, interval, now):
+    """The daemon's first periodic round (SPEC §6.4 sync-up) -> (when, future): the
+    earliest `newest snapshot's creation + interval` over the filesystems that have a
+    prefixed snapshot (now if none has; a past point means now), and the filesystems
+    whose newest snapshot is from the future (their error; if every one is, the job
+    waits one interval and syncs up again)."""
+    future = sorted(fs for fs, c in newest.items() if c is not None and c > now)
+    candidates = [c + interval for fs, c in newest.items() if c is not None and c <= now]
+    if future and not candidates and all(c is not None for c in newest.values()):
+        return now + interval, future
+    return (max(now, min(candidates)) if candidates else now), future
+
+
+def next_periodic_round(anchor, interval, now):
+    """The next round on the grid anchor + k*interval at or after now -> (when, skipped).
+    anchor: the grid point the last round started at (first: the sync point), so rounds
+    keep to the grid, not to when the last one ended (no drift); grid points a long
+    round overran are skipped and counted."""
+    if now <= anchor:
+        return anchor, 0
+    k = -(-(now - anchor) // interval)          # ceiling: the first grid point >= now
+    return anchor + k * interval, max(0, int(k) - 1)
 
 
 DUE_SLACK_MAX = 60

@@ -431,3 +431,46 @@ def test_sha512_256_pure_known_vectors():
     assert zrepl.sha512_256_pure(b"abc") == \
         "53048e2681941ef99b2e29b76b4c7dabe4c2d0c634fc6d46e0e2f13107e7af23"
     assert zrepl.sha512_256_pure(b"pool/legacy") == LEGACY
+
+
+# --- the daemon's schedules (SPEC §6.4 periodic sync-up, §6.5 cron), pure -------------------
+
+def test_next_cron_fire_is_the_first_fire_after():
+    spec = zrepl.parse_cron("*/15 * * * *")
+    t = utc(2024, 1, 1, 5, 7)
+    assert zrepl.next_cron_fire(spec, t, UTC) == utc(2024, 1, 1, 5, 15)
+    assert zrepl.next_cron_fire(spec, utc(2024, 1, 1, 5, 15), UTC) == utc(2024, 1, 1, 5, 30)
+    berlin = zrepl.load_timezone("Europe/Berlin")          # 02:30 Berlin = 00:30 UTC (CEST)
+    assert zrepl.next_cron_fire(zrepl.parse_cron("30 2 * * *"), utc(2024, 4, 1, 22),
+                                berlin) == utc(2024, 4, 2, 0, 30)
+    t0 = time.monotonic()
+    assert zrepl.next_cron_fire(zrepl.parse_cron("0 0 30 2 *"), utc(2024, 1, 1), UTC) is None
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_periodic_sync_up_takes_the_earliest_candidate():
+    now = 100_000
+    newest = {"p/a": now - 600, "p/b": now - 100, "p/c": None}
+    assert zrepl.periodic_sync_point(newest, 900, now) == (now + 300, [])
+    # a candidate in the past: at once
+    assert zrepl.periodic_sync_point({"p/a": now - 5000}, 900, now) == (now, [])
+    # no prefixed snapshot anywhere: now
+    assert zrepl.periodic_sync_point({"p/a": None}, 900, now) == (now, [])
+    # a snapshot from the future is that filesystem's error; the others still sync up
+    assert zrepl.periodic_sync_point({"p/a": now + 50, "p/b": now - 100}, 900, now) == (
+        now + 800, ["p/a"])
+    # every filesystem from the future: wait one interval and sync up again
+    assert zrepl.periodic_sync_point({"p/a": now + 50}, 900, now) == (now + 900, ["p/a"])
+
+
+@pytest.mark.parametrize("now, want", [
+    (1000, (1000, 0)),             # the sync point itself
+    (500, (1000, 0)),              # before it
+    (1001, (1600, 0)),             # a round that started at 1000: the next grid point
+    (1599, (1600, 0)),
+    (1600, (1600, 0)),
+    (2300, (2800, 2)),             # a round that overran 1600 and 2200: both skipped
+    (4000, (4000, 4)),             # exactly on a grid point after a very long round
+])
+def test_periodic_rounds_keep_to_the_grid(now, want):
+    assert zrepl.next_periodic_round(1000, 600, now) == want
