@@ -4537,8 +4537,10 @@ class ZFSProcess:
         splice_to can move whole, 0 at the end; None where the kernel path is missing (the
         caller reads instead). A framed sink needs the count before the bytes: it writes
         the DATA frame's header, then splices exactly that many."""
-        if _SPLICE is None or self.cancelled:
-            return None if not self.cancelled else 0
+        if self.cancelled:
+            return 0
+        if _SPLICE is None:
+            return None
         import fcntl
         import termios
         fd = self.proc.stdout.fileno()
