@@ -7935,6 +7935,33 @@ class SignalFanout:
             self.runs.remove(run)
 
 
+class Triggers:
+    """What a job was asked to do, kept while it is busy (SPEC §10.2): triggers of one
+    kind merge (two wakeups during a run are one run after it), and none is dropped.
+    A trigger may carry a waiter, told the exit code of the invocation that served it
+    (`signal wakeup --wait`)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._pending = {}                 # kind -> [waiter]
+
+    def post(self, kind, waiter=None):
+        with self._cond:
+            waiters = self._pending.setdefault(kind, [])
+            if waiter is not None:
+                waiters.append(waiter)
+            self._cond.notify_all()
+
+    def take(self, timeout):
+        """Wait up to `timeout` seconds for triggers -> {kind: [waiter]}, all of them,
+        each kind once; {} if none came."""
+        with self._cond:
+            if not self._pending:
+                self._cond.wait(timeout)
+            pending, self._pending = self._pending, {}
+            return pending
+
+
 JOB_EXIT_CODES = {"done": 0, "failed": 1, "interrupted": 130, "timed_out": 4, "locked": 3}
 EXIT_PRECEDENCE = (2, 130, 1, 4, 3, 0)
 

@@ -569,3 +569,25 @@ def test_a_signal_stops_every_live_run_and_the_hooks_of_each():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+# --- SPEC §10.2: triggers that arrive while a job is busy are remembered once -----------------
+
+def test_triggers_merge_by_kind_and_none_is_dropped():
+    import threading
+    import zrepl
+    t = zrepl.Triggers()
+    assert t.take(0.01) == {}
+    done = []
+    t.post("wakeup")
+    t.post("wakeup", waiter=done.append)          # while busy: merges with the first
+    t.post("round")
+    got = t.take(0)
+    assert sorted(got) == ["round", "wakeup"] and got["wakeup"] == [done.append]
+    assert t.take(0.01) == {}                      # taken once
+    later = threading.Timer(0.2, t.post, args=("wakeup",))
+    later.start()
+    t0 = time.monotonic()
+    assert t.take(10) == {"wakeup": []}            # a post wakes a waiting job at once
+    assert time.monotonic() - t0 < 5
+    later.join()
