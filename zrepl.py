@@ -8428,10 +8428,98 @@ class SyslogOutlet:
         pass
 
 
+class TCPOutlet:
+    """`tcp` outlets: lines over TCP (TLS with a client certificate if `tls` is set), sent
+    by a thread of their own so a slow or absent collector never slows a job; it
+    reconnects every retry_interval and drops lines beyond QUEUE_MAX waiting (and says
+    how many, once it is back)."""
+
+    QUEUE_MAX = 1000
+
+    def __init__(self, address, level, fmt, net="tcp", retry_interval=10.0, tls=None,
+                 with_time=True):
+        host, _, port = address.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.level, self.fmt, self.with_time = _LEVELS[level], fmt, with_time
+        self.net = net
+        self.retry_interval, self.tls = retry_interval, tls
+        self.queue = []
+        self.dropped = 0
+        self.cond = threading.Condition()
+        self.closing = False
+        self.thread = None
+
+    def emit(self, rec):
+        line = format_record(rec, self.fmt, self.with_time) + "\n"
+        with self.cond:
+            if len(self.queue) >= self.QUEUE_MAX:
+                self.dropped += 1
+                return
+            self.queue.append(line)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, daemon=True)
+                self.thread.start()
+            self.cond.notify_all()
+
+    def _connect(self):
+        import socket
+        family = {"tcp4": socket.AF_INET, "tcp6": socket.AF_INET6}.get(self.net, 0)
+        infos = socket.getaddrinfo(self.host, self.port, family, socket.SOCK_STREAM)
+        sock = socket.create_connection(infos[0][4][:2], timeout=5)
+        if self.tls:
+            import ssl
+            ctx = ssl.create_default_context(cafile=self.tls.get("ca"))
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if self.tls.get("cert"):
+                ctx.load_cert_chain(self.tls["cert"], self.tls.get("key"))
+            sock = ctx.wrap_socket(sock, server_hostname=self.host)
+        return sock
+
+    def _run(self):
+        sock = None
+        while True:
+            with self.cond:
+                while not self.queue and not self.dropped and not self.closing:
+                    self.cond.wait()
+                if self.closing and not self.queue:
+                    break
+                batch, self.queue = self.queue, []
+                if self.dropped:
+                    batch.insert(0, f"{PROG}: {self.dropped} log lines dropped while the "
+                                    "collector was unreachable\n")
+                    self.dropped = 0
+            try:
+                if sock is None:
+                    sock = self._connect()
+                sock.sendall("".join(batch).encode("utf-8", "replace"))
+            except (OSError, ValueError):
+                if sock is not None:
+                    sock.close()
+                    sock = None
+                with self.cond:                      # put them back, oldest first
+                    self.queue[:0] = batch[-self.QUEUE_MAX:]
+                    del self.queue[self.QUEUE_MAX:]
+                    if self.closing:
+                        break
+                    self.cond.wait(self.retry_interval)
+        if sock is not None:
+            sock.close()
+
+    def close(self, timeout=2.0):
+        """Send what is queued (waiting at most `timeout`), then stop."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def reopen(self):
+        pass
+
+
 def outlets_from_config(config_outlets, stream):
-    """The configured outlets; `stdout` ones write to `stream`. `tcp` outlets are not in
-    this version: they are left out with a warning on the first outlet."""
-    out, skipped = [], []
+    """The configured outlets; `stdout` ones write to `stream`."""
+    out = []
     for o in config_outlets:
         if o.type == "stdout":
             out.append(StreamOutlet(stream, o.level, o.format, o.time, o.color))
@@ -8439,9 +8527,10 @@ def outlets_from_config(config_outlets, stream):
             out.append(FileOutlet(o.path, o.level, o.format, o.time))
         elif o.type == "syslog":
             out.append(SyslogOutlet(o.facility, o.level, o.retry_interval))
-        else:
-            skipped.append(o)
-    return out, skipped
+        elif o.type == "tcp":
+            out.append(TCPOutlet(o.address, o.level, o.format, o.net, o.retry_interval,
+                                 o.tls, o.time))
+    return out
 
 
 class Logger:
@@ -8487,6 +8576,12 @@ class Logger:
                 o.reopen()
             except OSError:
                 pass
+
+    def close(self):
+        """At exit: outlets with a queue (tcp) send what they hold, briefly."""
+        for o in self.outlets:
+            if isinstance(o, TCPOutlet):
+                o.close()
 
     def __call__(self, level, subsystem, message, **fields):
         n = _LEVELS[level]
@@ -9117,15 +9212,12 @@ def _apply_logging(config, log, args):
     stderr (stdout is the command's output), file and syslog as configured. Without a
     stdout outlet, warnings and errors still reach stderr (cron mails them); --debug puts
     everything on stderr."""
-    outlets, skipped = outlets_from_config(config.global_.logging, sys.stderr)
+    outlets = outlets_from_config(config.global_.logging, sys.stderr)
     if args.debug or not any(isinstance(o, StreamOutlet) for o in outlets):
         outlets.insert(0, StreamOutlet(sys.stderr, "debug" if args.debug else "warn"))
     if args.debug:
         outlets = [o for o in outlets if not isinstance(o, StreamOutlet) or o is outlets[0]]
     log.outlets[:] = outlets
-    for o in skipped:
-        log("warn", "meta", f"logging outlet type {o.type} is not in this version of zrepl.py;"
-                            " its lines go nowhere (use file or syslog)")
 
 
 def _check_host(config, zfs):
@@ -9679,6 +9771,8 @@ def main(argv=None):
         return 130
     except BrokenPipeError:
         return 1
+    finally:
+        log.close()
 
 
 def _entry():

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import stat
+import time
 import sys
 
 import pytest
@@ -111,3 +112,83 @@ def test_once_logs_to_the_configured_file_tagged_with_job_and_invocation(pool, t
     cmds = [d["argv"] for d in mine if d["subsystem"] == "zfs.cmd"]
     assert any(c.startswith("zfs snapshot") for c in cmds), cmds
     assert any(c.startswith("zfs destroy") and "zrepl_old" in c for c in cmds), cmds
+
+
+# --- tcp outlets: a collector on 127.0.0.1 -------------------------------------------------
+
+class Collector:
+    """A TCP log collector on 127.0.0.1 that keeps every line it receives."""
+
+    def __init__(self, port=0):
+        import socket
+        import threading
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.data = b""
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            while True:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                self.data += chunk
+            conn.close()
+
+    def lines(self, n, timeout=10):
+        import time as t
+        deadline = t.monotonic() + timeout
+        while self.data.count(b"\n") < n and t.monotonic() < deadline:
+            t.sleep(0.05)
+        return self.data.decode().splitlines()
+
+    def close(self):
+        self.sock.close()
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tcp_outlet_sends_lines_and_flushes_at_close():
+    c = Collector()
+    try:
+        out = zrepl.TCPOutlet("127.0.0.1:%d" % c.port, "info", "json", retry_interval=0.2)
+        log = zrepl.Logger(outlets=[out])
+        for i in range(3):
+            log("info", "job", "line %d" % i, fs="p/a")
+        log.close()
+        assert [json.loads(x)["msg"] for x in c.lines(3)] == ["line 0", "line 1", "line 2"]
+    finally:
+        c.close()
+
+
+def test_tcp_outlet_reconnects_and_says_how_many_lines_it_dropped():
+    port = _free_port()                                   # nobody listens yet
+    out = zrepl.TCPOutlet("127.0.0.1:%d" % port, "info", "logfmt", retry_interval=0.2,
+                          with_time=False)
+    log = zrepl.Logger(outlets=[out])
+    t0 = time.monotonic()
+    for i in range(out.QUEUE_MAX + 200):
+        log("info", "job", "n%d" % i)
+    assert time.monotonic() - t0 < 2                      # a job never waits for the collector
+    c = Collector(port)
+    try:
+        lines = c.lines(out.QUEUE_MAX + 1)
+        assert "200 log lines dropped" in lines[0], lines[:2]
+        assert len(lines) == out.QUEUE_MAX + 1 and lines[1].endswith('msg="n0"'), lines[:2]
+        assert lines[-1].endswith('msg="n%d"' % (out.QUEUE_MAX - 1))
+    finally:
+        log.close()
+        c.close()
