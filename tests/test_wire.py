@@ -250,3 +250,90 @@ def test_ssh_argv_is_a_list_with_the_configured_options():
     assert argv[argv.index("-p") + 1] == "2222" and argv[argv.index("-i") + 1] == "/etc/zrepl/id"
     assert argv[argv.index("-l") + 1] == "zrepl" and "Compression=yes" in argv
     assert argv[-3:] == ["--", "backup.example", "zrepl-stdinserver-needs-a-forced-command"]
+
+
+# --- DATA frames moved by the kernel (SPEC §9.2; Linux os.splice, else read/write) -----------
+
+def _proc_stream(argv, **kw):
+    import subprocess
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    return zrepl.ZFSProcess(argv, proc, "t/fs")
+
+
+def test_a_stream_crosses_as_data_frames_between_two_pipes(tmp_path):
+    """A process's stdout -> DATA frames over a socketpair -> another process's stdin,
+    byte for byte, whichever path (spliced or copied) this Python and OS take."""
+    import hashlib
+    import os
+    import subprocess
+    blob = os.urandom((5 << 20) + 12345)                 # not a multiple of a frame
+    (tmp_path / "in").write_bytes(blob)
+    a, b = socket.socketpair()
+    ca, cb = _conn(a, name="a"), _conn(b, name="b")
+    source = _proc_stream(["cat", str(tmp_path / "in")])
+    counted = []
+    metered = zrepl.MeteredStream(source, on_bytes=counted.append)
+    out = tmp_path / "out"
+    sink_proc = subprocess.Popen(["sh", "-c", 'cat > "$0"', str(out)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sink = zrepl.ZFSProcess(["cat"], sink_proc, "t/fs")
+    result = {}
+
+    def receive():
+        stream = zrepl.WireInStream(cb, "test")
+        result["complete"] = zrepl.relay(stream, sink)
+        result["end"] = stream.end
+    reader = threading.Thread(target=receive)
+    reader.start()
+    try:
+        assert zrepl.relay(metered, zrepl.WireOutSink(ca, watch_replies=False))
+        end = metered.finish()
+        ca.send_json(zrepl.END, end.to_json())
+        reader.join(timeout=60)
+        assert result["complete"] and result["end"].exit_status == 0
+        assert sink.finish().exit_status == 0
+        assert sum(counted) == len(blob)
+        assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(blob).digest()
+    finally:
+        ca.close()
+        cb.close()
+
+
+@pytest.mark.skipif(zrepl._SPLICE is None, reason="os.splice needs Linux and Python >= 3.10")
+def test_a_data_frame_half_spliced_is_finished_by_receive(tmp_path):
+    import os
+    a, b = socket.socketpair()
+    ca, cb = _conn(a, name="a"), _conn(b, name="b")
+    payload = os.urandom(300_000)
+    rfd, wfd = os.pipe()
+    got = bytearray()
+
+    def drain():
+        while True:
+            chunk = os.read(rfd, 65536)
+            if not chunk:
+                return
+            got.extend(chunk)
+    t = threading.Thread(target=drain)
+    t.start()
+    try:
+        sender = threading.Thread(target=lambda: (ca.send(zrepl.DATA, payload),
+                                                  ca.send_json(zrepl.END, {"x": 1})))
+        sender.start()
+        moved = 0
+        while moved < 100_000:                        # part of the frame through the kernel
+            moved += cb.splice_data(wfd, 100_000 - moved)
+        rest = b""
+        while len(rest) < len(payload) - moved:       # the rest the portable way
+            kind, chunk = cb.receive()
+            assert kind == zrepl.DATA
+            rest += chunk
+        assert cb.receive_json(zrepl.END) == {"x": 1}  # and the next frame is whole
+        os.close(wfd)
+        t.join(timeout=10)
+        sender.join(timeout=10)
+        assert bytes(got) + rest == payload
+    finally:
+        ca.close()
+        cb.close()
+        os.close(rfd)
