@@ -8444,6 +8444,7 @@ class TCPOutlet:
         self.net = net
         self.retry_interval, self.tls = retry_interval, tls
         self.queue = []
+        self.inflight = 0                  # lines the thread is trying to send
         self.dropped = 0
         self.cond = threading.Condition()
         self.closing = False
@@ -8452,7 +8453,7 @@ class TCPOutlet:
     def emit(self, rec):
         line = format_record(rec, self.fmt, self.with_time) + "\n"
         with self.cond:
-            if len(self.queue) >= self.QUEUE_MAX:
+            if len(self.queue) + self.inflight >= self.QUEUE_MAX:
                 self.dropped += 1
                 return
             self.queue.append(line)
@@ -8484,21 +8485,24 @@ class TCPOutlet:
                 if self.closing and not self.queue:
                     break
                 batch, self.queue = self.queue, []
-                if self.dropped:
-                    batch.insert(0, f"{PROG}: {self.dropped} log lines dropped while the "
-                                    "collector was unreachable\n")
-                    self.dropped = 0
+                dropped, self.dropped = self.dropped, 0
+                self.inflight = len(batch)
+            notice = [f"{PROG}: {dropped} log lines dropped while the collector was "
+                      "unreachable\n"] if dropped else []
             try:
                 if sock is None:
                     sock = self._connect()
-                sock.sendall("".join(batch).encode("utf-8", "replace"))
+                sock.sendall("".join(notice + batch).encode("utf-8", "replace"))
+                with self.cond:
+                    self.inflight = 0
             except (OSError, ValueError):
                 if sock is not None:
                     sock.close()
                     sock = None
                 with self.cond:                      # put them back, oldest first
-                    self.queue[:0] = batch[-self.QUEUE_MAX:]
-                    del self.queue[self.QUEUE_MAX:]
+                    self.queue[:0] = batch
+                    self.inflight = 0
+                    self.dropped += dropped
                     if self.closing:
                         break
                     self.cond.wait(self.retry_interval)
