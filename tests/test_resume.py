@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import REPO, make_tree, snap, write_data, zfs
+from conftest import REPO, make_tree, snap, wipe, write_data, zfs
 from test_replication import Rig, assert_exit, assert_guids_equal, fs_reports, push_report
 from test_replication import pytest_generate_tests, transport  # noqa: F401  (every transport)
 from test_replication_interrupt import _children, start_once
@@ -34,7 +34,13 @@ def resumable(pools):
     if not all(caps.pools.get(p, {}).get("resume") for p in (pools.src, pools.dst)):
         pytest.skip("these pools have no resumable receive (%s %s)"
                     % (caps.implementation, caps.version))
-    return pools
+    before = {p: set(zfs("list", "-H", "-o", "name", "-d", "1", p).stdout.split())
+              for p in (pools.src, pools.dst)}
+    yield pools
+    # each test writes 96 MiB or more on each side: the module's 1 GiB pools would fill
+    for p, had in before.items():
+        for name in set(zfs("list", "-H", "-o", "name", "-d", "1", p).stdout.split()) - had:
+            wipe(name)
 
 
 def stream_size(snapshot, frm=None):
@@ -50,8 +56,10 @@ def token(target):
 
 
 def _zfs_child(proc, verb, name):
-    """The `zfs <verb> ... <name>` child of proc (not one of the capability probes); over
-    ssh the receiving side's runs under sshd, so any such process on this host."""
+    """The `zfs <verb> ... <name>` child of proc that moves the stream: not a capability
+    probe, not the `send -n` size estimate that runs just before it (catching that one
+    made the kill miss); over ssh the receiving side's runs under sshd, so any such
+    process on this host."""
     pids = _children(proc.pid) if Rig.transport == "local" else \
         [int(p) for p in os.listdir("/proc") if p.isdigit()]
     for pid in pids:
@@ -61,7 +69,7 @@ def _zfs_child(proc, verb, name):
         except OSError:
             continue
         if len(argv) > 1 and argv[0].endswith(b"zfs") and argv[1] == verb.encode() and \
-                any(a.startswith(name.encode()) for a in argv[2:]):
+                b"-n" not in argv and any(a.startswith(name.encode()) for a in argv[2:]):
             return pid
     return None
 
@@ -101,7 +109,13 @@ def test_interrupted_transfer_resumes(resumable, tmp_path, how, kind):
     whole = stream_size(big + "@s1", frm)
 
     if how == "max-runtime":
-        cp, doc = rig.once("--max-runtime", "5s")   # start-up under emulation: ~2 s
+        # the cut must land mid-stream: start-up (connection, probes on both sides) is
+        # timed with a dry run first, since it ranges from 1 s to over 5 s (ssh in the VM)
+        t0 = time.monotonic()
+        cp, doc = rig.once("--dry-run")
+        assert_exit(cp, 0, doc)
+        budget = int(time.monotonic() - t0 + 3.5)       # then ~3 s at 12 MiB/s of 8 s
+        cp, doc = rig.once("--max-runtime", "%ds" % budget)
         assert_exit(cp, 4, doc)
         first = _steps(doc, big)["bytes_replicated"]
         assert token(target), "the cut transfer left no resume token"
@@ -111,10 +125,15 @@ def test_interrupted_transfer_resumes(resumable, tmp_path, how, kind):
         second = f["bytes_replicated"]
     else:
         proc = start_once(rig)
-        if how == "kill-send":
-            _kill_child_midway(proc, "send", big + "@s1")
-        else:
-            _kill_child_midway(proc, "receive", target)
+        try:
+            if how == "kill-send":
+                _kill_child_midway(proc, "send", big + "@s1")
+            else:
+                _kill_child_midway(proc, "receive", target)
+        except BaseException:
+            proc.kill()                   # a run left going would keep the pools busy
+            proc.communicate()
+            raise
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
         doc = json.loads(out)
