@@ -39,6 +39,7 @@ import dataclasses
 import errno
 import hashlib
 import ipaddress
+import itertools
 import json
 import os
 import platform
@@ -46,6 +47,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -1973,7 +1975,15 @@ class _Schema(_Checker):
                 v = self.zrepl_duration(n, f"{label} interval")
                 job.interval = None if v is _BAD else v
         if "snapshotting" in m:
-            job.snapshotting = self.snapshotting(m["snapshotting"], label)
+            job.snapshotting = sn = self.snapshotting(m["snapshotting"], label)
+            if sn is not None and sn.type == "manual" and (sn.interval or sn.cron):
+                if jtype != "push":
+                    self.error(m["snapshotting"], f"{label} snapshotting (manual): interval "
+                                                  "and cron schedule a push job's "
+                                                  f"replication; a {jtype} job has none")
+                elif sn.interval and sn.cron:
+                    self.error(m["snapshotting"], f"{label} snapshotting (manual): give "
+                                                  "interval or cron, not both")
         if "pruning" in m:
             keys = ("keep",) if jtype == "snap" else ("keep_sender", "keep_receiver")
             p = self.mapping(m["pruning"], f"{label} pruning", keys) or {}
@@ -2136,7 +2146,7 @@ class _Schema(_Checker):
                                                        "timestamp_location", "hooks")),
                  "cron": (("prefix", "cron"), ("timestamp_format", "timestamp_location",
                                                "hooks")),
-                 "manual": ((), ())}
+                 "manual": ((), ("interval", "cron"))}   # replication schedule (push)
         t = self._type(node, f"{label} snapshotting", kinds)
         if t is None:
             return None
@@ -2991,6 +3001,55 @@ def next_periodic_round(anchor, interval, now):
     return anchor + k * interval, max(0, int(k) - 1)
 
 
+class Schedule:
+    """When a daemon job runs on its own (SPEC §6.4, §6.5, §10.2): on the grid of
+    `interval` seconds, or at the fire times of a cron spec in `zone`; neither: only on
+    wakeup. A time that passes while the job is busy is remembered once: the job runs
+    again right after, standing for the latest time that passed (the others merge)."""
+
+    def __init__(self, interval=None, cron=None, zone=None):
+        self.interval, self.cron, self.zone = interval, cron, zone
+
+    @classmethod
+    def of(cls, job):
+        """The schedule of a job's invocations or, for a source, its snapshot rounds."""
+        s = job.snapshotting
+        if job.type == "pull":
+            return cls(interval=job.interval)
+        if s is None:
+            return cls()
+        return cls(interval=s.interval, cron=s.cron,
+                   zone=load_timezone(s.timestamp_location) if s.cron else None)
+
+    @property
+    def manual(self):
+        return self.interval is None and self.cron is None
+
+    def after(self, t):
+        """The first scheduled time after t (None: never)."""
+        if self.interval is not None:
+            return t + self.interval
+        if self.cron is not None:
+            return next_cron_fire(self.cron, t, self.zone)
+        return None
+
+    def following(self, due, now):
+        """After the run that stood for scheduled time `due` ended at `now` ->
+        (when to run next, the scheduled time that run stands for, how many merged)."""
+        nxt = self.after(due)
+        if nxt is None or nxt > now:
+            return nxt, nxt, 0
+        if self.interval is not None:
+            k = int((now - due) // self.interval)
+            return now, due + k * self.interval, k - 1
+        latest, merged = nxt, 0
+        while True:
+            n = self.after(latest)
+            if n is None or n > now:
+                return now, latest, merged
+            latest, merged = n, merged + 1
+
+
 DUE_SLACK_MAX = 60
 
 
@@ -3780,11 +3839,11 @@ def _zfs_env():
     return env
 
 
-def start_thread(target, *args):
+def start_thread(target, *args, name=None):
     """A daemon thread that runs in a copy of the caller's context, so what the caller's
     invocation set there (the log tags of its job) holds in its helpers too."""
     t = threading.Thread(target=contextvars.copy_context().run, args=(target,) + args,
-                         daemon=True)
+                         daemon=True, name=name)
     t.start()
     return t
 
@@ -6538,6 +6597,36 @@ def serve_stdio(config, identity, zfs, log, snapshot_round, rfd=0, wfd=1):
     return 0 if clean else 1
 
 
+def read_preamble(conn, timeout, where, hint, on_eof, dial_hint):
+    """The active side's first read (SPEC §9.1): up to 64 KiB until PREAMBLE; what came
+    before it is the remote's non-protocol output (a shell banner), EOF is on_eof(what
+    came) to raise, and the dial timeout bounds it all."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with conn._rlock:
+            buf = bytes(conn._rbuf)
+        i = buf.find(PREAMBLE)
+        if i >= 0:
+            with conn._rlock:
+                del conn._rbuf[:i + len(PREAMBLE)]
+            if i:
+                raise ProtocolError(f"{where}: remote printed non-protocol output: "
+                                    f"{buf[:min(i, 200)]!r}", hint=hint)
+            return
+        if len(buf) >= PREAMBLE_SEARCH:
+            raise ProtocolError(f"{where}: remote printed non-protocol output: "
+                                f"{buf[:200]!r}", hint=hint)
+        if conn.eof:
+            raise on_eof(buf)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TransportError(f"{where}: no answer within dial_timeout "
+                                 f"{format_duration(timeout)}", hint=dial_hint)
+        r, _, _ = _select([conn.rfd], [], min(left, 0.5))
+        if r:
+            conn._fill()
+
+
 # --- ssh+stdinserver: the active side (SPEC §9.5) -----------------------------------------
 
 SSH_STDERR_TAIL = 32 * 1024
@@ -6623,36 +6712,15 @@ class SSHDialer:
                 tail.pop(0)
 
     def _preamble(self, conn, proc, tail, where):
-        deadline = time.monotonic() + self.c.dial_timeout
-        while True:
-            with conn._rlock:
-                buf = bytes(conn._rbuf)
-            i = buf.find(PREAMBLE)
-            if i >= 0:
-                with conn._rlock:
-                    del conn._rbuf[:i + len(PREAMBLE)]
-                if i:
-                    raise ProtocolError(f"ssh {where}: remote printed non-protocol output: "
-                                        f"{buf[:min(i, 200)]!r}", hint=self._hint())
-                return
-            if len(buf) >= PREAMBLE_SEARCH:
-                raise ProtocolError(f"ssh {where}: remote printed non-protocol output: "
-                                    f"{buf[:200]!r}", hint=self._hint())
-            if conn.eof:
-                try:
-                    proc.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    pass
-                time.sleep(0.05)
-                raise self._failure(where, proc.returncode, b"".join(tail), buf)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TransportError(f"ssh {where}: no answer within dial_timeout "
-                                     f"{format_duration(self.c.dial_timeout)}",
-                                     hint="check connect.host/port and that sshd is running")
-            r, _, _ = _select([conn.rfd], [], min(left, 0.5))
-            if r:
-                conn._fill()
+        def on_eof(buf):
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+            time.sleep(0.05)
+            return self._failure(where, proc.returncode, b"".join(tail), buf)
+        read_preamble(conn, self.c.dial_timeout, f"ssh {where}",
+                      self._hint(), on_eof, "check connect.host/port and that sshd is running")
 
     def _hint(self):
         return ("the remote authorized_keys entry must force `command=\"python3 "
@@ -6689,6 +6757,332 @@ class SSHDialer:
                               temporary=False, hint=self._hint())
 
 
+# --- tcp and tls (SPEC §9.6) ----------------------------------------------------------------
+
+MAX_LISTENER_CONNECTIONS = 64
+TLS_PUMP_CHUNK = 256 * 1024
+
+
+def split_address(address, what):
+    """`host:port`, `[v6]:port` or `:port` (every address) -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{what} {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _ssl():
+    try:
+        import ssl
+    except ImportError:
+        raise UsageError("this Python has no ssl module; tls needs one (use ssh+stdinserver "
+                         "or tcp)") from None
+    return ssl
+
+
+def tls_context(server, ca, cert, key):
+    """Both sides authenticate (SPEC §9.6): TLS >= 1.2, a certificate signed by `ca`
+    required from the peer, our own `cert`/`key`; names are compared by CN, not host."""
+    ssl = _ssl()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cafile=ca)
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise TransportError(f"cannot load the TLS ca {ca}, cert {cert} or key {key}: {e}",
+                             temporary=False, hint="check the paths and that the key "
+                                                   "belongs to the certificate") from None
+    return ctx
+
+
+def peer_common_name(tls):
+    for rdn in (tls.getpeercert() or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
+def _tls_pump(tls, mine):
+    """Connection reads and writes plain fds (non-blocking waits, splices), so a TLS
+    socket is bridged to one end of a socketpair by this one thread; one thread, since
+    an SSL object must not be read and written from two at once."""
+    ssl = _ssl()
+    tls.setblocking(False)
+    mine.setblocking(False)
+    to_tls, to_mine = bytearray(), bytearray()
+    tls_open = mine_open = True
+    try:
+        while mine_open or to_tls:
+            moved = False
+            if tls_open and len(to_mine) < 4 * TLS_PUMP_CHUNK:
+                try:
+                    data = tls.recv(TLS_PUMP_CHUNK)
+                    moved = True
+                    if data:
+                        to_mine += data
+                    else:
+                        tls_open = False
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+                except OSError:
+                    tls_open = False
+                    moved = True
+            if to_mine:
+                try:
+                    del to_mine[:mine.send(to_mine)]
+                    moved = True
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return                 # our side is gone
+            if not tls_open and not to_mine and mine_open:
+                try:
+                    mine.shutdown(socket.SHUT_WR)      # the peer's EOF, passed on
+                except OSError:
+                    pass
+            if mine_open and len(to_tls) < 4 * TLS_PUMP_CHUNK:
+                try:
+                    data = mine.recv(TLS_PUMP_CHUNK)
+                    moved = True
+                    if data:
+                        to_tls += data
+                    else:
+                        mine_open = False
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    mine_open = False
+            if to_tls and tls_open:
+                try:
+                    del to_tls[:tls.send(to_tls[:TLS_PUMP_CHUNK])]
+                    moved = True
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+                except OSError:
+                    return
+            elif to_tls:
+                return                     # nobody left to read it
+            if not moved and not tls.pending():
+                _select([s for s, on in ((tls, tls_open), (mine, mine_open)) if on],
+                        [s for s, want in ((tls, to_tls), (mine, to_mine)) if want], 1.0)
+    finally:
+        for s in (tls, mine):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def socket_connection(sock, name, tls=False):
+    """A connected (plain or TLS) socket -> Connection; the socket closes with it."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if not tls:
+        return Connection(sock.fileno(), sock.fileno(), name=name, on_close=sock.close,
+                          close_fds=False)
+    mine, theirs = socket.socketpair()
+    pump = threading.Thread(target=_tls_pump, args=(sock, mine), daemon=True,
+                            name=f"tls {name}")
+    pump.start()
+    return Connection(theirs.fileno(), theirs.fileno(), name=name, on_close=theirs.close,
+                      close_fds=False)
+
+
+class TCPDialer:
+    """One TCP (or TLS) connection per call, its PREAMBLE read (SPEC §9.6)."""
+
+    def __init__(self, c, log):
+        self.c = c
+        self.log = log
+        self.where = f"{c.type} {c.address}"
+        self.ctx = tls_context(False, c.ca, c.cert, c.key) if c.type == "tls" else None
+
+    def __call__(self):
+        c = self.c
+        host, port = split_address(c.address, "connect.address")
+        try:
+            sock = socket.create_connection((host, port), timeout=c.dial_timeout)
+        except OSError as e:
+            raise TransportError(f"{self.where}: cannot connect: {e.strerror or e}",
+                                 hint="check connect.address and that the daemon there "
+                                      "serves it (`zrepl.pyz daemon`)") from None
+        if self.ctx is not None:
+            sock = self._handshake(sock)
+        sock.settimeout(None)
+        conn = socket_connection(sock, self.where, tls=self.ctx is not None)
+        try:
+            read_preamble(conn, c.dial_timeout, self.where, "the other side must be a "
+                          f"{PROG} daemon serving a sink or source on {c.address}",
+                          lambda buf: TransportError(f"{self.where}: the server closed the "
+                                                     "connection before the protocol began",
+                                                     hint="its log says why (an unknown "
+                                                          "client address or CN?)"),
+                          "check connect.address")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _handshake(self, sock):
+        ssl = _ssl()
+        try:
+            tls = self.ctx.wrap_socket(sock)
+        except (OSError, ssl.SSLError) as e:
+            sock.close()
+            raise TransportError(f"{self.where}: TLS handshake failed: {e}", temporary=False,
+                                 hint="both sides' certificates must be signed by the "
+                                      "other's ca") from None
+        cn = peer_common_name(tls)
+        if cn != self.c.server_cn:
+            tls.close()
+            raise TransportError(f"{self.where}: the server's certificate names CN "
+                                 f"{cn!r}, not server_cn {self.c.server_cn!r}",
+                                 temporary=False, hint="set connect.server_cn to the CN of "
+                                                       "the server's certificate")
+        return tls
+
+
+def tcp_client_identity(clients, address):
+    """The identity `serve.clients` gives a peer address: the exact IP first, then the
+    longest matching CIDR, whose identity's '*' becomes the address -> identity or None."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if getattr(ip, "ipv4_mapped", None):
+        ip = ip.ipv4_mapped
+    best = None
+    for key, ident in clients.items():
+        if "/" not in key:
+            if ipaddress.ip_address(key) == ip:
+                return ident
+            continue
+        net = ipaddress.ip_network(key, strict=False)
+        if ip.version == net.version and ip in net and \
+                (best is None or net.prefixlen > best[0].prefixlen):
+            best = (net, ident)
+    return best[1].replace("*", str(ip)) if best else None
+
+
+class Listener:
+    """A tcp or tls passive job in the daemon (SPEC §9.6, §10.2): each client mapped to
+    its identity (address or certificate CN), then one Server session in its own thread,
+    at most MAX_LISTENER_CONNECTIONS at once; the rest are refused with a warning."""
+
+    def __init__(self, config, job, zfs, log, snapshot_round=None):
+        self.config, self.job, self.zfs, self.log = config, job, zfs, log
+        self.snapshot_round = snapshot_round
+        s = job.serve
+        self.ctx = tls_context(True, s.ca, s.cert, s.key) if s.type == "tls" else None
+        self.sock = None
+        self.sessions = set()
+        self._lock = threading.Lock()
+        self.closing = False
+        self.accepted = self.refused = 0
+
+    def bind(self):
+        s = self.job.serve
+        host, port = split_address(s.listen, f"job {self.job.name} serve.listen")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if s.listen_freebind:
+            opt = getattr(socket, "IP_FREEBIND", None) or getattr(socket, "IP_BINDANY", None)
+            sock.setsockopt(socket.IPPROTO_IP, opt, 1)
+        try:
+            sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+            sock.listen(16)
+        except OSError as e:
+            sock.close()
+            raise UsageError(f"job {self.job.name}: cannot listen on {s.listen}: "
+                             f"{e.strerror}", hint="another process has the port, or the "
+                                                   "address is not on this host") from None
+        self.sock = sock
+        return sock.getsockname()[1]
+
+    def serve_forever(self):
+        while not self.closing:
+            try:
+                client, addr = self.sock.accept()
+            except OSError:
+                if self.closing:
+                    return
+                time.sleep(0.1)             # EMFILE and the like: back off, go on
+                continue
+            with self._lock:
+                full = len(self.sessions) >= MAX_LISTENER_CONNECTIONS
+            if full:
+                self.refused += 1
+                self.log("warn", "transport", f"job {self.job.name}: refusing {addr[0]}: "
+                                              f"{MAX_LISTENER_CONNECTIONS} sessions already")
+                client.close()
+                continue
+            self.accepted += 1
+            start_thread(self._session, client, addr[0], name=f"session {addr[0]}")
+
+    def _identity(self, client, address):
+        s = self.job.serve
+        if self.ctx is None:
+            ident = tcp_client_identity(s.clients, address)
+            if ident is None:
+                raise EndpointError(f"client address {address} is not in serve.clients")
+            return client, ident
+        ssl = _ssl()
+        client.settimeout(s.handshake_timeout)
+        try:
+            tls = self.ctx.wrap_socket(client, server_side=True)
+        except (OSError, ssl.SSLError) as e:
+            raise TransportError(f"TLS handshake with {address} failed: {e}") from None
+        cn = peer_common_name(tls)
+        if cn not in s.client_cns:
+            tls.close()
+            raise EndpointError(f"client {address} presents CN {cn!r}, which is not in "
+                                "serve.client_cns")
+        return tls, cn
+
+    def _session(self, client, address):
+        job = self.job
+        try:
+            client, ident = self._identity(client, address)
+        except ZreplError as e:
+            self.log("warn", "transport", f"job {job.name}: {e}; connection closed")
+            client.close()
+            return
+        client.settimeout(None)
+        conn = socket_connection(client, f"client {ident} ({address})",
+                                 tls=self.ctx is not None)
+        with self._lock:
+            self.sessions.add(conn)
+        self.zfs.invalidate()            # a session is an invocation of the other side's
+        server = Server(conn, lambda mode: serve_endpoint(
+            self.config, job, ident, mode, self.zfs, self.log, self.snapshot_round), self.log)
+        try:
+            server.serve()
+        except ZreplError as e:
+            self.log("warn", "rpc", f"job {job.name}: session of {ident} ({address}) ended: "
+                                    f"{e}", identity=ident)
+        finally:
+            conn.close()
+            with self._lock:
+                self.sessions.discard(conn)
+
+    def close(self):
+        self.closing = True
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
+        with self._lock:
+            live = list(self.sessions)
+        for conn in live:
+            conn.close()
+
+
 # --- connect: the other side of an active job ---------------------------------------------
 
 def connect(config, job, zfs, log, rundir, *, snapshot_round=None, mode="replicate"):
@@ -6707,21 +7101,18 @@ def connect(config, job, zfs, log, rundir, *, snapshot_round=None, mode="replica
                              f"{peer.name}, not a {want}", kind="config")
         far, _, _ = serve_endpoint(config, peer, c.client_identity, mode, zfs, log,
                                    snapshot_round)
-    elif c.type == "ssh+stdinserver":
-        client = Client(SSHDialer(c, log), job, mode, log)
+    else:
+        dialer = SSHDialer(c, log) if c.type == "ssh+stdinserver" else TCPDialer(c, log)
+        client = Client(dialer, job, mode, log)
         client.release(client.acquire())      # the first connection, for its HELLO
         want = "sink" if job.type == "push" else "source"
         got = client.hello.get("job_type")
         if got != want:
             client.close()
-            raise ZreplError(f"job {job.name} connects to {c.host}, where job "
+            raise ZreplError(f"job {job.name} connects to {c.host or c.address}, where job "
                              f"{str(client.hello.get('job'))[:100]} ({str(got)[:20]}) serves "
                              f"this identity, not a {want}", kind="config")
         far = RemoteReceiver(client) if want == "sink" else RemoteSender(client)
-    else:
-        raise ZreplError(f"job {job.name}: transport {c.type} is not in this version of "
-                         "zrepl.py yet; use ssh+stdinserver, or local on one host",
-                         kind="unsupported")
     if job.type == "push":
         return LocalSender(zfs, job, log, rundir), far
     return far, LocalReceiver(zfs, job, job.root_fs, log)
@@ -6896,18 +7287,21 @@ class Replication:
         self.prepared = set()           # paths whose step holds prepare() placed
         self.received = []              # (path, Version, protection) of this attempt
         self.completed = {}             # path -> `to` of its last step done this attempt
+        self.attempt = 0
+        self.started_at = None
 
     # -- the phase --
     def run(self):
         started = time.time()
-        report = {"state": "running", "attempts": 0, "started_at": rfc3339(started),
+        self.started_at = rfc3339(started)
+        report = {"state": "running", "attempts": 0, "started_at": self.started_at,
                   "finished_at": None, "error": None, "bytes_expected": None,
                   "bytes_replicated": 0, "filesystems": []}
         phase_error = None
         for attempt in range(1, self.max_attempts + 1):
             if self.control.should_stop():
                 break
-            report["attempts"] = attempt
+            report["attempts"] = self.attempt = attempt
             try:
                 fatal = self._attempt()
             except ZreplError as e:
@@ -6941,6 +7335,24 @@ class Replication:
         else:
             report["state"] = "done"
         return report
+
+    def live(self):
+        """The phase's report part while it runs (the daemon's status): bytes include the
+        steps still moving."""
+        fs = []
+        for p in sorted(self.fs):
+            f = self.fs[p]
+            entry = self._fs_report(f)
+            run = f.running
+            if run is not None:
+                entry["bytes_replicated"] += run.bytes
+            fs.append(entry)
+        exp = [f["bytes_expected"] for f in fs]
+        return {"state": "running", "attempts": self.attempt, "started_at": self.started_at,
+                "finished_at": None, "error": None,
+                "bytes_expected": sum(exp) if exp and None not in exp else None,
+                "bytes_replicated": sum(f["bytes_replicated"] for f in fs),
+                "filesystems": fs}
 
     def _attempt(self):
         """List both sides, plan every unfinished filesystem, run the steps; returns the
@@ -7952,12 +8364,15 @@ class Triggers:
                 waiters.append(waiter)
             self._cond.notify_all()
 
-    def take(self, timeout):
-        """Wait up to `timeout` seconds for triggers -> {kind: [waiter]}, all of them,
-        each kind once; {} if none came."""
+    def take(self, timeout=None, *, until=None, clock=None):
+        """Wait up to `timeout` seconds (or until `clock` reads `until`) for triggers
+        -> {kind: [waiter]}, all of them, each kind once; {} if none came."""
         with self._cond:
             if not self._pending:
-                self._cond.wait(timeout)
+                if clock is not None:
+                    clock.wait(self._cond, until)
+                else:
+                    self._cond.wait(timeout)
             pending, self._pending = self._pending, {}
             return pending
 
@@ -8020,14 +8435,29 @@ class JobRunner:
     """Invocations of jobs (SPEC §10.1): the one engine of `once`, `prune` and the
     daemon's job threads."""
 
-    def __init__(self, config, zfs, log, control, environ=None):
+    def __init__(self, config, zfs, log, control, environ=None, *, invocation_ids=None,
+                 locked=False):
         self.config = config
         self.zfs = zfs
         self.log = log
         self.control = control
         self.rundir = config.global_.rundir
         self.max_attempts = max_attempts_from(os.environ if environ is None else environ)
-        self.invocations = 0
+        self.invocation_ids = invocation_ids or itertools.count(1)
+        self.invocation = 0
+        self.locked = locked            # the daemon holds every job lock for its lifetime
+        self.current = None             # the report of the invocation running now
+        self.replication = None         # its replication phase while that runs
+
+    def live_report(self):
+        """The running invocation's report so far (None if idle), for `status`."""
+        report, repl = self.current, self.replication
+        if report is None:
+            return None
+        doc = dict(report)
+        if repl is not None:
+            doc["replication"] = repl.live()
+        return doc
 
     def invoke(self, job, mode, dry_run, progress=None):
         """One invocation: lock -> snapshot round -> replicate -> prune the sender -> prune
@@ -8035,15 +8465,18 @@ class JobRunner:
         rundir/last/ unless dry_run. A job locked by another process is a `locked` report.
         Every line logged meanwhile names the job and the invocation's number (a
         per-process counter, SPEC §11.3)."""
-        self.invocations += 1
-        with self.log.tagged(job=job.name, invocation=self.invocations):
-            return self._invoke(job, mode, dry_run, progress)
+        self.invocation = next(self.invocation_ids)
+        with self.log.tagged(job=job.name, invocation=self.invocation):
+            try:
+                return self._invoke(job, mode, dry_run, progress)
+            finally:
+                self.current = self.replication = None
 
     def _invoke(self, job, mode, dry_run, progress):
         if self.control.should_stop():
             return finish_job_report(new_job_report(job, dry_run, time.time()),
                                      self.control, failed=False)
-        lock = None if dry_run else JobLock(self.rundir, job.name)
+        lock = None if dry_run or self.locked else JobLock(self.rundir, job.name)
         try:
             if lock:
                 lock.acquire()
@@ -8058,7 +8491,7 @@ class JobRunner:
                 report = self.run_snap_job(job, mode, dry_run)
             else:
                 report = self.run_active_job(job, mode, dry_run, progress)
-            if lock:
+            if not dry_run:
                 atomic_write(last_report_path(self.rundir, job.name),
                              json.dumps(report, indent=1) + "\n", mode=0o600)
             return report
@@ -8070,7 +8503,7 @@ class JobRunner:
         """Pruning alone (`prune`): under the job's lock (LockHeld if another process has
         it), the given sides of an active job or a snap job's filesystems -> [side part]."""
         lock = None
-        if not dry_run:
+        if not dry_run and not self.locked:
             lock = JobLock(self.rundir, job.name)
             lock.acquire()
         try:
@@ -8131,7 +8564,7 @@ class JobRunner:
         """push: snapshot -> replicate -> prune sender -> prune receiver; pull: the same
         with the source's snapshot round (SPEC §10.1). Phases never overlap."""
         started = time.time()
-        report = new_job_report(job, dry_run, started)
+        report = self.current = new_job_report(job, dry_run, started)
         prev = load_last_report(self.rundir, job.name)
         try:
             sender, receiver = connect(self.config, job, self.zfs, self.log,
@@ -8175,10 +8608,11 @@ class JobRunner:
                          job=job.name)
                 failed = True
         if not self.control.should_stop():
-            repl = Replication(job, sender, receiver, self.log, self.control,
-                               dry_run=dry_run, progress=progress, prev_report=prev,
-                               max_attempts=self.max_attempts)
+            repl = self.replication = Replication(
+                job, sender, receiver, self.log, self.control, dry_run=dry_run,
+                progress=progress, prev_report=prev, max_attempts=self.max_attempts)
             report["replication"] = repl.run()
+            self.replication = None
             if report["replication"]["state"] == "failed":
                 failed = True
                 if report["replication"]["error"]:
@@ -8237,7 +8671,7 @@ class JobRunner:
 
     def run_snap_job(self, job, mode, dry_run):
         started = time.time()
-        report = new_job_report(job, dry_run, started)
+        report = self.current = new_job_report(job, dry_run, started)
         prev = load_last_report(self.rundir, job.name)
         failed = self.snapshot_phase(job, report, mode, started, dry_run)
         if not self.control.should_stop():
@@ -8249,6 +8683,324 @@ class JobRunner:
                     report["errors"].append(part["error"])
                     self.log("error", "pruning", part["error"]["message"])
         return finish_job_report(report, self.control, failed)
+
+
+# --- the daemon (SPEC §1.5.1, §10.2, §10.3) ---------------------------------------------------
+
+class Clock:
+    """Wall time and waiting for the daemon's schedules; tests bring one they drive."""
+
+    def now(self):
+        return time.time()
+
+    def wait(self, cond, until):
+        """Wait on `cond` (the caller holds it) for a notify or until wall time `until`
+        (None: none); an hour at most, so a clock that was set is noticed."""
+        left = 3600.0 if until is None else min(max(0.0, until - self.now()), 3600.0)
+        cond.wait(left)
+
+
+class Waiter:
+    """`signal wakeup --wait`: told how the invocation that served the wakeup ended."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.report = None
+
+    def done(self, report):
+        self.report = report
+        self.event.set()
+
+    @property
+    def exit_code(self):
+        return self.report["exit_code"] if self.report else 130
+
+
+class JobThread:
+    """One job of the daemon: waits for its schedule or a trigger, then runs one
+    invocation at a time (SPEC §10.2). Passive jobs serve; a source with snapshotting
+    runs its rounds on its schedule."""
+
+    def __init__(self, daemon, job):
+        self.daemon = daemon
+        self.job = job
+        self.triggers = Triggers()
+        self.schedule = Schedule.of(job)
+        self.next_run_at = None
+        self.due = None                  # the scheduled time the next run stands for
+        self.runner = None               # the running invocation's JobRunner
+        self.thread = None
+        self.count = 0                   # invocations that reported
+        self.last = None if job.type in ("sink", "source") else \
+            load_last_report(daemon.config.global_.rundir, job.name)
+
+    @property
+    def runs(self):
+        """Does this job ever run an invocation (sinks and sources only serve)?"""
+        return self.job.type in ("push", "pull", "snap") or (
+            self.job.type == "source" and self.job.snapshotting is not None
+            and not self.schedule.manual)
+
+    @property
+    def state(self):
+        if self.runner is not None:
+            return "running"
+        return "serving" if self.job.type in ("sink", "source") else "waiting"
+
+    def first_due(self, now):
+        """The first scheduled run: pull and push-manual-with-interval at start, cron at
+        its next fire, periodic at the sync point of the newest snapshots (SPEC §6.4)."""
+        job, s = self.job, self.job.snapshotting
+        if self.schedule.manual:
+            return None
+        if job.type == "pull" or s.type == "manual" or self.schedule.cron is not None:
+            return now if job.type == "pull" or s.type == "manual" else \
+                self.schedule.after(now)
+        d = self.daemon
+        try:
+            _, accepted = select_filesystems(d.zfs, job.filesystems, d.log)
+        except ZreplError as e:
+            d.log("warn", "snapshot", f"cannot list the filesystems to sync up with: {e}; "
+                                      "snapshotting now")
+            return now
+        newest = {}
+        for name, ds in accepted.items():
+            if not ds.is_placeholder:
+                v = newest_prefixed(ds, s.prefix)
+                newest[name] = v.creation if v else None
+        when, future = periodic_sync_point(newest, s.interval, now)
+        for fs in future:
+            d.log("error", "snapshot", f"{fs}: its newest snapshot is from the future; check "
+                                       "this host's clock", fs=fs)
+        return when
+
+    def run(self):
+        d = self.daemon
+        with d.log.tagged(job=self.job.name):
+            if self.runs:
+                self.due = self.next_run_at = self.first_due(d.clock.now())
+            while not d.stopping:
+                pending = self.triggers.take(until=self.next_run_at, clock=d.clock)
+                if d.stopping:
+                    for w in pending.get("wakeup", ()):
+                        w.done(None)
+                    break
+                now = d.clock.now()
+                scheduled = self.next_run_at is not None and now >= self.next_run_at
+                if not scheduled and "wakeup" not in pending:
+                    continue
+                report = self.invoke(scheduled)
+                for w in pending.get("wakeup", ()):
+                    w.done(report)
+                if scheduled:
+                    self.next_run_at, self.due, merged = self.schedule.following(
+                        self.due, d.clock.now())
+                    if self.next_run_at is not None and self.next_run_at <= d.clock.now():
+                        d.log("info", "job", f"the run took past its next scheduled time; "
+                                             f"running again now ({merged} more merged)")
+            for w in self.triggers.take(0).get("wakeup", ()):
+                w.done(None)
+
+    def invoke(self, scheduled):
+        """One invocation (a scheduled one snapshots; a wakeup of a push does not,
+        SPEC §10.2) -> its report, or None if it could not run."""
+        d, job = self.daemon, self.job
+        control = d.fanout.add(RunControl())
+        runner = JobRunner(d.config, d.zfs, d.log, control, d.environ,
+                           invocation_ids=d.invocation_ids, locked=True)
+        self.runner = runner
+        d.zfs.invalidate()               # what changed outside since the last invocation
+        try:
+            if job.type == "source":
+                report = self.source_round(runner)
+            else:
+                periodic = job.snapshotting is not None and job.snapshotting.type != "manual"
+                mode = "due" if job.type == "pull" else \
+                    "always" if scheduled and periodic else "never"
+                report = runner.invoke(job, mode, False)
+                if scheduled and report.get("snapshotting") and job.type != "pull":
+                    report["snapshotting"]["mode"] = "schedule"
+        except Exception as e:     # a bug ends this invocation, never the job's thread
+            d.log("error", "job", f"internal error: {e!r}; the job goes on with its "
+                                  "schedule")
+            report = None
+        finally:
+            d.fanout.discard(control)
+            self.runner = None
+        if report is not None:
+            self.last = report
+            self.count += 1
+            d.reported(job, report)
+        return report
+
+    def source_round(self, runner):
+        """A source's scheduled snapshot round; its report lives in the daemon only."""
+        job = self.job
+        started = time.time()
+        report = runner.current = new_job_report(job, False, started)
+        with self.daemon.log.tagged(invocation=next(runner.invocation_ids)):
+            failed = runner.snapshot_phase(job, report, "always", started, False)
+        runner.current = None
+        if report["snapshotting"]:
+            report["snapshotting"]["mode"] = "schedule"
+        return finish_job_report(report, runner.control, failed)
+
+
+class Daemon:
+    """Every job of one configuration at once (SPEC §1.5.1, §10.2): a thread per job,
+    a listener per tcp/tls passive job; every active and snap job's lock held for the
+    daemon's lifetime. The control socket and the metrics server (section 13) read it."""
+
+    def __init__(self, config, zfs, log, *, clock=None, environ=None, on_report=None):
+        self.config = config
+        self.zfs = zfs
+        self.log = log
+        self.clock = clock or Clock()
+        self.environ = os.environ if environ is None else environ
+        self.on_report = on_report
+        self.fanout = SignalFanout()
+        self.serving = RunControl()       # sessions' snapshot rounds stop with the daemon
+        self.jobs = {j.name: JobThread(self, j) for j in config.jobs}
+        self.locks = []
+        self.listeners = []
+        self.stopping = False
+        self.started_at = None
+        self.invocation_ids = itertools.count(1)
+        self.bytes_replicated = {}        # (job, fs) -> bytes since start (a counter)
+        self._wake = threading.Event()
+        self._hup = False
+        self._lock = threading.Lock()
+
+    def start(self):
+        return self.prepare().launch()
+
+    def prepare(self):
+        """Locks and listeners: LockHeld (exit 3) if another process runs one of the
+        jobs, UsageError if a listener cannot bind."""
+        rundir = prepare_rundir(self.config.global_.rundir)
+        try:
+            for job in self.config.jobs:
+                if job.type in ("push", "pull", "snap"):
+                    lock = JobLock(rundir, job.name)
+                    lock.acquire()
+                    self.locks.append(lock)
+            snapshot_round = JobRunner(self.config, self.zfs, self.log, self.serving,
+                                       self.environ, invocation_ids=self.invocation_ids,
+                                       locked=True).snapshot_round
+            for job in self.config.jobs:
+                if job.serve is not None and job.serve.type in ("tcp", "tls"):
+                    listener = Listener(self.config, job, self.zfs, self.log, snapshot_round)
+                    listener.bind()
+                    self.listeners.append(listener)
+        except BaseException:
+            self.close()
+            raise
+        self.started_at = self.clock.now()
+        return self
+
+    def launch(self):
+        for listener in self.listeners:
+            start_thread(listener.serve_forever, name=f"listener {listener.job.name}")
+        for t in self.jobs.values():
+            t.thread = start_thread(t.run, name=f"job {t.job.name}")
+        self.log("info", "meta", f"daemon started: {len(self.jobs)} jobs, "
+                                 f"{len(self.listeners)} listeners")
+        return self
+
+    def wait(self, poll=5.0):
+        """The main thread until stop(); SIGHUP's reopen happens here, not in a handler."""
+        while not self.stopping:
+            self._wake.wait(poll)
+            self._wake.clear()
+            if self._hup:
+                self._hup = False
+                self.log.reopen()
+                self.log("info", "meta", "log files reopened (SIGHUP)")
+
+    def hup(self):
+        self._hup = True
+        self._wake.set()
+
+    def stop(self):
+        """No new invocation, step or destroy; running ones are cancelled (SPEC §10.3)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.serving.stop()
+        for run in list(self.fanout.runs):
+            if run is not self:
+                run.stop()
+        for t in self.jobs.values():
+            t.triggers.post("stop")
+        self._wake.set()
+
+    def shutdown(self, timeout=10.0):
+        """After stop(): close the listeners, let the jobs write their reports, release
+        the locks -> the jobs still running when the time was up."""
+        deadline = time.monotonic() + timeout
+        for listener in self.listeners:
+            listener.close()
+        for t in self.jobs.values():
+            if t.thread is not None:
+                t.thread.join(max(0.0, deadline - time.monotonic()))
+        late = [t.job.name for t in self.jobs.values() if t.thread and t.thread.is_alive()]
+        self.close()
+        return late
+
+    def close(self):
+        for listener in self.listeners:
+            listener.close()
+        for lock in self.locks:
+            lock.release()
+        self.locks = []
+
+    # -- what the control socket asks --
+    def signal(self, name, op, waiter=None):
+        """`signal wakeup|reset` (SPEC §10.4) -> (HTTP status, body)."""
+        t = self.jobs.get(name)
+        if t is None:
+            return 404, {"error": f"no job named {name!r}"}
+        if op == "wakeup":
+            if not t.runs and t.job.type in ("sink", "source"):
+                return 409, {"error": f"job {name} ({t.job.type}) only serves; there is "
+                                      "nothing to wake up"}
+            queued = t.runner is not None
+            t.triggers.post("wakeup", waiter)
+            return 200, {"ok": True, "queued": queued}
+        if op == "reset":
+            runner = t.runner
+            if runner is None:
+                return 409, {"error": f"job {name} is not running"}
+            self.log("info", "job", "reset: cancelling the running invocation", job=name)
+            runner.control.stop()
+            return 200, {"ok": True, "queued": False}
+        return 400, {"error": f"unknown op {str(op)[:40]!r}: wakeup or reset"}
+
+    def status(self):
+        """The status document (SPEC §1.6.3) with "source": "daemon"."""
+        jobs = {}
+        for name, t in self.jobs.items():
+            runner = t.runner
+            jobs[name] = {"type": t.job.type, "state": t.state,
+                          "next_run_at": rfc3339(t.next_run_at) if t.next_run_at else None,
+                          "current": runner.live_report() if runner else None,
+                          "last": t.last}
+        return {"schema": "zrepl.py/status/1", "source": "daemon",
+                "daemon": {"pid": os.getpid(), "started_at": rfc3339(self.started_at),
+                           "version": VERSION}, "jobs": jobs}
+
+    def reported(self, job, report):
+        repl = report.get("replication") or {}
+        with self._lock:
+            for f in repl.get("filesystems") or ():
+                key = (job.name, f["fs"])
+                self.bytes_replicated[key] = self.bytes_replicated.get(key, 0) + \
+                    f.get("bytes_replicated", 0)
+        if self.on_report is not None:
+            try:
+                self.on_report(job, report)
+            except Exception as e:       # metrics never fail a job
+                self.log("warn", "meta", f"after the report of job {job.name}: {e!r}")
 
 
 
@@ -8463,7 +9215,6 @@ class TCPOutlet:
             self.cond.notify_all()
 
     def _connect(self):
-        import socket
         family = {"tcp4": socket.AF_INET, "tcp6": socket.AF_INET6}.get(self.net, 0)
         infos = socket.getaddrinfo(self.host, self.port, family, socket.SOCK_STREAM)
         sock = socket.create_connection(infos[0][4][:2], timeout=5)
@@ -8542,11 +9293,13 @@ class Logger:
     the job (its [job] column) and fields, among them `invocation`. An outlet that fails
     never stops a job: the first outlet says so, once per failing outlet."""
 
-    def __init__(self, stream=None, level="warn", job="", *, outlets=None, fields=None):
+    def __init__(self, stream=None, level="warn", job="", *, outlets=None, fields=None,
+                 counts=None):
         self.outlets = outlets if outlets is not None else [StreamOutlet(stream, level)]
         self.job = job
         self.fields = fields or {}
         self._broken = set()
+        self.counts = counts if counts is not None else {}   # (job, level) -> lines
 
     @property
     def level(self):
@@ -8560,7 +9313,7 @@ class Logger:
     def bind(self, job=None, **fields):
         """A logger for one job or invocation: the same outlets, more tags."""
         child = Logger(outlets=self.outlets, job=self.job if job is None else job,
-                       fields=dict(self.fields, **fields))
+                       fields=dict(self.fields, **fields), counts=self.counts)
         child._broken = self._broken
         return child
 
@@ -8597,6 +9350,8 @@ class Logger:
         tags.update(self.fields)
         tags.update(fields)
         rec = LogRecord(time.time(), level, job or "", subsystem, message, tags)
+        key = (rec.job, level)
+        self.counts[key] = self.counts.get(key, 0) + 1      # zrepl_daemon_log_entries
         for o in self.outlets:
             if n < o.level:
                 continue
@@ -8671,20 +9426,25 @@ def render_replication(repl):
     return lines + _fs_rows(rows)
 
 
-def render_job_status(job_name, job_type, state, report):
-    """One job's block of `status` (and of `once` on a terminal)."""
-    lines = [f"job {job_name} ({job_type}): {state}"]
+def render_job_status(job_name, job_type, state, report, next_run_at=None):
+    """One job's block of `status` (and of `once` on a terminal); `report` is the
+    running invocation's (the daemon's live one) or the last one."""
+    lines = [f"job {job_name} ({job_type}): {state}" +
+             (f" next={next_run_at}" if next_run_at else "")]
     if report is None:
         return lines
-    if report.get("state") == "locked":
+    if report.get("state") == "running":
+        lines.append(f"  current: {report['started_at']} running")
+    elif report.get("state") == "locked":
         lines.append(f"  last: {report['started_at']} result=locked exit=3")
         return lines
     took = "-"
     if report.get("finished_at"):
         took = format_duration(_parse_time(report["finished_at"]) -
                                _parse_time(report["started_at"]))
-    lines.append(f"  last: {report['started_at']} took={took} result={report['state']} "
-                 f"exit={report['exit_code']}")
+    if report.get("state") != "running":
+        lines.append(f"  last: {report['started_at']} took={took} result={report['state']} "
+                     f"exit={report['exit_code']}")
     snap = report.get("snapshotting")
     if snap is not None:
         files = snap["filesystems"]
@@ -8891,6 +9651,218 @@ def write_metrics_textfiles(config, log):
         except OSError as e:
             log("warn", "meta", f"cannot write the prometheus_textfile {path}: {e.strerror} "
                                 "(the job itself is not affected)")
+
+
+# --- the control socket and the metrics server of the daemon (SPEC §10.4, §11.2) -------------
+
+CONTROL_TIMEOUT = 30.0          # zrepl's 1 s broke large status replies (zrepl #883)
+
+
+def _http_handler(routes, log):
+    """A BaseHTTPRequestHandler class serving `routes`: (method, path) -> fn(body) ->
+    (status, document or text). Bodies are JSON; a bad one is a 400, never a crash."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = CONTROL_TIMEOUT
+        protocol_version = "HTTP/1.1"
+        server_version = f"{PROG}/{VERSION}"
+
+        def address_string(self):
+            return str(self.client_address[0]) if self.client_address else "control"
+
+        def log_message(self, fmt, *args):
+            log("debug", "control", fmt % args)
+
+        def _answer(self, status, doc):
+            if isinstance(doc, str):
+                data, ctype = doc.encode(), "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                data, ctype = (json.dumps(doc, indent=1) + "\n").encode(), "application/json"
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _route(self, method):
+            fn = routes.get((method, self.path.split("?")[0]))
+            if fn is None:
+                return self._answer(404, {"error": f"no {method} {self.path[:100]}"})
+            body = None
+            if method == "POST":
+                try:
+                    n = int(self.headers.get("Content-Length") or 0)
+                    if not 0 <= n <= 65536:
+                        raise ValueError("body too large")
+                    body = _json_frame(self.rfile.read(n), "request body")
+                except (ValueError, ZreplError) as e:
+                    return self._answer(400, {"error": f"bad request body: {e}"})
+            try:
+                status, doc = fn(body)
+            except Exception as e:        # a bug answers 500; the daemon goes on
+                log("error", "control", f"{method} {self.path[:100]}: internal error: {e!r}")
+                status, doc = 500, {"error": f"internal error: {e!r}"}
+            self._answer(status, doc)
+
+        def do_GET(self):
+            self._route("GET")
+
+        def do_POST(self):
+            self._route("POST")
+
+    return Handler
+
+
+def control_routes(daemon):
+    def signal_(body):
+        job, op = body.get("job"), body.get("op")
+        if not isinstance(job, str) or op not in ("wakeup", "reset"):
+            return 400, {"error": 'the body must be {"job": NAME, "op": "wakeup"|"reset"}'}
+        waiter = Waiter() if body.get("wait") is True and op == "wakeup" else None
+        status, doc = daemon.signal(job, op, waiter)
+        if waiter is not None and status == 200:
+            waiter.event.wait()
+            doc = dict(doc, exit_code=waiter.exit_code,
+                       state=waiter.report["state"] if waiter.report else "interrupted")
+        return status, doc
+
+    return {("GET", "/status"): lambda body: (200, daemon.status()),
+            ("GET", "/version"): lambda body: (200, {
+                "version": VERSION, "python": platform.python_version(), "pid": os.getpid(),
+                "started_at": rfc3339(daemon.started_at)}),
+            ("POST", "/signal"): signal_}
+
+
+class ControlServer:
+    """HTTP/1.1 over the unix socket global.control.sockpath, mode 0600 (SPEC §10.4);
+    a stale socket file is replaced, a live one means another daemon (exit 3)."""
+
+    def __init__(self, path, routes, log):
+        import socketserver
+        self.path = path
+        if os.path.exists(path):
+            if control_socket_alive(path):
+                raise LockHeld(f"another daemon is running (control socket {path})",
+                               hint="stop it first, or give this configuration its own "
+                                    "global.rundir")
+            os.unlink(path)
+
+        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+        try:
+            self.server = Server(path, _http_handler(routes, log))
+        except OSError as e:
+            raise UsageError(f"cannot create the control socket {path}: {e.strerror or e}",
+                             hint="set global.control.sockpath to a short path (unix "
+                                  "sockets allow about 100 bytes) this user may write") \
+                from None
+        os.chmod(path, 0o600)
+        self.thread = start_thread(self.server.serve_forever, name="control")
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def control_socket_alive(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def control_request(path, method, url, body=None, timeout=CONTROL_TIMEOUT):
+    """One request to the daemon's control socket -> (status, document); OSError if no
+    daemon answers there."""
+    import http.client
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+
+    conn = UnixConnection("localhost", timeout=timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, url, body=data,
+                     headers={"Content-Type": "application/json"} if data else {})
+        resp = conn.getresponse()
+        raw = resp.read()
+    except http.client.HTTPException as e:
+        raise OSError(f"bad answer from the control socket: {e}") from None
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(raw.decode("utf-8"))
+    except ValueError:
+        raise OSError("the control socket answered something that is not JSON") from None
+
+
+def daemon_metrics(daemon, state):
+    """The daemon's /metrics: the families of the textfile from the last reports, plus
+    the daemon-only ones (SPEC §11.2)."""
+    config = daemon.config
+    reports = {n: t.last for n, t in daemon.jobs.items() if t.last is not None}
+    for job in config.jobs:
+        if job.name in reports:
+            state = update_metrics_state(state, reports[job.name])
+    with daemon._lock:
+        moved = sorted(daemon.bytes_replicated.items())
+    extra = [("zrepl_start_time", "gauge", "daemon start, unix seconds",
+              [({"raw": VERSION}, int(daemon.started_at))]),
+             ("zrepl_replication_bytes_replicated", "counter", "bytes replicated since the "
+              "daemon started", [({"zrepl_job": j, "filesystem": fs}, n)
+                                 for (j, fs), n in moved]),
+             ("zrepl_daemon_log_entries", "counter", "log lines emitted",
+              [({"zrepl_job": j, "level": lv}, n)
+               for (j, lv), n in sorted(daemon.log.counts.items())])]
+    return render_metrics(config, reports, state, extra), state
+
+
+class MetricsServer:
+    """`monitoring: [{type: prometheus, listen: ...}]`: GET /metrics on a TCP port."""
+
+    def __init__(self, daemon, mon, log):
+        import http.server
+        self.state = {}
+        lock = threading.Lock()
+
+        def metrics(body):
+            with lock:
+                text, self.state = daemon_metrics(daemon, self.state)
+            return 200, text
+
+        host, port = split_address(mon.listen, "monitoring listen")
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        try:
+            self.server = Server((host, port), _http_handler({("GET", "/metrics"): metrics},
+                                                             log))
+        except OSError as e:
+            raise UsageError(f"cannot listen on {mon.listen} for prometheus: "
+                             f"{e.strerror or e}", hint="another process has the port") \
+                from None
+        self.port = self.server.server_address[1]
+        self.thread = start_thread(self.server.serve_forever, name="metrics")
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # --- monitor: Nagios/Icinga plugin conventions ---------------------------------------------
@@ -9419,10 +10391,85 @@ def cmd_stdinserver(args, zfs, log):
     return serve_stdio(config, args.identity, zfs, log, runner.snapshot_round, rfd, wfd)
 
 
+def _apply_daemon_logging(config, log, args):
+    """The daemon's outlets as configured, `stdout` on stdout (the daemon prints nothing
+    else); none configured: warnings and errors on stderr."""
+    outlets = outlets_from_config(config.global_.logging, sys.stdout)
+    if args.debug:
+        outlets.insert(0, StreamOutlet(sys.stderr, "debug"))
+    log.outlets[:] = outlets or [StreamOutlet(sys.stderr, "warn")]
+
+
+def cmd_daemon(args, zfs, log):
+    """Every job until SIGTERM/SIGINT (SPEC §1.5.1, §10)."""
+    config = _load(args)
+    _apply_daemon_logging(config, log, args)
+    _check_host(config, zfs)
+    daemon = Daemon(config, zfs, log,
+                    on_report=lambda job, report: write_metrics_textfiles(config, log))
+    daemon.fanout.install().add(daemon)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: daemon.hup())
+    servers = []
+    daemon.prepare()
+    try:
+        servers.append(ControlServer(config.global_.control_sockpath,
+                                     control_routes(daemon), log))
+        for mon in config.global_.monitoring:
+            if mon.type == "prometheus":
+                servers.append(MetricsServer(daemon, mon, log))
+        daemon.launch()
+        daemon.wait()
+    finally:
+        daemon.stop()
+        late = daemon.shutdown(10.0)
+        for server in servers:
+            server.close()
+        if late:
+            log("warn", "meta", f"jobs still running at exit: {', '.join(late)}")
+        log("info", "meta", "daemon stopped")
+    return 0
+
+
+def cmd_signal(args, out):
+    """`signal wakeup|reset JOB` (SPEC §1.5.3); --wait: the invocation's exit code."""
+    config = _load(args, skip_cert_check=True)
+    if config.job(args.job) is None:
+        raise UsageError(f"no job named {args.job!r} in {config.path}")
+    path = config.global_.control_sockpath
+    wait = bool(args.wait) and args.op == "wakeup"
+    try:
+        status, doc = control_request(path, "POST", "/signal",
+                                      {"job": args.job, "op": args.op, "wait": wait},
+                                      timeout=None if wait else CONTROL_TIMEOUT)
+    except OSError:
+        raise ZreplError(f"no daemon is running (control socket {path})",
+                         hint="start it with `zrepl.pyz daemon`") from None
+    message = str(doc.get("error", doc))[:300] if isinstance(doc, dict) else str(doc)[:300]
+    if status == 404:
+        raise UsageError(f"the daemon does not know job {args.job}: {message}",
+                         hint="it runs an older configuration; restart it")
+    if status != 200:
+        raise ZreplError(message)
+    return doc.get("exit_code", 0) if wait else 0
+
+
 def _status_doc(args):
     path = resolve_config_path(args.config, os.environ)
     config = load_config(path, skip_cert_check=True) if path else None
     rundir = config.global_.rundir if config else DEFAULT_RUNDIR
+    sock = config.global_.control_sockpath if config else os.path.join(rundir, "control")
+    if os.path.exists(sock):
+        try:
+            status, doc = control_request(sock, "GET", "/status")
+        except OSError:
+            status = None                  # a stale socket: the last reports then
+        if status == 200 and isinstance(doc, dict) and isinstance(doc.get("jobs"), dict):
+            if args.job:
+                if args.job not in doc["jobs"]:
+                    raise UsageError(f"no job named {args.job!r}")
+                doc["jobs"] = {args.job: doc["jobs"][args.job]}
+            return doc, rundir
     if config:
         jobs = [(j.name, j.type) for j in config.jobs]
     else:
@@ -9453,9 +10500,13 @@ def _status_doc(args):
 
 
 def render_status(doc, rundir):
-    blocks = [f"daemon: not running (last reports from {os.path.join(rundir, 'last')})"]
+    d = doc.get("daemon")
+    blocks = [f"daemon: running pid={d['pid']} since={d['started_at']} version={d['version']}"
+              if d else f"daemon: not running (last reports from {os.path.join(rundir, 'last')})"]
     for name, j in doc["jobs"].items():
-        blocks.append("\n".join(render_job_status(name, j["type"], j["state"], j["last"])))
+        blocks.append("\n".join(render_job_status(name, j["type"], j["state"],
+                                                  j.get("current") or j["last"],
+                                                  j.get("next_run_at"))))
     return "\n\n".join(blocks) + "\n"
 
 
@@ -9641,6 +10692,14 @@ def build_parser():
     st.add_argument("--json", action="store_true")
     st.add_argument("--watch", action="store_true", help="redraw every second")
 
+    sub.add_parser("daemon", help="run every job on its schedule, serve tcp/tls, the "
+                                  "control socket and metrics (until SIGTERM)")
+    sg = sub.add_parser("signal", help="tell the daemon to run a job now or to cancel it")
+    sg.add_argument("op", choices=("wakeup", "reset"))
+    sg.add_argument("job", metavar="JOB")
+    sg.add_argument("--wait", action="store_true", help="wakeup: wait for that invocation "
+                                                        "and exit with its exit code")
+
     za = sub.add_parser("zfs-abstraction", help="list or release zrepl's holds and bookmarks")
     za.add_argument("action", choices=("list", "release-all", "release-stale"))
     za.add_argument("--fs", help="one dataset, or pattern:ok,pattern:! pairs (filter syntax)")
@@ -9748,6 +10807,10 @@ def main(argv=None):
             return cmd_prune(args, zfs, out, log)
         if args.command == "status":
             return cmd_status(args, out)
+        if args.command == "daemon":
+            return cmd_daemon(args, zfs, log)
+        if args.command == "signal":
+            return cmd_signal(args, out)
         if args.command == "heal":
             return cmd_heal(args, zfs, out, log)
         if args.command == "restore":
