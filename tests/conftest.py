@@ -542,3 +542,53 @@ def ssh_bed():
     except subprocess.TimeoutExpired:
         proc.kill()
     shutil.rmtree(str(base), ignore_errors=True)
+
+
+# --- TLS certificates made with openssl (the tcp/tls listener tests) ----------------------
+
+class Certs:
+    """A CA, certificates it signed for the server CN and client CNs, and a stranger's CA
+    with a client certificate of its own: path(cn) -> (cert, key)."""
+
+    CLIENTS = ("host1", "host2", "src1", "outsider")
+
+    def __init__(self, base):
+        self.base = base
+        self.ca = str(base / "ca.crt")
+        self._openssl("req", "-x509", "-newkey", "ec", "-pkeyopt",
+                      "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(base / "ca.key"),
+                      "-out", self.ca, "-days", "3", "-subj", "/CN=zreplpy-test-ca")
+        self._openssl("req", "-x509", "-newkey", "ec", "-pkeyopt",
+                      "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+                      str(base / "rogue-ca.key"), "-out", str(base / "rogue-ca.crt"), "-days",
+                      "3", "-subj", "/CN=rogue-ca")
+        for cn in ("backup",) + self.CLIENTS:
+            self._leaf(cn, "ca")
+        self._leaf("host1", "rogue-ca", name="rogue-host1")
+
+    def _openssl(self, *args):
+        subprocess.run(["openssl", *args], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+
+    def _leaf(self, cn, ca, name=None):
+        b, name = self.base, name or cn
+        self._openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                      "-nodes", "-keyout", str(b / (name + ".key")), "-out",
+                      str(b / (name + ".csr")), "-subj", "/CN=" + cn)
+        self._openssl("x509", "-req", "-in", str(b / (name + ".csr")), "-CA",
+                      str(b / (ca + ".crt")), "-CAkey", str(b / (ca + ".key")),
+                      "-CAcreateserial", "-out", str(b / (name + ".crt")), "-days", "2")
+
+    def path(self, name):
+        return str(self.base / (name + ".crt")), str(self.base / (name + ".key"))
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (the tls tests make their certificates with it)")
+    return Certs(tmp_path_factory.mktemp("certs"))
+
+
+def free_port():
+    return _free_port()

@@ -351,10 +351,12 @@ class DaemonProc:
         return json.loads(cp.stdout)
 
     def stop(self, sig=signal.SIGTERM):
+        """-> (exit status, seconds to exit, everything it printed)."""
         t0 = time.monotonic()
         self.proc.send_signal(sig)
         out, err = self.proc.communicate(timeout=60)
-        return self.proc.returncode, time.monotonic() - t0, err
+        # with no logging configured the daemon logs as zrepl does: to stdout
+        return self.proc.returncode, time.monotonic() - t0, out + err
 
 
 def test_the_control_socket_status_and_signal_commands(setup):

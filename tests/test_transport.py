@@ -13,7 +13,8 @@ import threading
 
 import pytest
 
-from conftest import REPO, ZREPL_PY, make_tree, snap, state
+from conftest import REPO, ZREPL_PY, free_port, make_tree, snap, state
+from test_daemon import DaemonProc
 
 sys.path.insert(0, str(REPO))
 import zrepl  # noqa: E402
@@ -50,6 +51,7 @@ class Bed:
             % (json.dumps(str(tmp_path / "run")), json.dumps(self.sink),
                json.dumps(self.src + "/a<")))
         self.roots = (self.src, self.sink)
+        self.tmp = tmp_path
 
     def trees(self):
         return {n: v["guid"] for root in self.roots for n, v in state(root).items()}
@@ -113,6 +115,69 @@ class Session:
         err = self.proc.stderr.read().decode("utf-8", "replace")
         self.proc.stderr.close()
         return self.proc.wait(timeout=30), err
+
+
+class Listening:
+    """The Bed's sink and source served by a daemon over tcp (identities by source
+    address: host1 127.0.0.1, host2 127.0.0.2, src1 127.0.0.3) or tls (by certificate
+    CN), for the same crafted and fuzzed sessions as stdinserver gets."""
+
+    ADDR = {"host1": "127.0.0.1", "host2": "127.0.0.2", "src1": "127.0.0.3"}
+
+    def __init__(self, bed, via, certs=None):
+        self.via, self.certs = via, certs
+        self.ports = {"sink": free_port(), "source": free_port()}
+        if via == "tcp":
+            serve = {"sink": 'clients: {"127.0.0.1": host1, "127.0.0.2": host2}',
+                     "source": 'clients: {"127.0.0.3": src1}'}
+        else:
+            cert, key = certs.path("backup")
+            keys = "ca: %s, cert: %s, key: %s" % (json.dumps(certs.ca), json.dumps(cert),
+                                                  json.dumps(key))
+            serve = {"sink": keys + ", client_cns: [host1, host2]",
+                     "source": keys + ", client_cns: [src1]"}
+        cfg = bed.tmp / ("daemon-%s.yml" % via)
+        cfg.write_text(
+            "global: {rundir: %s}\njobs:\n"
+            "  - name: sink\n    type: sink\n    root_fs: %s\n"
+            "    serve: {type: %s, listen: \"127.0.0.1:%d\", %s}\n"
+            "  - name: source\n    type: source\n"
+            "    serve: {type: %s, listen: \"127.0.0.1:%d\", %s}\n"
+            "    filesystems: {%s: true}\n    snapshotting: {type: manual}\n"
+            % (json.dumps(str(bed.tmp / ("run-" + via))), json.dumps(bed.sink), via,
+               self.ports["sink"], serve["sink"], via, self.ports["source"], serve["source"],
+               json.dumps(bed.src + "/a<")))
+        self.daemon = DaemonProc(cfg, bed.tmp / ("run-" + via))
+
+    def session(self, ident, mode="replicate"):
+        return NetSession(self, ident, mode)
+
+    def stop(self):
+        rc, took, out = self.daemon.stop()
+        assert rc == 0 and "Traceback" not in out, out
+        return out
+
+
+class NetSession(Session):
+    """A client of the daemon's tcp or tls listener, speaking as Session does to
+    stdinserver (its start and call); there is no process of its own to end."""
+
+    def __init__(self, listening, identity, mode="replicate"):
+        port = listening.ports["source" if identity == "src1" else "sink"]
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20,
+                                        source_address=(Listening.ADDR[identity], 0))
+        if listening.via == "tls":
+            ctx = zrepl.tls_context(False, listening.certs.ca, *listening.certs.path(identity))
+            sock = ctx.wrap_socket(sock)
+        sock.settimeout(None)
+        self.conn = zrepl.socket_connection(sock, "listener", tls=listening.via == "tls")
+        self.ids = 0
+        self.hello = None
+        self.mode = mode
+
+    def end(self):
+        self.conn.close()
+        return None, ""
 
 
 def step(fs, name, guid, kind="full", frm=None):
@@ -206,7 +271,22 @@ def crafted(bed):
     return cases
 
 
-def test_crafted_requests_are_refused_and_change_nothing(bed):
+@pytest.fixture(params=["stdinserver", "tcp", "tls"])
+def via(request, bed):
+    """Who serves the Bed: `stdinserver` processes, or a daemon's tcp or tls listener ->
+    a function (identity, mode) -> a session not yet started."""
+    if request.param == "stdinserver":
+        yield lambda ident, mode="replicate": Session(bed.cfg, ident, mode)
+        return
+    listening = Listening(bed, request.param, request.getfixturevalue("certs")
+                          if request.param == "tls" else None)
+    try:
+        yield listening.session
+    finally:
+        listening.stop()
+
+
+def test_crafted_requests_are_refused_and_change_nothing(bed, via):
     before = bed.trees()
     cases = crafted(bed)
     assert len(cases) >= 50
@@ -216,12 +296,12 @@ def test_crafted_requests_are_refused_and_change_nothing(bed):
         if session is None or session[0] != (ident, mode):
             if session is not None:
                 session[1].end()
-            session = ((ident, mode), Session(bed.cfg, ident, mode))
+            session = ((ident, mode), via(ident, mode))
             session[1].start()
         kind, doc = session[1].call(method, params)
         if kind == "closed":                     # a validation failure ends the session
             rc, err = session[1].end()
-            assert rc == 1 and "Traceback" not in err, err
+            assert rc in (1, None) and "Traceback" not in err, err
             session = None
         elif want == "not-destroyed":
             assert kind == "result" and doc["results"][0]["destroyed"] is False, doc
@@ -402,4 +482,34 @@ def test_ten_thousand_fuzzed_frames_break_no_session_and_change_nothing(bed):
                 break
         rc, err = s.end()
         assert rc in (0, 1) and "Traceback" not in err, err
+    assert bed.trees() == before
+
+
+@pytest.mark.parametrize("how", ["tcp", "tls"])
+def test_fuzzed_sessions_through_the_tcp_and_tls_listeners_change_nothing(bed, how, request):
+    """The in-process fuzz above covers the Server; this is the daemon's listener path:
+    sessions of fuzzed frames end, the daemon goes on serving, nothing changes."""
+    before = bed.trees()
+    listening = Listening(bed, how, request.getfixturevalue("certs") if how == "tls" else None)
+    rnd = random.Random(4242)
+    bases = {ident: bases_for(bed, ident) for ident in ("host1", "src1")}
+    try:
+        for _ in range(40):
+            ident = rnd.choice(["host1", "src1"])
+            s = listening.session(ident)
+            s.start()
+            for data in fuzz_frames(rnd, bases[ident]):
+                try:
+                    s.conn._write(data)
+                except zrepl.ZreplError:
+                    break
+            s.end()
+        s = listening.session("host1")          # still serving, confined as before
+        assert s.start()["identity"] == "host1"
+        kind, doc = s.call("ListFilesystems", {"versions": False})
+        assert kind == "result" and [f["path"] for f in doc["filesystems"]] == ["data"]
+        s.end()
+    finally:
+        out = listening.stop()
+    assert "internal error" not in out, out
     assert bed.trees() == before
