@@ -365,7 +365,11 @@ def test_the_control_socket_status_and_signal_commands(setup):
     dp = DaemonProc(setup.cfg, setup.rundir)
     try:
         doc = dp.status()
-        assert doc["source"] == "daemon" and doc["daemon"]["pid"] == dp.proc.pid
+        assert doc["schema"] == "zrepl.py/status/1" and doc["source"] == "daemon"
+        assert set(doc["daemon"]) == {"pid", "started_at", "version"}
+        assert doc["daemon"]["pid"] == dp.proc.pid
+        assert all(set(j) == {"type", "state", "next_run_at", "current", "last"}
+                   for j in doc["jobs"].values()), doc
         assert doc["jobs"]["push"]["state"] == "waiting"
         assert doc["jobs"]["sink"]["state"] == "serving"
         text = run_cli("status", config=setup.cfg).stdout
@@ -413,3 +417,63 @@ def test_sigterm_during_a_transfer_exits_within_ten_seconds_with_nothing_left(se
                            stdout=subprocess.PIPE, universal_newlines=True).stdout
     assert procs == ""
     assert_only_known_holds(setup.src)
+
+
+# --- soak: many invocations on compressed time -------------------------------------------------
+
+SOAK_INVOCATIONS = int(os.environ.get("ZREPLPY_SOAK", "500"))
+
+
+def _resources():
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    with open("/proc/self/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return fds, threading.active_count(), rss
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds in /proc")
+def test_soak_hundreds_of_invocations_leave_fds_threads_and_memory_flat(setup):
+    """A push -> sink job scheduled every minute of a clock that jumps a minute as soon
+    as the last invocation reported; a snapshot every 25th, so steps run too."""
+    snap(setup.fs, "s0")
+    setup.push("{type: manual, interval: 1m}")
+    setup.daemon(ManualClock())
+    setup.wait_runs(1)
+    samples = []
+    t0 = time.monotonic()
+    for i in range(1, SOAK_INVOCATIONS):
+        if i % 25 == 0:
+            snap(setup.fs, "s%d" % i)
+        if i in (50, SOAK_INVOCATIONS - 1):
+            samples.append(_resources())
+        setup.clock.advance(60)
+        setup.wait_runs(i + 1, timeout=60)
+    took = time.monotonic() - t0
+    last = setup.job().last
+    assert last["state"] == "done", last
+    assert snapshots(setup.target)[-1] == snapshots(setup.fs)[-1]
+    (fd0, th0, rss0), (fd1, th1, rss1) = samples
+    print("soak: %d invocations in %.1f s; fds %d -> %d, threads %d -> %d, RSS %d -> %d KiB"
+          % (SOAK_INVOCATIONS, took, fd0, fd1, th0, th1, rss0, rss1))
+    assert fd1 <= fd0 + 2 and th1 <= th0 + 1, samples
+    assert rss1 < rss0 + 20 * 1024, samples          # no growth per invocation
+
+
+def test_sighup_reopens_file_outlets(setup, tmp_path):
+    log = tmp_path / "zrepl.log"
+    setup.push("{type: manual}")
+    text = setup.cfg.read_text().replace(
+        "global:\n", "global:\n  logging: [{type: file, path: %s, level: info, format: human}]\n" % q(log), 1)
+    setup.cfg.write_text(text)
+    dp = DaemonProc(setup.cfg, setup.rundir)
+    try:
+        wait_for(lambda: log.exists() and "daemon started" in log.read_text(), 30,
+                 "the first log line")
+        log.rename(tmp_path / "zrepl.log.1")            # what logrotate does
+        dp.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.exists() and "log files reopened" in log.read_text(), 30,
+                 "the reopened log file")
+    finally:
+        rc, took, out = dp.stop()
+    assert rc == 0 and "Traceback" not in out, out
+    assert "daemon stopped" in log.read_text()

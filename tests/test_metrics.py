@@ -179,3 +179,44 @@ def test_once_writes_the_textfile_from_every_jobs_last_report(pools, tmp_path):
             assert cp.returncode == 0 and "prometheus_textfile" in cp.stderr, cp.stderr
     finally:
         prom.parent.chmod(0o755)
+
+
+def test_the_daemon_serves_metrics_over_http_and_writes_the_textfile(pools, tmp_path):
+    from urllib.request import urlopen
+    from conftest import free_port
+    from test_daemon import DaemonProc
+    src, dst = pools.src + "/promd", pools.dst + "/promd"
+    make_tree(src, ["a"])
+    make_tree(dst, [])
+    snap(src + "/a", "s1")
+    port = free_port()
+    prom = tmp_path / "zrepl.prom"
+    cfg = tmp_path / "zrepl.yml"
+    cfg.write_text(
+        "global:\n  rundir: %s\n  monitoring: [{type: prometheus, listen: \"127.0.0.1:%d\"},"
+        " {type: prometheus_textfile, path: %s}]\n"
+        "jobs:\n  - name: sink\n    type: sink\n    root_fs: %s\n"
+        "    serve: {type: local, listener_name: l}\n"
+        "  - name: push\n    type: push\n    connect: {type: local, listener_name: l, "
+        "client_identity: me}\n    filesystems: {\"%s/a\": true}\n    snapshotting: {type: manual}\n"
+        "    pruning: {keep_sender: [{type: regex, regex: '.*'}], keep_receiver: "
+        "[{type: regex, regex: '.*'}]}\n" % (tmp_path / "run", port, prom, dst, src))
+    dp = DaemonProc(cfg, tmp_path / "run")
+    try:
+        samples, types = parse(urlopen("http://127.0.0.1:%d/metrics" % port, timeout=30)
+                               .read().decode())
+        assert value(samples, "zrepl_start_time", raw=zrepl.VERSION) > 0
+        cp = run_cli("signal", "wakeup", "push", "--wait", config=cfg)
+        assert cp.returncode == 0, cp.stderr
+        samples, types = parse(urlopen("http://127.0.0.1:%d/metrics" % port, timeout=30)
+                               .read().decode())
+        assert types["zrepl_replication_bytes_replicated"] == "counter"
+        assert value(samples, "zrepl_replication_bytes_replicated", zrepl_job="push",
+                     filesystem=src + "/a") > 0
+        assert value(samples, "zrepl_replication_filesystem_errors", zrepl_job="push") == 0
+        assert value(samples, "zrepl_job_last_exit_code", zrepl_job="push") == 0
+        written, _ = parse(prom.read_text())      # after the invocation, from the daemon
+        assert value(written, "zrepl_job_last_exit_code", zrepl_job="push") == 0
+    finally:
+        rc, took, out = dp.stop()
+    assert rc == 0 and "Traceback" not in out, out

@@ -230,3 +230,30 @@ def test_edge_checker_catches_what_it_should():
         "line 11: datetime.datetime.now", "line 12: time.monotonic",
         "line 13: time.gmtime() without a time argument",
     ]
+
+
+def _readme_block(lang, must_contain):
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```%s\n(.*?)```" % re.escape(lang), text, re.S)
+    found = [b for b in blocks if must_contain in b]
+    assert len(found) == 1, "README.md: one ```%s block with %r" % (lang, must_contain)
+    return found[0]
+
+
+def test_the_service_files_in_the_readme_are_well_formed(tmp_path):
+    """The shape has no room for a contrib/ directory: the systemd unit, the FreeBSD rc.d
+    script and the illumos SMF manifest live in README.md, and each must be usable as is."""
+    import configparser
+    import xml.etree.ElementTree as ET
+    unit = configparser.ConfigParser(interpolation=None, strict=True)
+    unit.optionxform = str
+    unit.read_string(_readme_block("ini", "[Service]"))
+    assert unit["Service"]["ExecStart"].endswith(" daemon")
+    assert unit["Service"]["KillMode"] == "mixed" and "HUP" in unit["Service"]["ExecReload"]
+    rc = tmp_path / "zrepl_py"
+    rc.write_text(_readme_block("sh", "run_rc_command"))
+    assert subprocess.run(["sh", "-n", str(rc)]).returncode == 0
+    assert 'sig_reload="HUP"' in rc.read_text() and " daemon\"" in rc.read_text()
+    manifest = ET.fromstring(_readme_block("xml", "service_bundle").split("\n", 2)[2])
+    methods = {m.get("name"): m.get("exec") for m in manifest.iter("exec_method")}
+    assert methods["start"].endswith(" daemon &") and methods["refresh"] == ":kill -HUP"
