@@ -802,6 +802,52 @@ def atomic_write(path, data, mode=0o644):
         raise
 
 
+class Record:
+    """A report part (SPEC §1.6.2) as a dataclass: to_json() is its document, from_json()
+    reads one back (rundir/last, the daemon's status, a peer's answer). `_parts` names the
+    fields that hold nested parts (a list field: a list of them); `_optional` the fields
+    left out of the document while None. Unknown keys are ignored, missing ones default."""
+
+    _parts = {}
+    _optional = ()
+
+    def to_json(self):
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.name in self._optional:
+                continue
+            out[f.name] = [x.to_json() if isinstance(x, Record) else x for x in v] \
+                if isinstance(v, list) else v.to_json() if isinstance(v, Record) else v
+        return out
+
+    @classmethod
+    def from_json(cls, doc):
+        """A document -> the record (None stays None); ValueError if it is not one."""
+        if doc is None:
+            return None
+        if not isinstance(doc, dict):
+            raise ValueError(f"a {cls.__name__} must be an object, not {type(doc).__name__}")
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in doc:
+                continue
+            v, part = doc[f.name], cls._parts.get(f.name)
+            if part is not None and v is not None:
+                v = [part.from_json(x) for x in v] if isinstance(v, list) else \
+                    part.from_json(v)
+            kw[f.name] = v
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise ValueError(f"not a {cls.__name__}: {e}") from None
+
+    def update(self, **fields):
+        for name, value in fields.items():
+            setattr(self, name, value)
+        return self
+
+
 ###############################################################################
 # 3. Config — YAML-subset reader (nodes keep line/col), schema, typed config
 ###############################################################################
@@ -5300,7 +5346,7 @@ class LocalSender(Sender):
         report = self._snapshot_round(self.job, mode, dry_run)
         with self._lock:
             self._datasets = {}            # the round made snapshots: list again
-        return report
+        return report.to_json() if report is not None else None
 
 
 class LocalReceiver(Receiver):
@@ -7257,6 +7303,45 @@ def _progress_line(label, done, expected, rate):
     return f"{label}   {format_bytes(done)}   {rate_text}".rstrip()
 
 
+@dataclass
+class FsReplicationReport(Record):
+    """One filesystem of a replication phase; steps are their documents (Step.report)."""
+    fs: str
+    receiver_fs: Optional[str] = None
+    state: str = "pending"   # done uptodate stepping pending planned error conflict skipped cancelled
+    steps_total: int = 0
+    steps_done: int = 0
+    bytes_expected: Optional[int] = None
+    bytes_replicated: int = 0
+    steps: list = field(default_factory=list)
+    last_replicated: Optional[dict] = None      # {"name", "guid", "creation"}
+    lag_s: Optional[int] = None
+    conflict: Optional[dict] = None
+    error: Optional[dict] = None
+    error_count: int = 0
+
+
+@dataclass
+class ReplicationReport(Record):
+    """The `replication` part of a job report (SPEC §1.6.2)."""
+    state: str = "running"          # done | failed | skipped | cancelled | running
+    attempts: int = 0
+    started_at: Optional[str] = None
+    finished_at: Optional[str] = None
+    error: Optional[dict] = None
+    bytes_expected: Optional[int] = None
+    bytes_replicated: int = 0
+    filesystems: list = field(default_factory=list)
+    _parts = {"filesystems": FsReplicationReport}
+
+    def total(self):
+        """Sum the filesystems' bytes into the phase's (expected: only if all are known)."""
+        self.bytes_replicated = sum(f.bytes_replicated for f in self.filesystems)
+        exp = [f.bytes_expected for f in self.filesystems]
+        self.bytes_expected = sum(exp) if exp and None not in exp else None
+        return self
+
+
 class Replication:
     """One replication phase of an active job between a sender and a receiver endpoint."""
 
@@ -7276,9 +7361,9 @@ class Replication:
         self.policy = Policy(job.initial_replication or "most_recent", r.protection_initial,
                              r.protection_incremental, r.batch_incrementals,
                              sends_raw=bool(s.encrypted or s.raw))
-        prev = ((prev_report or {}).get("replication") or {}).get("filesystems") or []
-        self.prev_errors = {f.get("fs"): f.get("error_count", 0) for f in prev
-                            if isinstance(f, dict)}
+        prev = prev_report.replication.filesystems if prev_report and \
+            prev_report.replication else []
+        self.prev_errors = {f.fs: f.error_count for f in prev}
         self.fs = {}
         self.cond = threading.Condition()
         self.sender_versions = {}
@@ -7294,14 +7379,12 @@ class Replication:
     def run(self):
         started = time.time()
         self.started_at = rfc3339(started)
-        report = {"state": "running", "attempts": 0, "started_at": self.started_at,
-                  "finished_at": None, "error": None, "bytes_expected": None,
-                  "bytes_replicated": 0, "filesystems": []}
+        report = ReplicationReport(started_at=self.started_at)
         phase_error = None
         for attempt in range(1, self.max_attempts + 1):
             if self.control.should_stop():
                 break
-            report["attempts"] = self.attempt = attempt
+            report.attempts = self.attempt = attempt
             try:
                 fatal = self._attempt()
             except ZreplError as e:
@@ -7320,20 +7403,18 @@ class Replication:
                 f.state = "cancelled" if self.control.should_stop() else "error"
                 if f.state == "error" and f.error is None and phase_error is not None:
                     f.error = error_json(phase_error, f.path)
-        report["finished_at"] = rfc3339(time.time())
-        report["filesystems"] = [self._fs_report(self.fs[p]) for p in sorted(self.fs)]
-        report["bytes_replicated"] = sum(f["bytes_replicated"] for f in report["filesystems"])
-        exp = [f["bytes_expected"] for f in report["filesystems"]]
-        report["bytes_expected"] = sum(exp) if exp and all(e is not None for e in exp) else None
+        report.finished_at = rfc3339(time.time())
+        report.filesystems = [self._fs_report(self.fs[p]) for p in sorted(self.fs)]
+        report.total()
         states = {f.state for f in self.fs.values()}
         if phase_error is not None:
-            report["error"] = error_json(phase_error)
+            report.error = error_json(phase_error)
         if self.control.should_stop() and states & {"cancelled", "pending"}:
-            report["state"] = "cancelled"
+            report.state = "cancelled"
         elif phase_error is not None or states & {"error", "conflict"}:
-            report["state"] = "failed"
+            report.state = "failed"
         else:
-            report["state"] = "done"
+            report.state = "done"
         return report
 
     def live(self):
@@ -7345,14 +7426,10 @@ class Replication:
             entry = self._fs_report(f)
             run = f.running
             if run is not None:
-                entry["bytes_replicated"] += run.bytes
+                entry.bytes_replicated += run.bytes
             fs.append(entry)
-        exp = [f["bytes_expected"] for f in fs]
-        return {"state": "running", "attempts": self.attempt, "started_at": self.started_at,
-                "finished_at": None, "error": None,
-                "bytes_expected": sum(exp) if exp and None not in exp else None,
-                "bytes_replicated": sum(f["bytes_replicated"] for f in fs),
-                "filesystems": fs}
+        return ReplicationReport(attempts=self.attempt, started_at=self.started_at,
+                                 filesystems=fs).total()
 
     def _attempt(self):
         """List both sides, plan every unfinished filesystem, run the steps; returns the
@@ -7683,15 +7760,14 @@ class Replication:
             newest = max(common, key=lambda v: v.createtxg)
             last = {"name": newest.name, "guid": str(newest.guid),
                     "creation": rfc3339(newest.creation)}
-        return {"fs": f.path, "receiver_fs": f.receiver_fs, "state": f.state,
-                "steps_total": len(f.steps), "steps_done": f.done,
-                "bytes_expected": sum(e) if e and None not in e else None,
-                "bytes_replicated": f.bytes, "steps": steps,
-                "last_replicated": last,
-                "lag_s": int(time.time() - max(common, key=lambda v: v.createtxg).creation)
-                if common else None,
-                "conflict": f.conflict.to_json() if f.conflict else None,
-                "error": f.error, "error_count": f.error_count if f.error else 0}
+        return FsReplicationReport(
+            f.path, f.receiver_fs, f.state, steps_total=len(f.steps), steps_done=f.done,
+            bytes_expected=sum(e) if e and None not in e else None, bytes_replicated=f.bytes,
+            steps=steps, last_replicated=last,
+            lag_s=int(time.time() - max(common, key=lambda v: v.createtxg).creation)
+            if common else None,
+            conflict=f.conflict.to_json() if f.conflict else None, error=f.error,
+            error_count=f.error_count if f.error else 0)
 
 def heal(job, sender, receiver, zfs, path, snapshot, log, *, dry_run=False):
     """Repair this host's copy of one filesystem from the other side's (SPEC §12 heal):
@@ -7992,6 +8068,26 @@ def run_hook(hook, edge, fs, snapname, log, hooks):
     return entry
 
 
+@dataclass
+class SnapshotFsReport(Record):
+    """One filesystem of a snapshot round; hooks are their run records (run_hook)."""
+    fs: str
+    state: str = "not_due"          # taken | not_due | skipped | failed | planned
+    snapshot: Optional[str] = None
+    error: Optional[dict] = None
+    hooks: list = field(default_factory=list)
+
+
+@dataclass
+class SnapshotRoundReport(Record):
+    """The `snapshotting` part of a job report (SPEC §1.6.2)."""
+    type: str = "manual"
+    mode: str = "due"
+    name: Optional[str] = None
+    filesystems: list = field(default_factory=list)
+    _parts = {"filesystems": SnapshotFsReport}
+
+
 class Snapper:
     """One snapshot round of a job (SPEC §6): due-ness, hooks, atomic groups, report."""
 
@@ -8004,9 +8100,9 @@ class Snapper:
         self.hooks = hooks if hooks is not None else HookState()
 
     def run(self, mode, now, dry_run=False):
-        """mode due|always|never -> the `snapshotting` part of the job report."""
+        """mode due|always|never -> the SnapshotRoundReport."""
         cfg = self.cfg
-        report = {"type": cfg.type, "mode": mode, "name": None, "filesystems": []}
+        report = SnapshotRoundReport(cfg.type, mode)
         if mode == "never":
             return report
         if cfg.type == "manual":
@@ -8020,22 +8116,20 @@ class Snapper:
         due, entries = [], {}
         for name in sorted(accepted):
             newest = newest_prefixed(accepted[name], cfg.prefix)
-            entry = {"fs": name, "state": "not_due", "snapshot": None, "error": None,
-                     "hooks": []}
-            entries[name] = entry
+            entries[name] = SnapshotFsReport(name)
             if mode == "always" or snapshot_due(cfg, newest and newest.creation, now, zone):
                 due.append(name)
-        report["filesystems"] = [entries[n] for n in sorted(entries)]
+        report.filesystems = [entries[n] for n in sorted(entries)]
         if not due:
             return report
         snapname = snapshot_name(cfg, zone, now)
-        report["name"] = snapname
+        report.name = snapname
         if dry_run:
             for name in due:
                 entries[name].update(state="planned", snapshot=f"{name}@{snapname}")
             return report
         ran_pre = self._pre_hooks(due, snapname, entries)
-        ready = [n for n in due if entries[n]["state"] != "skipped"]
+        ready = [n for n in due if entries[n].state != "skipped"]
         results = self._take(ready, snapname, sorted(listed))
         for name in ready:
             err = results.get(name)
@@ -8052,8 +8146,8 @@ class Snapper:
                          fs=name)
         for name in due:
             for hook in reversed(ran_pre.get(name, [])):
-                entries[name]["hooks"].append(run_hook(hook, "post", name, snapname, self.log,
-                                                        self.hooks))
+                entries[name].hooks.append(run_hook(hook, "post", name, snapname, self.log,
+                                                     self.hooks))
         return report
 
     def _pre_hooks(self, due, snapname, entries):
@@ -8070,7 +8164,7 @@ class Snapper:
                 if not filter_accepts(hook.filesystems, name):
                     continue
                 entry = run_hook(hook, "pre", name, snapname, self.log, self.hooks)
-                entries[name]["hooks"].append(entry)
+                entries[name].hooks.append(entry)
                 if entry["error"] is None:
                     ran[name].append(hook)
                     continue
@@ -8114,13 +8208,41 @@ class Snapper:
 
 def round_failed(snap_report):
     """A round fails if any snapshot or any hook failed, fatal or not (as zrepl)."""
-    return any(f["state"] == "failed" or
-               (f["state"] == "skipped" and (f["error"] or {}).get("kind") != "cancelled") or
-               any(h["error"] for h in f["hooks"]) for f in snap_report["filesystems"])
+    return any(f.state == "failed" or
+               (f.state == "skipped" and (f.error or {}).get("kind") != "cancelled") or
+               any(h["error"] for h in f.hooks) for f in snap_report.filesystems)
 
 
 # Destroy errors that mean "something else keeps it", not "the pruner failed" (SPEC §7.6).
 _KEPT_BY_OTHERS = {"held": "held", "busy": "held", "has-clones": "has dependent clones"}
+
+
+@dataclass
+class PruneFsReport(Record):
+    """One filesystem of a prune side; decisions (KEEP/DESTROY with reasons) only in
+    dry-run and `prune --json`."""
+    fs: str
+    state: str = "done"             # done | error | skipped
+    skip_reason: Optional[str] = None
+    snapshots: int = 0
+    planned_destroy: list = field(default_factory=list)
+    destroyed: list = field(default_factory=list)
+    kept_held: list = field(default_factory=list)
+    errors: list = field(default_factory=list)      # [{"snapshot", "error"}]
+    error_count: int = 0
+    decisions: Optional[list] = None
+    _optional = ("decisions",)
+
+
+@dataclass
+class PruneReport(Record):
+    """The PruneReport of one side (SPEC §1.6.2)."""
+    side: str
+    state: str = "done"             # done | failed | skipped
+    dry_run: bool = False
+    error: Optional[dict] = None
+    filesystems: list = field(default_factory=list)
+    _parts = {"filesystems": PruneFsReport}
 
 
 class Pruner:
@@ -8141,35 +8263,31 @@ class Pruner:
         """datasets: {fs: Dataset} to prune -> the PruneReport of SPEC §1.6.2."""
         cursors = cursors or {}
         error_counts = error_counts or {}
-        report = {"side": self.side, "state": "done", "dry_run": dry_run, "error": None,
-                  "filesystems": []}
+        report = PruneReport(self.side, dry_run=dry_run)
         order = sorted(datasets, key=lambda n: (error_counts.get(n, 0), n))
         for name in order:
             entry = self._prune_fs(name, datasets[name], cursors.get(name),
                                    error_counts.get(name, 0), dry_run, explain)
-            report["filesystems"].append(entry)
-            if entry["state"] == "error":
-                report["state"] = "failed"
-        report["filesystems"].sort(key=lambda e: e["fs"])
+            report.filesystems.append(entry)
+            if entry.state == "error":
+                report.state = "failed"
+        report.filesystems.sort(key=lambda e: e.fs)
         return report
 
     def _prune_fs(self, key, ds, cursor, errors_before, dry_run, explain):
         decisions = decide_prune(ds.snapshots, self.rules, side=self.side, cursor=cursor)
-        entry = {"fs": key, "state": "done", "skip_reason": None,
-                 "snapshots": len(decisions),
-                 "planned_destroy": [d.snapshot.name for d in decisions
-                                     if d.action == "destroy"],
-                 "destroyed": [], "kept_held": [d.snapshot.name for d in decisions
-                                                if d.action == "keep" and d.snapshot.userrefs],
-                 "errors": [], "error_count": 0}
+        entry = PruneFsReport(
+            key, snapshots=len(decisions),
+            planned_destroy=[d.snapshot.name for d in decisions if d.action == "destroy"],
+            kept_held=[d.snapshot.name for d in decisions
+                       if d.action == "keep" and d.snapshot.userrefs])
         if self.should_stop():
             entry.update(state="skipped", skip_reason="the run was stopped before this "
-                                                      "filesystem")
-            entry["error_count"] = errors_before
-        elif entry["planned_destroy"] and not dry_run:
+                                                      "filesystem", error_count=errors_before)
+        elif entry.planned_destroy and not dry_run:
             self._destroy(key, ds, entry, decisions, errors_before)
         if explain or dry_run:
-            entry["decisions"] = [d.to_json() for d in decisions]
+            entry.decisions = [d.to_json() for d in decisions]
         return entry
 
     def _destroy(self, key, ds, entry, decisions, errors_before):
@@ -8181,33 +8299,32 @@ class Pruner:
         by_name = {d.snapshot.name: d for d in decisions}
         try:
             results = self.destroy(key, ds, [(n, by_name[n].snapshot.guid)
-                                             for n in entry["planned_destroy"]], should_stop)
+                                             for n in entry.planned_destroy], should_stop)
         except ZreplError as e:
             entry.update(state="error", error_count=errors_before + 1)
-            entry["errors"].append({"snapshot": None, "error": error_json(e, key)})
+            entry.errors.append({"snapshot": None, "error": error_json(e, key)})
             self.log("error", "pruning", f"cannot prune {key}: {e}", fs=key,
                      prune_side=self.side)
             return
-        for name in entry["planned_destroy"]:
+        for name in entry.planned_destroy:
             if name not in results:
                 continue
             err = results[name]
             if err is None:
-                entry["destroyed"].append(name)
+                entry.destroyed.append(name)
             elif err.kind in _KEPT_BY_OTHERS:
                 # a hold or clone appeared since the listing: kept, not an error
                 d = by_name[name]
                 d.action, d.reasons = "keep", [f"{_KEPT_BY_OTHERS[err.kind]} "
                                                f"(destroy refused: {err.message})"]
                 if err.kind in ("held", "busy"):
-                    entry["kept_held"].append(name)
+                    entry.kept_held.append(name)
             else:
-                entry["errors"].append({"snapshot": name, "error": error_json(err, key)})
+                entry.errors.append({"snapshot": name, "error": error_json(err, key)})
                 self.log("error", "pruning", f"cannot destroy {ds.name}@{name}: {err}", fs=key,
                          prune_side=self.side)
-        if entry["errors"]:
-            entry["state"] = "error"
-            entry["error_count"] = errors_before + 1
+        if entry.errors:
+            entry.update(state="error", error_count=errors_before + 1)
 
 
 ###############################################################################
@@ -8387,12 +8504,43 @@ def combine_exit_codes(codes):
     return next((c for c in EXIT_PRECEDENCE if c in codes), 0)
 
 
+@dataclass
+class Pruning(Record):
+    sender: Optional[PruneReport] = None
+    receiver: Optional[PruneReport] = None
+    local: Optional[PruneReport] = None
+    _parts = {"sender": PruneReport, "receiver": PruneReport, "local": PruneReport}
+
+
+@dataclass
+class JobReport(Record):
+    """One invocation of a job (SPEC §1.6.2): what `once --json`, `status`, rundir/last,
+    the metrics and `monitor` all read."""
+    job: str
+    type: str
+    schema: str = "zrepl.py/job-report/1"
+    state: str = "running"          # running | done | failed | interrupted | timed_out | locked
+    exit_code: Optional[int] = None
+    dry_run: bool = False
+    started_at: Optional[str] = None
+    finished_at: Optional[str] = None
+    version: str = VERSION
+    snapshotting: Optional[SnapshotRoundReport] = None
+    replication: Optional[ReplicationReport] = None
+    pruning: Pruning = field(default_factory=Pruning)
+    errors: list = field(default_factory=list)      # [Error]
+    _parts = {"snapshotting": SnapshotRoundReport, "replication": ReplicationReport,
+              "pruning": Pruning}
+
+    def to_json(self):
+        doc = super().to_json()     # the document's key order of SPEC §1.6.2
+        return {k: doc[k] for k in ("schema", "job", "type", "state", "exit_code", "dry_run",
+                                    "started_at", "finished_at", "version", "snapshotting",
+                                    "replication", "pruning", "errors")}
+
+
 def new_job_report(job, dry_run, started_at):
-    return {"schema": "zrepl.py/job-report/1", "job": job.name, "type": job.type,
-            "state": "running", "exit_code": None, "dry_run": dry_run,
-            "started_at": rfc3339(started_at), "finished_at": None, "version": VERSION,
-            "snapshotting": None, "replication": None,
-            "pruning": {"sender": None, "receiver": None, "local": None}, "errors": []}
+    return JobReport(job.name, job.type, dry_run=dry_run, started_at=rfc3339(started_at))
 
 
 def last_report_path(rundir, job_name):
@@ -8400,20 +8548,19 @@ def last_report_path(rundir, job_name):
 
 
 def load_last_report(rundir, job_name):
-    """The job's last report, or None if there is none or it cannot be read."""
+    """The job's last JobReport, or None if there is none or it cannot be read."""
     try:
         with open(last_report_path(rundir, job_name), "r", encoding="utf-8") as f:
-            doc = json.load(f)
-        return doc if isinstance(doc, dict) and doc.get("job") == job_name else None
-    except (OSError, ValueError):
+            report = JobReport.from_json(json.load(f))
+        return report if report.job == job_name else None
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
 
 
 def prune_error_counts(report, side):
     """fs -> consecutive prune failures, carried from the last report (SPEC §7.6)."""
-    part = ((report or {}).get("pruning") or {}).get(side) or {}
-    return {f["fs"]: f.get("error_count", 0) for f in part.get("filesystems", [])
-            if isinstance(f, dict) and "fs" in f}
+    part = getattr(report.pruning, side) if report else None
+    return {f.fs: f.error_count for f in part.filesystems} if part else {}
 
 
 def finish_job_report(report, control, failed):
@@ -8425,10 +8572,8 @@ def finish_job_report(report, control, failed):
         state = "timed_out"
     else:
         state = "done"
-    report["state"] = state
-    report["exit_code"] = JOB_EXIT_CODES[state]
-    report["finished_at"] = rfc3339(time.time())
-    return report
+    return report.update(state=state, exit_code=JOB_EXIT_CODES[state],
+                         finished_at=rfc3339(time.time()))
 
 
 class JobRunner:
@@ -8454,10 +8599,7 @@ class JobRunner:
         report, repl = self.current, self.replication
         if report is None:
             return None
-        doc = dict(report)
-        if repl is not None:
-            doc["replication"] = repl.live()
-        return doc
+        return dataclasses.replace(report, replication=repl.live()) if repl else report
 
     def invoke(self, job, mode, dry_run, progress=None):
         """One invocation: lock -> snapshot round -> replicate -> prune the sender -> prune
@@ -8483,9 +8625,8 @@ class JobRunner:
         except LockHeld as e:
             self.log("error", "job", str(e))
             report = new_job_report(job, dry_run, time.time())
-            report.update(state="locked", exit_code=3, finished_at=report["started_at"],
-                          errors=[error_json(e)])
-            return report
+            return report.update(state="locked", exit_code=3, finished_at=report.started_at,
+                                 errors=[error_json(e)])
         try:
             if job.type == "snap":
                 report = self.run_snap_job(job, mode, dry_run)
@@ -8493,7 +8634,7 @@ class JobRunner:
                 report = self.run_active_job(job, mode, dry_run, progress)
             if not dry_run:
                 atomic_write(last_report_path(self.rundir, job.name),
-                             json.dumps(report, indent=1) + "\n", mode=0o600)
+                             json.dumps(report.to_json(), indent=1) + "\n", mode=0o600)
             return report
         finally:
             if lock:
@@ -8539,24 +8680,23 @@ class JobRunner:
         try:
             datasets = self.local_prune_datasets(job)
         except ZreplError as e:
-            return {"side": side, "state": "failed", "dry_run": dry_run,
-                    "error": error_json(e), "filesystems": []}
+            return PruneReport(side, "failed", dry_run, error_json(e))
         pruner = Pruner(self.destroy_local, side, job.keep, self.log,
                         self.control.should_stop)
         return pruner.run(datasets, error_counts=prune_error_counts(prev, side),
                           dry_run=dry_run, explain=explain)
 
     def snapshot_phase(self, job, report, mode, now, dry_run):
-        """The snapshot round of `job` into report["snapshotting"] -> did it fail?"""
+        """The snapshot round of `job` into report.snapshotting -> did it fail?"""
         if self.control.should_stop():
             return False
         try:
             snap = Snapper(self.zfs, job, self.log, self.control.should_stop,
                            self.control.hooks)
-            report["snapshotting"] = snap.run(mode, now, dry_run)
-            return round_failed(report["snapshotting"])
+            report.snapshotting = snap.run(mode, now, dry_run)
+            return round_failed(report.snapshotting)
         except ZreplError as e:
-            report["errors"].append(error_json(e))
+            report.errors.append(error_json(e))
             self.log("error", "snapshot", str(e), job=job.name)
             return True
 
@@ -8571,7 +8711,7 @@ class JobRunner:
                                        None if dry_run else self.rundir,
                                        snapshot_round=self.snapshot_round)
         except ZreplError as e:
-            report["errors"].append(error_json(e))
+            report.errors.append(error_json(e))
             self.log("error", "job", str(e), job=job.name)
             return finish_job_report(report, self.control, True)
         try:
@@ -8598,12 +8738,16 @@ class JobRunner:
                 failed = self.snapshot_phase(job, report, mode, started, dry_run)
         elif not self.control.should_stop():
             try:
-                part = sender.snapshot_round(mode, dry_run)
+                part = SnapshotRoundReport.from_json(sender.snapshot_round(mode, dry_run))
                 if part is not None:
-                    report["snapshotting"] = part
+                    report.snapshotting = part
                     failed = round_failed(part)
+            except ValueError as e:
+                report.errors.append(error_json(ProtocolError(f"the source's snapshot round "
+                                                              f"report: {e}")))
+                failed = True
             except ZreplError as e:
-                report["errors"].append(error_json(e))
+                report.errors.append(error_json(e))
                 self.log("error", "snapshot", f"the source's snapshot round: {e}",
                          job=job.name)
                 failed = True
@@ -8611,21 +8755,21 @@ class JobRunner:
             repl = self.replication = Replication(
                 job, sender, receiver, self.log, self.control, dry_run=dry_run,
                 progress=progress, prev_report=prev, max_attempts=self.max_attempts)
-            report["replication"] = repl.run()
+            report.replication = repl.run()
             self.replication = None
-            if report["replication"]["state"] == "failed":
+            if report.replication.state == "failed":
                 failed = True
-                if report["replication"]["error"]:
-                    report["errors"].append(report["replication"]["error"])
+                if report.replication.error:
+                    report.errors.append(report.replication.error)
         for side in ("sender", "receiver"):
             if self.control.should_stop():
                 break
             part = self.prune_side(job, side, sender, receiver, prev, dry_run)
-            report["pruning"][side] = part
-            if part["state"] == "failed":
+            setattr(report.pruning, side, part)
+            if part.state == "failed":
                 failed = True
-                if part["error"]:
-                    report["errors"].append(part["error"])
+                if part.error:
+                    report.errors.append(part.error)
         return finish_job_report(report, self.control, failed)
 
     def prune_side(self, job, side, sender, receiver, prev, dry_run, explain=False):
@@ -8655,18 +8799,15 @@ class JobRunner:
                     return receiver.destroy_snapshots(key, snaps)
         except ZreplError as e:
             self.log("error", "pruning", f"cannot prune the {side}: {e}", prune_side=side)
-            return {"side": side, "state": "failed", "dry_run": dry_run,
-                    "error": error_json(e), "filesystems": []}
+            return PruneReport(side, "failed", dry_run, error_json(e))
         pruner = Pruner(destroy, side, rules, self.log, self.control.should_stop)
         part = pruner.run(datasets, cursors=cursors, error_counts=prune_error_counts(prev, side),
                           dry_run=dry_run, explain=explain)
         if side == "receiver":
-            part["filesystems"] += [
-                {"fs": p, "state": "skipped", "skip_reason": "no corresponding sender "
-                 "filesystem", "snapshots": len(mine[p].snapshots), "planned_destroy": [],
-                 "destroyed": [], "kept_held": [], "errors": [], "error_count": 0}
-                for p in orphans]
-            part["filesystems"].sort(key=lambda e: e["fs"])
+            part.filesystems += [
+                PruneFsReport(p, "skipped", "no corresponding sender filesystem",
+                              len(mine[p].snapshots)) for p in orphans]
+            part.filesystems.sort(key=lambda e: e.fs)
         return part
 
     def run_snap_job(self, job, mode, dry_run):
@@ -8675,13 +8816,12 @@ class JobRunner:
         prev = load_last_report(self.rundir, job.name)
         failed = self.snapshot_phase(job, report, mode, started, dry_run)
         if not self.control.should_stop():
-            part = self.prune_local(job, prev, dry_run)
-            report["pruning"]["local"] = part
-            if part["state"] == "failed":
+            part = report.pruning.local = self.prune_local(job, prev, dry_run)
+            if part.state == "failed":
                 failed = True
-                if part["error"]:
-                    report["errors"].append(part["error"])
-                    self.log("error", "pruning", part["error"]["message"])
+                if part.error:
+                    report.errors.append(part.error)
+                    self.log("error", "pruning", part.error["message"])
         return finish_job_report(report, self.control, failed)
 
 
@@ -8713,7 +8853,7 @@ class Waiter:
 
     @property
     def exit_code(self):
-        return self.report["exit_code"] if self.report else 130
+        return self.report.exit_code if self.report else 130
 
 
 class JobThread:
@@ -8818,8 +8958,8 @@ class JobThread:
                 mode = "due" if job.type == "pull" else \
                     "always" if scheduled and periodic else "never"
                 report = runner.invoke(job, mode, False)
-                if scheduled and report.get("snapshotting") and job.type != "pull":
-                    report["snapshotting"]["mode"] = "schedule"
+                if scheduled and report.snapshotting and job.type != "pull":
+                    report.snapshotting.mode = "schedule"
         except Exception as e:     # a bug ends this invocation, never the job's thread
             d.log("error", "job", f"internal error: {e!r}; the job goes on with its "
                                   "schedule")
@@ -8841,8 +8981,8 @@ class JobThread:
         with self.daemon.log.tagged(invocation=next(runner.invocation_ids)):
             failed = runner.snapshot_phase(job, report, "always", started, False)
         runner.current = None
-        if report["snapshotting"]:
-            report["snapshotting"]["mode"] = "schedule"
+        if report.snapshotting:
+            report.snapshotting.mode = "schedule"
         return finish_job_report(report, runner.control, failed)
 
 
@@ -8981,21 +9121,21 @@ class Daemon:
         jobs = {}
         for name, t in self.jobs.items():
             runner = t.runner
+            current = runner.live_report() if runner else None
             jobs[name] = {"type": t.job.type, "state": t.state,
                           "next_run_at": rfc3339(t.next_run_at) if t.next_run_at else None,
-                          "current": runner.live_report() if runner else None,
-                          "last": t.last}
+                          "current": current.to_json() if current else None,
+                          "last": t.last.to_json() if t.last else None}
         return {"schema": "zrepl.py/status/1", "source": "daemon",
                 "daemon": {"pid": os.getpid(), "started_at": rfc3339(self.started_at),
                            "version": VERSION}, "jobs": jobs}
 
     def reported(self, job, report):
-        repl = report.get("replication") or {}
         with self._lock:
-            for f in repl.get("filesystems") or ():
-                key = (job.name, f["fs"])
+            for f in report.replication.filesystems if report.replication else ():
+                key = (job.name, f.fs)
                 self.bytes_replicated[key] = self.bytes_replicated.get(key, 0) + \
-                    f.get("bytes_replicated", 0)
+                    f.bytes_replicated
         if self.on_report is not None:
             try:
                 self.on_report(job, report)
@@ -9383,46 +9523,45 @@ def _fs_rows(rows):
 
 
 def render_prune_line(label, part):
-    files = part.get("filesystems", [])
-    planned = sum(len(f["planned_destroy"]) for f in files)
-    destroyed = sum(len(f["destroyed"]) for f in files)
-    held = sum(len(f["kept_held"]) for f in files)
-    errors = sum(len(f["errors"]) for f in files)
-    lines = [f"  {label}: {part['state']} destroyed={destroyed}/{planned} held={held} "
+    files = part.filesystems
+    planned = sum(len(f.planned_destroy) for f in files)
+    destroyed = sum(len(f.destroyed) for f in files)
+    held = sum(len(f.kept_held) for f in files)
+    errors = sum(len(f.errors) for f in files)
+    lines = [f"  {label}: {part.state} destroyed={destroyed}/{planned} held={held} "
              f"errors={errors}"]
-    rows = [(f["fs"], f"ERROR  {e['error']['class']}: {e['snapshot'] or '-'}: "
-                      f"{e['error']['message']}")
-            for f in files for e in f["errors"]]
-    if part.get("error"):
-        rows.append(("-", f"ERROR  {part['error']['class']}: {part['error']['message']}"))
+    rows = [(f.fs, f"ERROR  {e['error']['class']}: {e['snapshot'] or '-'}: "
+                   f"{e['error']['message']}")
+            for f in files for e in f.errors]
+    if part.error:
+        rows.append(("-", f"ERROR  {part.error['class']}: {part.error['message']}"))
     return lines + _fs_rows(rows)
 
 
 def render_replication(repl):
     """The `replication:` block of status (SPEC §1.5.4)."""
-    files = repl.get("filesystems", [])
-    count = lambda *states: sum(1 for f in files if f["state"] in states)  # noqa: E731
-    lines = [f"  replication: {repl['state']} attempts={repl['attempts']} fs={len(files)} "
+    files = repl.filesystems
+    count = lambda *states: sum(1 for f in files if f.state in states)  # noqa: E731
+    lines = [f"  replication: {repl.state} attempts={repl.attempts} fs={len(files)} "
              f"done={count('done')} uptodate={count('uptodate')} "
-             f"failed={count('error', 'conflict')} bytes={format_bytes(repl['bytes_replicated'])}"]
+             f"failed={count('error', 'conflict')} bytes={format_bytes(repl.bytes_replicated)}"]
     rows = []
     for f in files:
-        if f.get("conflict"):
-            c = f["conflict"]
-            rows.append((f["fs"], f"CONFLICT  {c['kind']}: {c['message']}"))
+        if f.conflict:
+            rows.append((f.fs, f"CONFLICT  {f.conflict['kind']}: {f.conflict['message']}"))
             continue
-        if f["state"] == "error" and f.get("error"):
-            rows.append((f["fs"], f"ERROR  {f['error']['class']}: {f['error']['message']}"))
+        if f.state == "error" and f.error:
+            rows.append((f.fs, f"ERROR  {f.error['class']}: {f.error['message']}"))
             continue
-        size = format_bytes(f["bytes_replicated"])
-        if f.get("bytes_expected"):
-            size += "/" + format_bytes(f["bytes_expected"])
-        row = f"{f['state'].upper()}  steps={f['steps_done']}/{f['steps_total']}  bytes={size}"
-        if f.get("last_replicated"):
-            row += f"  last=@{f['last_replicated']['name']}"
-        if f.get("lag_s") is not None:
-            row += f"  lag={format_duration(f['lag_s'])}"
-        rows.append((f["fs"], row))
+        size = format_bytes(f.bytes_replicated)
+        if f.bytes_expected:
+            size += "/" + format_bytes(f.bytes_expected)
+        row = f"{f.state.upper()}  steps={f.steps_done}/{f.steps_total}  bytes={size}"
+        if f.last_replicated:
+            row += f"  last=@{f.last_replicated['name']}"
+        if f.lag_s is not None:
+            row += f"  lag={format_duration(f.lag_s)}"
+        rows.append((f.fs, row))
     return lines + _fs_rows(rows)
 
 
@@ -9433,54 +9572,53 @@ def render_job_status(job_name, job_type, state, report, next_run_at=None):
              (f" next={next_run_at}" if next_run_at else "")]
     if report is None:
         return lines
-    if report.get("state") == "running":
-        lines.append(f"  current: {report['started_at']} running")
-    elif report.get("state") == "locked":
-        lines.append(f"  last: {report['started_at']} result=locked exit=3")
+    if report.state == "running":
+        lines.append(f"  current: {report.started_at} running")
+    elif report.state == "locked":
+        lines.append(f"  last: {report.started_at} result=locked exit=3")
         return lines
-    took = "-"
-    if report.get("finished_at"):
-        took = format_duration(_parse_time(report["finished_at"]) -
-                               _parse_time(report["started_at"]))
-    if report.get("state") != "running":
-        lines.append(f"  last: {report['started_at']} took={took} result={report['state']} "
-                     f"exit={report['exit_code']}")
-    snap = report.get("snapshotting")
+    else:
+        took = "-"
+        if report.finished_at:
+            took = format_duration(_parse_time(report.finished_at) -
+                                   _parse_time(report.started_at))
+        lines.append(f"  last: {report.started_at} took={took} result={report.state} "
+                     f"exit={report.exit_code}")
+    snap = report.snapshotting
     if snap is not None:
-        files = snap["filesystems"]
-        count = lambda *states: sum(1 for f in files if f["state"] in states)  # noqa: E731
-        lines.append(f"  snapshot: {snap['name'] or '-'} taken={count('taken', 'planned')} "
+        files = snap.filesystems
+        count = lambda *states: sum(1 for f in files if f.state in states)  # noqa: E731
+        lines.append(f"  snapshot: {snap.name or '-'} taken={count('taken', 'planned')} "
                      f"not-due={count('not_due')} failed={count('failed', 'skipped')}")
-        lines += _fs_rows([(f["fs"], f"ERROR  {f['error']['class']}: {f['error']['message']}")
-                           for f in files if f.get("error")])
-    repl = report.get("replication")
-    if repl is not None:
-        lines += render_replication(repl)
-    pruning = report.get("pruning") or {}
+        lines += _fs_rows([(f.fs, f"ERROR  {f.error['class']}: {f.error['message']}")
+                           for f in files if f.error])
+    if report.replication is not None:
+        lines += render_replication(report.replication)
+    pruning = report.pruning
     if job_type == "snap":
-        if pruning.get("local"):
-            lines += render_prune_line("prune", pruning["local"])
+        if pruning.local:
+            lines += render_prune_line("prune", pruning.local)
     else:
         for side in ("sender", "receiver"):
-            if pruning.get(side):
-                lines += render_prune_line(f"prune {side}", pruning[side])
+            if getattr(pruning, side):
+                lines += render_prune_line(f"prune {side}", getattr(pruning, side))
     return lines
 
 
 def render_prune_report(part, dry_run):
     """`prune` text output (SPEC §1.5.8)."""
     out = []
-    side = part["side"]
-    if part.get("error"):
-        out.append(f"- ({side}): ERROR {part['error']['class']}: {part['error']['message']}")
-    for f in sorted(part["filesystems"], key=lambda f: f["fs"]):
-        if f["state"] == "skipped":
-            out.append(f"{f['fs']} ({side}): skipped: {f['skip_reason']}")
+    side = part.side
+    if part.error:
+        out.append(f"- ({side}): ERROR {part.error['class']}: {part.error['message']}")
+    for f in sorted(part.filesystems, key=lambda f: f.fs):
+        if f.state == "skipped":
+            out.append(f"{f.fs} ({side}): skipped: {f.skip_reason}")
             continue
         if dry_run:
-            decisions = f.get("decisions", [])
+            decisions = f.decisions or []
             keep = sum(1 for d in decisions if d["action"] == "keep")
-            block = [f"{f['fs']} ({side}): {f['snapshots']} snapshots, keep {keep}, "
+            block = [f"{f.fs} ({side}): {f.snapshots} snapshots, keep {keep}, "
                      f"destroy {len(decisions) - keep}"]
             width = max((len(d["snapshot"]) for d in decisions), default=0)
             for d in decisions:
@@ -9488,13 +9626,13 @@ def render_prune_report(part, dry_run):
                              f"{'; '.join(d['reasons'])}")
             out.append("\n".join(block))
             continue
-        line = f"{f['fs']} ({side}): destroyed {len(f['destroyed'])} of {f['snapshots']} snapshots"
-        if f["kept_held"]:
-            line += f", kept held {len(f['kept_held'])}"
-        if f["errors"]:
-            line += f", errors {len(f['errors'])}"
+        line = f"{f.fs} ({side}): destroyed {len(f.destroyed)} of {f.snapshots} snapshots"
+        if f.kept_held:
+            line += f", kept held {len(f.kept_held)}"
+        if f.errors:
+            line += f", errors {len(f.errors)}"
         lines = [line] + [f"  ERROR {e['snapshot']}: {e['error']['class']}: "
-                          f"{e['error']['message']}" for e in f["errors"]]
+                          f"{e['error']['message']}" for e in f.errors]
         out.append("\n".join(lines))
     return ("\n\n" if dry_run else "\n").join(out) + ("\n" if out else "")
 
@@ -9519,26 +9657,25 @@ def update_metrics_state(state, report):
     """Carry what a report does not keep from one invocation to the next: when the job,
     and each filesystem, last replicated without error, and when each filesystem last got
     a snapshot -> the new state (plain data; the old one is not changed)."""
-    job = dict((state or {}).get(report["job"]) or {})
+    job = dict((state or {}).get(report.job) or {})
     fs_ok = dict(job.get("fs_success") or {})
     newest = dict(job.get("snapshot_newest") or {})
-    finished = _report_time(report.get("finished_at"))
-    started = _report_time(report.get("started_at"))
-    repl = report.get("replication") or {}
-    rows = [f for f in repl.get("filesystems") or [] if isinstance(f, dict)]
+    finished = _report_time(report.finished_at)
+    started = _report_time(report.started_at)
+    repl = report.replication
     if finished is not None and repl:
-        for f in rows:
-            if f.get("state") in ("done", "uptodate"):
-                fs_ok[f["fs"]] = finished
-        if repl.get("state") == "done" and not any(f.get("state") in ("error", "conflict")
-                                                   for f in rows):
+        for f in repl.filesystems:
+            if f.state in ("done", "uptodate"):
+                fs_ok[f.fs] = finished
+        if repl.state == "done" and not any(f.state in ("error", "conflict")
+                                            for f in repl.filesystems):
             job["last_successful"] = finished
-    for f in (report.get("snapshotting") or {}).get("filesystems") or []:
-        if isinstance(f, dict) and f.get("state") == "taken" and started is not None:
-            newest[f["fs"]] = started
+    for f in report.snapshotting.filesystems if report.snapshotting else ():
+        if f.state == "taken" and started is not None:
+            newest[f.fs] = started
     job.update(fs_success=fs_ok, snapshot_newest=newest)
     out = dict(state or {})
-    out[report["job"]] = job
+    out[report.job] = job
     return out
 
 
@@ -9558,32 +9695,32 @@ def render_metrics(config, reports, state, extra=()):
             continue
         jl = {"zrepl_job": job.name}
         mine = (state or {}).get(job.name) or {}
-        started = _report_time(report.get("started_at"))
-        finished = _report_time(report.get("finished_at"))
+        started = _report_time(report.started_at)
+        finished = _report_time(report.finished_at)
         if started is not None:
             put("zrepl_job_last_run_timestamp_seconds", "gauge", "start of the last "
                 "invocation", jl, started)
             if finished is not None:
                 put("zrepl_job_last_run_duration_seconds", "gauge", "duration of the last "
                     "invocation", jl, finished - started)
-        if report.get("exit_code") is not None:
+        if report.exit_code is not None:
             put("zrepl_job_last_exit_code", "gauge", "exit code of the last invocation (SPEC "
-                "§1.3)", jl, report["exit_code"])
-        repl = report.get("replication")
+                "§1.3)", jl, report.exit_code)
+        repl = report.replication
         if repl:
-            rows = [f for f in repl.get("filesystems") or [] if isinstance(f, dict)]
-            errors = sum(1 for f in rows if f.get("state") in ("error", "conflict"))
-            if repl.get("state") == "failed" and not rows:
+            rows = repl.filesystems
+            errors = sum(1 for f in rows if f.state in ("error", "conflict"))
+            if repl.state == "failed" and not rows:
                 errors = -1                             # listing or planning failed
             put("zrepl_replication_filesystem_errors", "gauge", "filesystems that failed in "
                 "the last invocation, -1 if listing or planning failed", jl, errors)
             for f in rows:
-                fl = dict(jl, filesystem=f["fs"])
-                if f.get("lag_s") is not None:
+                fl = dict(jl, filesystem=f.fs)
+                if f.lag_s is not None:
                     put("zrepl_replication_lag_seconds", "gauge", "age of the newest "
-                        "replicated snapshot at the last invocation", fl, f["lag_s"])
+                        "replicated snapshot at the last invocation", fl, f.lag_s)
                 put("zrepl_replication_last_bytes", "gauge", "bytes replicated in the last "
-                    "invocation", fl, f.get("bytes_replicated") or 0)
+                    "invocation", fl, f.bytes_replicated or 0)
         if mine.get("last_successful") is not None:
             put("zrepl_replication_last_successful", "gauge", "unix time of the last "
                 "invocation with no failed filesystem", jl, mine["last_successful"])
@@ -9593,16 +9730,17 @@ def render_metrics(config, reports, state, extra=()):
         for fs, t in sorted((mine.get("snapshot_newest") or {}).items()):
             put("zrepl_snapshot_newest_timestamp_seconds", "gauge", "when the job last took "
                 "a snapshot of the filesystem", dict(jl, filesystem=fs), t)
-        for side, part in sorted((report.get("pruning") or {}).items()):
+        for side in ("local", "receiver", "sender"):
+            part = getattr(report.pruning, side)
             if not part:
                 continue
             pl = dict(jl, prune_side=side)
-            rows = [f for f in part.get("filesystems") or [] if isinstance(f, dict)]
+            rows = part.filesystems
             put("zrepl_pruning_destroyed_last", "gauge", "snapshots destroyed in the last "
-                "invocation", pl, sum(len(f.get("destroyed") or []) for f in rows))
+                "invocation", pl, sum(len(f.destroyed) for f in rows))
             put("zrepl_pruning_errors", "gauge", "filesystems that failed pruning in the last "
-                "invocation", pl, sum(1 for f in rows if f.get("state") == "error")
-                + (1 if part.get("state") == "failed" and not rows else 0))
+                "invocation", pl, sum(1 for f in rows if f.state == "error")
+                + (1 if part.state == "failed" and not rows else 0))
     for name, kind, text, samples in extra:
         for labels, value in samples:
             put(name, kind, text, labels, value)
@@ -9724,7 +9862,7 @@ def control_routes(daemon):
         if waiter is not None and status == 200:
             waiter.event.wait()
             doc = dict(doc, exit_code=waiter.exit_code,
-                       state=waiter.report["state"] if waiter.report else "interrupted")
+                       state=waiter.report.state if waiter.report else "interrupted")
         return status, doc
 
     return {("GET", "/status"): lambda body: (200, daemon.status()),
@@ -9920,13 +10058,13 @@ def evaluate_monitor(job_name, snapshots, report, now, limits, prefix, check_lag
         if state:
             findings.append((state, f"{fs} newest snapshot {format_duration(ages[fs])} old"))
     if check_lag:
-        repl = (report or {}).get("replication") or {}
-        rows = {f["fs"]: f for f in repl.get("filesystems", []) if isinstance(f, dict)}
+        repl = report.replication if report else None
+        rows = {f.fs: f for f in repl.filesystems} if repl else {}
         wanted = limits.lag_warn is not None or limits.lag_crit is not None
         if report is None and wanted:
             findings.append((NAGIOS_UNKNOWN, "no report of a run yet (rundir/last)"))
         for fs in sorted(rows):
-            last = (rows[fs].get("last_replicated") or {}).get("creation")
+            last = (rows[fs].last_replicated or {}).get("creation")
             if last is None:
                 if wanted:
                     findings.append((NAGIOS_CRITICAL, f"{fs} was never replicated"))
@@ -10243,14 +10381,15 @@ def cmd_once(args, zfs, out, log):
         reports.append(runner.invoke(job, args.snapshot, args.dry_run, progress))
         if not args.dry_run:
             write_metrics_textfiles(config, log)
-    code = combine_exit_codes(r["exit_code"] for r in reports)
+    code = combine_exit_codes(r.exit_code for r in reports)
     if args.json:
         out.write(json.dumps({"schema": "zrepl.py/once/1", "version": VERSION,
                               "started_at": rfc3339(started),
                               "finished_at": rfc3339(time.time()), "exit_code": code,
-                              "dry_run": args.dry_run, "jobs": reports}, indent=2) + "\n")
+                              "dry_run": args.dry_run,
+                              "jobs": [r.to_json() for r in reports]}, indent=2) + "\n")
     elif out.isatty():
-        out.write("\n\n".join("\n".join(render_job_status(r["job"], r["type"], r["state"], r))
+        out.write("\n\n".join("\n".join(render_job_status(r.job, r.type, r.state, r))
                               for r in reports) + "\n")
     return code
 
@@ -10268,12 +10407,11 @@ def cmd_prune(args, zfs, out, log):
     sides = ("sender", "receiver") if args.side == "both" else (args.side,)
     parts = JobRunner(config, zfs, log, control).invoke_prune(job, sides, args.dry_run,
                                                               explain=args.json)
-    code = 130 if control.interrupted else 1 if any(p["state"] == "failed"
-                                                    for p in parts) else 0
+    code = 130 if control.interrupted else 1 if any(p.state == "failed" for p in parts) else 0
     if args.json:
         out.write(json.dumps({"schema": "zrepl.py/prune/1", "job": job.name,
-                              "dry_run": args.dry_run, "exit_code": code, "sides": parts},
-                             indent=2) + "\n")
+                              "dry_run": args.dry_run, "exit_code": code,
+                              "sides": [p.to_json() for p in parts]}, indent=2) + "\n")
     else:
         out.write(("\n" if args.dry_run else "").join(render_prune_report(p, args.dry_run)
                                                       for p in parts))
@@ -10478,7 +10616,7 @@ def _status_doc(args):
                            if n.endswith(".json"))
         except OSError:
             names = []
-        jobs = [(n, (load_last_report(rundir, n) or {}).get("type", "?")) for n in names]
+        jobs = [(n, getattr(load_last_report(rundir, n), "type", "?")) for n in names]
     if args.job:
         if args.job not in dict(jobs):
             raise UsageError(f"no job named {args.job!r}")
@@ -10495,7 +10633,7 @@ def _status_doc(args):
         else:
             state = "idle" if last else "never-run"
         doc["jobs"][name] = {"type": jtype, "state": state, "next_run_at": None,
-                             "current": None, "last": last}
+                             "current": None, "last": last.to_json() if last else None}
     return doc, rundir
 
 
@@ -10504,8 +10642,11 @@ def render_status(doc, rundir):
     blocks = [f"daemon: running pid={d['pid']} since={d['started_at']} version={d['version']}"
               if d else f"daemon: not running (last reports from {os.path.join(rundir, 'last')})"]
     for name, j in doc["jobs"].items():
-        blocks.append("\n".join(render_job_status(name, j["type"], j["state"],
-                                                  j.get("current") or j["last"],
+        try:
+            report = JobReport.from_json(j.get("current") or j.get("last"))
+        except ValueError:
+            report = None                   # a report this version cannot read
+        blocks.append("\n".join(render_job_status(name, j["type"], j["state"], report,
                                                   j.get("next_run_at"))))
     return "\n\n".join(blocks) + "\n"
 

@@ -69,6 +69,10 @@ def config(tmp_path):
 
 
 def report(fs_states=("done", "error"), started="2026-12-03T10:00:00Z"):
+    return zrepl.JobReport.from_json(report_doc(fs_states, started))
+
+
+def report_doc(fs_states=("done", "error"), started="2026-12-03T10:00:00Z"):
     state = "failed" if "error" in fs_states else "done"
     rows = [{"fs": "p/a%s" % ("" if i == 0 else "/c%d" % i), "state": st, "lag_s": 30 * (i + 1),
              "bytes_replicated": 1000 * i} for i, st in enumerate(fs_states)]
@@ -78,7 +82,7 @@ def report(fs_states=("done", "error"), started="2026-12-03T10:00:00Z"):
                                              {"fs": "p/a/c1", "state": "not_due"}]},
             "replication": {"state": "failed" if "error" in fs_states else "done",
                             "filesystems": rows},
-            "pruning": {"sender": {"state": "done", "filesystems": [
+            "pruning": {"sender": {"side": "sender", "state": "done", "filesystems": [
                 {"fs": "p/a", "state": "done", "destroyed": ["x", "y"]},
                 {"fs": "p/a/c1", "state": "error", "destroyed": []}]},
                 "receiver": None, "local": None}}
@@ -127,9 +131,10 @@ def test_the_state_carries_successes_across_a_failed_invocation(tmp_path):
 
 def test_a_failed_listing_is_minus_one_and_odd_labels_are_escaped(tmp_path):
     cfg = config(tmp_path)
-    rep = report()
-    rep["replication"] = {"state": "failed", "filesystems": []}
-    rep["snapshotting"] = {"filesystems": [{"fs": 'p/a "q"\\z', "state": "taken"}]}
+    doc = report_doc()
+    doc["replication"] = {"state": "failed", "filesystems": []}
+    doc["snapshotting"] = {"filesystems": [{"fs": 'p/a "q"\\z', "state": "taken"}]}
+    rep = zrepl.JobReport.from_json(doc)
     samples, _ = parse(zrepl.render_metrics(cfg, {"push": rep},
                                             zrepl.update_metrics_state({}, rep)))
     assert value(samples, "zrepl_replication_filesystem_errors", zrepl_job="push") == -1

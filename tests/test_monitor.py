@@ -34,7 +34,8 @@ def report(**last):
     rows = [{"fs": fs, "last_replicated": None if age is None else
              {"name": "s", "guid": "1", "creation": zrepl.rfc3339(NOW - age)}}
             for fs, age in last.items()]
-    return {"job": "j", "replication": {"filesystems": rows}}
+    return zrepl.JobReport.from_json({"job": "j", "type": "push",
+                                      "replication": {"filesystems": rows}})
 
 
 def test_no_thresholds_is_ok_with_perfdata():

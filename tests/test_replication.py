@@ -148,6 +148,8 @@ class Rig:
         except ValueError:
             raise AssertionError("once --json printed no JSON (exit %d):\n%s\n%s"
                                  % (cp.returncode, cp.stdout, cp.stderr))
+        for job in doc["jobs"]:             # the typed report reads back to the same document
+            assert zrepl.JobReport.from_json(job).to_json() == job
         return cp, doc
 
     def ok(self, *args, env=None):
