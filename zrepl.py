@@ -4623,19 +4623,39 @@ class ZFSProcess:
             try:
                 return _SPLICE(self.proc.stdout.fileno(), fd, n)
             except BrokenPipeError:
-                return -1
+                return 0 if self._at_end() else -1
             except BlockingIOError:
                 raise                   # a non-blocking fd that is full: its owner waits
             except (OSError, ValueError) as e:
                 if self.cancelled:
                     return 0
                 if getattr(e, "errno", None) == errno.EPIPE:
-                    return -1
+                    return 0 if self._at_end() else -1
                 if getattr(e, "errno", None) not in (errno.EINVAL, errno.ENOSYS):
                     raise ZFSError(f"relaying the stream of {self.fs}: {e}",
                                    kind="stream-broken", fs=self.fs) from None
                 # fd is no pipe (a socket, a file): the portable path from now on
         return write_all(fd, self.read(n))
+
+    def _at_end(self):
+        """Has the stream ended? Linux splice answers EPIPE when the receiving end is gone
+        before it looks at the sending end, so a `zfs receive` that took the whole stream
+        and exited while the relay waited (a bandwidth limit's pause) looks like one that
+        stopped reading. Whatever is still unread, or still to come, says it was not."""
+        try:
+            fd = self.proc.stdout.fileno()
+        except ValueError:
+            return self.cancelled                 # closed by cancel()
+        r, _, _ = _select([fd], [], KILL_GRACE)
+        if not r:
+            return False
+        import fcntl
+        import termios
+        try:
+            buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return False
+        return int.from_bytes(buf, sys.byteorder) == 0
 
     def ready(self, n):
         """Wait until the stream has bytes or has ended -> how many (at most n) the next

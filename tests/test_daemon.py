@@ -294,9 +294,6 @@ def _moving(setup):
     return None
 
 
-@pytest.mark.xfail(reason="known bug, open: on zfs-fuse a bandwidth-limited full send over "
-                          "`local` ends 'zfs receive ... stopped reading' although the "
-                          "receive succeeded (reproduced with `once` alone)", strict=False)
 def test_a_wakeup_while_busy_is_remembered_once_and_never_dropped(setup):
     _slow_push(setup, 3 * MiB).daemon()
     waiter = zrepl.Waiter()

@@ -532,3 +532,30 @@ def test_permission_error_is_classified(zfs_available, tmp_path):
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                         universal_newlines=True)
     assert cp.stdout.split() == ["permission", "False"], cp.stderr
+
+
+def test_a_relay_paused_after_the_last_chunk_still_ends_complete(adapter, pools):
+    # SPEC §8.9: a limit's pause lets `zfs receive` take the whole stream and exit, and
+    # `zfs send` exit too, before the relay's next move; Linux splice then answers EPIPE
+    # before it looks at the (ended) sending pipe. That is the end of a complete stream.
+    from conftest import write_data
+    fs = pools.src + "/paused"
+    make_tree(fs, [])
+    write_data(fs, 200 << 10)
+    snap(fs, "p")
+    target = pools.dst + "/paused"
+    step = zrepl.Step("full", None, _version(adapter, fs + "@p"), "guarantee_nothing")
+    send = adapter.send(fs, step)
+    recv = adapter.receive(target)
+    pauses = []
+
+    def pause(n):
+        pauses.append(n)
+        time.sleep(0.5)                 # long enough for both commands to end
+
+    complete = zrepl.relay(zrepl.MeteredStream(send, on_bytes=pause), recv)
+    recv_end, send_end = recv.finish(timeout=30), send.finish(timeout=30)
+    assert (recv_end.exit_status, send_end.exit_status) == (0, 0), (recv_end, send_end)
+    assert complete
+    assert sum(pauses) > 200 << 10
+    assert state(target)[target + "@p"]["guid"] == state(fs)[fs + "@p"]["guid"]
