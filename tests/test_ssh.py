@@ -232,7 +232,7 @@ def test_a_network_that_stops_forwarding_ends_the_run_within_the_timeout(rig, ss
         r.configure([fs], push_extra=["send: {bandwidth_limit: {max: 2 MiB}}",
                                       "replication: {timeout: 5s}"])
         text = r.cfg.read_text().replace(r.connect_yaml(), ssh_bed.connect_yaml(
-            "host1", port=relay.port, dial_timeout="3s"))
+            "host1", port=relay.port, dial_timeout="10s"))
         # the relay's port has the bed's host key
         kh = ssh_bed.known_hosts.read_text().replace("]:%d " % ssh_bed.port,
                                                      "]:%d " % relay.port)
@@ -256,8 +256,9 @@ def test_a_network_that_stops_forwarding_ends_the_run_within_the_timeout(rig, ss
         assert proc.returncode == 1, err
         assert "Traceback" not in err and "no bytes moved for 5s" in err, err
         # the watchdog (5 s), two in-attempt retries that cannot reach the host (each a
-        # 5 s pause and a 3 s dial timeout), pruning that cannot reach it either
-        assert cut_to_exit < 5 + 2 * (5 + 3) + 3 + 15, cut_to_exit
+        # 5 s pause and a 10 s dial timeout: an emulated VM's ssh handshake through the
+        # relay can take more than 3 s), pruning that cannot reach it either
+        assert cut_to_exit < 5 + 2 * (5 + 10) + 10 + 15, cut_to_exit
         assert not _pids("zfs send .*" + fs)               # this side reaped its process
         # the far side hears nothing for its idle timeout and ends its session too
         deadline = time.monotonic() + 60
