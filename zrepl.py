@@ -102,6 +102,8 @@ ERROR_KINDS = {
     "timeout": (True, True, 1, None),
     "killed": (True, True, 1, None),
     "stream-broken": (True, True, 1, None),
+    "execpipe": (False, True, 1, "check that stage's program and arguments in "
+                                 "send.execpipe / recv.execpipe"),
     "parent-failed": (False, True, 1, None),
     "invalid-name": (False, True, 1, None),
     "placeholder-encryption": (False, True, 1, "set recv.placeholder.encryption to inherit "
@@ -1489,6 +1491,7 @@ class SendOptions:
     embedded_data: bool = False
     saved: bool = False
     bandwidth_limit: BandwidthLimit = field(default_factory=BandwidthLimit)
+    execpipe: list = field(default_factory=list)   # [[argv]] after `zfs send`
     pos: dict = field(default_factory=dict, repr=False)
 
 
@@ -1498,6 +1501,7 @@ class RecvOptions:
     properties_override: dict = field(default_factory=dict)
     placeholder_encryption: str = "unspecified"
     bandwidth_limit: BandwidthLimit = field(default_factory=BandwidthLimit)
+    execpipe: list = field(default_factory=list)   # [[argv]] before `zfs receive`
     pos: dict = field(default_factory=dict, repr=False)
 
 
@@ -1505,7 +1509,7 @@ class RecvOptions:
 class ReplicationOptions:
     protection_initial: str = "guarantee_resumability"
     protection_incremental: str = "guarantee_resumability"
-    concurrency_steps: int = 1
+    concurrency_steps: Optional[int] = None     # None: the size-aware default (§10)
     concurrency_size_estimates: int = 4
     timeout: int = 600
     batch_incrementals: bool = True
@@ -2336,7 +2340,8 @@ class _Schema(_Checker):
     def send(self, node, label):
         flags = ("encrypted", "raw", "send_properties", "backup_properties", "large_blocks",
                  "compressed", "embedded_data", "saved")
-        m = self.mapping(node, f"{label} send", optional=flags + ("bandwidth_limit",))
+        m = self.mapping(node, f"{label} send", optional=flags + ("bandwidth_limit",
+                                                                   "execpipe"))
         s = SendOptions()
         if not m:
             return s
@@ -2347,11 +2352,30 @@ class _Schema(_Checker):
         if "bandwidth_limit" in m:
             s.bandwidth_limit = self._bandwidth(m["bandwidth_limit"],
                                                 f"{label} send.bandwidth_limit")
+        if "execpipe" in m:
+            s.execpipe = self.execpipe(m["execpipe"], f"{label} send.execpipe")
         return s
+
+    def execpipe(self, node, what):
+        """A list of argv lists, each a program and its arguments (no shell: a string
+        would need one, so it is refused with the list it should be)."""
+        stages = []
+        for i, item in enumerate(self.sequence(node, what)):
+            where = f"{what}[{i}]"
+            if isinstance(item, Scalar):
+                self.error(item, f"{where} must be a list of program and arguments (no "
+                                 f"shell runs it), e.g. {json.dumps(item.text.split())}")
+                continue
+            argv = self.string_list(item, where)
+            if not argv and isinstance(item, Sequence):
+                self.error(item, f"{where} is empty: give the program to run")
+            elif argv and "\0" not in "".join(argv):
+                stages.append(argv)
+        return stages
 
     def recv(self, node, label):
         m = self.mapping(node, f"{label} recv", optional=("properties", "placeholder",
-                                                          "bandwidth_limit"))
+                                                          "bandwidth_limit", "execpipe"))
         r = RecvOptions()
         if not m:
             return r
@@ -2393,6 +2417,9 @@ class _Schema(_Checker):
         if "bandwidth_limit" in m:
             r.bandwidth_limit = self._bandwidth(m["bandwidth_limit"],
                                                 f"{label} recv.bandwidth_limit")
+        if "execpipe" in m:
+            r.execpipe = self.execpipe(m["execpipe"], f"{label} recv.execpipe")
+            r.pos["execpipe"] = self.pos(m["execpipe"])
         return r
 
     def replication(self, node, label):
@@ -3910,6 +3937,9 @@ class ZFS:
         self._caps = None
         self._listings = {}   # listing argv -> result, until a mutating command runs
         self._binaries = {}
+        # where the probes' verdicts are kept between processes (the CLI sets it to a
+        # file in the rundir); None: probe every time
+        self.probe_cache = None
 
     # -- running commands --
     def _binary(self, name):
@@ -4005,7 +4035,68 @@ class ZFS:
             self._caps = Capabilities(False, error=str(e))
         return self._caps
 
+    # The ~26 probes are a third of a no-change run's start-up; their verdicts depend
+    # only on the zfs/zpool programs and the kernel module, so they are kept in the rundir
+    # under a key of those (an upgrade re-probes), for a day at most. Pool features are
+    # asked every time: a new or upgraded pool must count at once.
+    PROBE_CACHE_TTL = 86400
+    PROBE_CACHE_SCHEMA = "zrepl.py/capabilities/1"
+
+    def _probe_key(self):
+        parts = []
+        for name in ("zfs", "zpool", "zfs-fuse"):
+            path = shutil.which(name, path=self.env["PATH"])
+            if path is None:
+                parts.append(f"{name}:-")
+                continue
+            st = os.stat(path)
+            parts.append(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
+        for module in ("/sys/module/zfs/version", "/proc/spl/kstat/zfs/version"):
+            try:
+                with open(module, encoding="utf-8", errors="replace") as f:
+                    parts.append(f.read(200).strip())
+            except OSError:
+                pass
+        return "|".join(parts)
+
+    def _cached_probe(self):
+        path = self.probe_cache
+        if not path:
+            return None, None
+        try:
+            key = self._probe_key()
+        except OSError:
+            return None, None
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+            if doc.get("schema") == self.PROBE_CACHE_SCHEMA and doc.get("key") == key and \
+                    0 <= time.time() - float(doc.get("probed_at", 0)) < self.PROBE_CACHE_TTL:
+                flags = {n: bool(doc["flags"].get(n)) for n in CAPABILITY_NAMES}
+                undecided = {str(n): str(w) for n, w in doc.get("undecided", {}).items()}
+                return key, (doc.get("implementation"), doc.get("version"), flags, undecided)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            pass                          # missing, foreign or damaged: probe again
+        return key, None
+
+    def _store_probe(self, key, impl, version, flags, undecided):
+        try:
+            atomic_write(self.probe_cache, json.dumps({
+                "schema": self.PROBE_CACHE_SCHEMA, "key": key, "probed_at": time.time(),
+                "implementation": impl, "version": version, "flags": flags,
+                "undecided": undecided}, indent=1) + "\n", mode=0o644)
+        except OSError as e:             # a read-only rundir: probe again next time
+            self.log("debug", "zfs", f"cannot keep the probe results in "
+                                     f"{self.probe_cache}: {e.strerror}")
+
     def _probe(self):
+        key, cached = self._cached_probe()
+        if cached is not None:
+            impl, version, flags, undecided = cached
+            pools = self.list_pools()               # raises if ZFS cannot answer
+            self._warn_undecided(undecided)
+            return Capabilities(True, implementation=impl, version=version, flags=flags,
+                                pools=self._pool_features(flags, pools), undecided=undecided)
         self.run(["zpool", "list", "-H", "-o", "name"])   # raises if ZFS cannot answer
         bogus = f"zreplpy-probe-{os.getpid()}/x"
         argvs = [["zfs", "destroy"]] + [[a.replace("{X}", bogus) for a in t]
@@ -4032,12 +4123,17 @@ class ZFS:
                 if unsure:
                     why, argv = unsure[0]
                     undecided[name] = f"`{' '.join(argv)}`: {why}"
+        self._warn_undecided(undecided)
+        impl, version = self._implementation()
+        if key is not None:
+            self._store_probe(key, impl, version, flags, undecided)
+        return Capabilities(True, implementation=impl, version=version, flags=flags,
+                            pools=self._pool_features(flags), undecided=undecided)
+
+    def _warn_undecided(self, undecided):
         for name, why in undecided.items():
             self.log("warn", "zfs", f"capability {name} could not be probed ({why}); "
                                     "zrepl.py runs without it")
-        impl, version = self._implementation()
-        return Capabilities(True, implementation=impl, version=version, flags=flags,
-                            pools=self._pool_features(flags), undecided=undecided)
 
     @staticmethod
     def _parallel(items, fn, stop, results, workers):
@@ -4089,8 +4185,8 @@ class ZFS:
             return "zfs-fuse", version
         return "unknown", version
 
-    def _pool_features(self, flags):
-        pools = self.list_pools()
+    def _pool_features(self, flags, pools=None):
+        pools = self.list_pools() if pools is None else pools
         features = {p: set() for p in pools}
         r = self.run(["zpool", "get", "-H", "-p", "-o", "name,property,value",
                       "feature@bookmarks,feature@extensible_dataset,feature@encryption"],
@@ -4297,15 +4393,32 @@ class ZFS:
 
     def release(self, tag, versions):
         """Release tag from every snapshot in versions; "no such tag" is success."""
-        result = self._hold_release("release", tag, [v.full_name for v in versions])
-        if not self.capabilities()["holds_list"]:
+        return self.release_tags({tag: versions}).get(tag, {})
+
+    def release_tags(self, releases):
+        """{tag: [Version]} -> {tag: {full name: None | error}}: one `zfs release` per tag,
+        side by side (each waits for a txg sync; they do not depend on each other), then
+        the zrepl:holds records rewritten once for all tags."""
+        releases = {tag: vs for tag, vs in releases.items() if vs}
+        results = self._parallel(sorted(releases), lambda tag: self._hold_release(
+            "release", tag, [v.full_name for v in releases[tag]]), lambda: False, {}, 4)
+        if self.capabilities()["holds_list"]:
+            return results
+        gone = {}                          # full name -> (Version, tags released)
+        for tag, versions in releases.items():
             for v in versions:
-                if result.get(v.full_name) is None and tag in v.holds_record and v.userrefs:
-                    v.userrefs -= 1
-            result.update(self._write_records(
-                [(v, tuple(t for t in v.holds_record if t != tag)) for v in versions
-                 if result.get(v.full_name) is None and tag in v.holds_record]))
-        return result
+                if results[tag].get(v.full_name) is None and tag in v.holds_record:
+                    gone.setdefault(v.full_name, (v, set()))[1].add(tag)
+        for v, tags in gone.values():
+            if v.userrefs:
+                v.userrefs = max(0, v.userrefs - len(tags))
+        errors = self._write_records([(v, tuple(t for t in v.holds_record if t not in tags))
+                                      for v, tags in gone.values()])
+        for tag in results:
+            for name, err in errors.items():
+                if name in results[tag]:
+                    results[tag][name] = err
+        return results
 
     def _write_records(self, changes):
         """Set zrepl:holds records [(version, new tags)]: one `zfs set` (or `zfs inherit`
@@ -4315,7 +4428,9 @@ class ZFS:
         for v, record in changes:
             groups.setdefault(record, []).append(v)
         errors = {}
-        for record, group in groups.items():
+
+        def write(record):
+            group = groups[record]
             argv = (["zfs", "set", "zrepl:holds=" + ",".join(record)] if record
                     else ["zfs", "inherit", "zrepl:holds"])
             for part, r in self._run_chunked(argv, [v.full_name for v in group]):
@@ -4329,6 +4444,8 @@ class ZFS:
                             errors[v.full_name] = failed[v.full_name]
                         else:
                             v.holds_record = record
+        # the groups are disjoint sets of snapshots: their writes go side by side
+        self._parallel(sorted(groups), write, lambda: False, {}, 4)
         return errors
 
     # zfs-fuse: "cannot hold 'fs@s': why", "cannot release 'tag' from 'fs@s': why";
@@ -4427,9 +4544,10 @@ class ZFS:
                 return False
             raise
 
-    def get_property(self, name, prop):
-        """The value of prop on one dataset, whatever its source."""
-        r = self.run(["zfs", "get", "-H", "-o", "value", prop, name], fs=name)
+    def get_property(self, name, prop, parsable=False):
+        """The value of prop on one dataset, whatever its source (-p: exact numbers)."""
+        r = self.run(["zfs", "get", "-Hp" if parsable else "-H", "-o", "value", prop, name],
+                     fs=name)
         return r.stdout.rstrip("\n")
 
     def get_local_property(self, name, prop):
@@ -4489,7 +4607,7 @@ class ZFS:
                 raise
 
     # -- streams (SPEC §4.4) --
-    def send(self, fs, step, flags=()):
+    def send(self, fs, step, flags=(), pipeline=()):
         """Start `zfs send` for a step -> ZFSProcess whose stdout is the stream."""
         if step.kind == "resume":
             argv = ["zfs", "send", "-t", step.resume_token]
@@ -4501,9 +4619,10 @@ class ZFS:
             elif step.kind == "incremental_batch":
                 argv += ["-I", f"{fs}@{step.from_.name}"]
             argv.append(f"{fs}@{step.to.name}")
-        return self.start(argv, fs=fs, stdout=True)
+        return self.start(argv, fs=fs, stdout=True, pipeline=pipeline)
 
-    def receive(self, target, *, force=False, resumable=False, inherit=(), override=None):
+    def receive(self, target, *, force=False, resumable=False, inherit=(), override=None,
+                pipeline=()):
         """Start `zfs receive -u` into target -> ZFSProcess whose stdin takes the stream."""
         argv = ["zfs", "receive"]
         if self.capabilities()["recv_u"]:
@@ -4516,7 +4635,7 @@ class ZFS:
             argv += ["-x", prop]
         for prop, value in (override or {}).items():
             argv += ["-o", f"{prop}={value}"]
-        return self.start(argv + [target], fs=target, stdin=True)
+        return self.start(argv + [target], fs=target, stdin=True, pipeline=pipeline)
 
     def receive_corrective(self, snapshot):
         """Start `zfs receive -c FS@S` (OpenZFS >= 2.2): the stream of that very snapshot
@@ -4552,22 +4671,79 @@ class ZFS:
         r = self.run(["zfs", "send", "-n", "-v", "-t", token], check=False)
         return parse_token_dump(r.stdout + "\n" + r.stderr)
 
-    def start(self, argv, *, fs=None, stdin=False, stdout=False):
-        """Start a streaming command; the caller drains or feeds it, then calls finish()."""
+    def start(self, argv, *, fs=None, stdin=False, stdout=False, pipeline=()):
+        """Start a streaming command; the caller drains or feeds it, then calls finish().
+
+        pipeline: execpipe stages [argv] after a `zfs send` (stdout) or before a `zfs
+        receive` (stdin), spawned without a shell, pipe to pipe; the ZFSProcess owns and
+        reaps them all."""
+        stages = []
+        try:
+            if stdin and pipeline:            # stream -> stage ... stage -> zfs receive
+                stages = self._start_stages(pipeline, None, fs)
+                proc = self._popen(argv, fs, stages[-1].proc.stdout, subprocess.DEVNULL)
+                stages[-1].proc.stdout.close()
+            else:
+                proc = self._popen(argv, fs, subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                   subprocess.PIPE if stdout else subprocess.DEVNULL)
+                if stdout and pipeline:       # zfs send -> stage ... stage -> stream
+                    try:
+                        stages = self._start_stages(pipeline, proc.stdout, fs)
+                    except BaseException:
+                        ZFSProcess(argv, proc, fs).cancel()
+                        proc.wait()
+                        raise
+                    finally:
+                        proc.stdout.close()
+        except BaseException:
+            for s in stages:
+                s.cancel()
+                s.finish(timeout=KILL_GRACE)
+            raise
+        self.log("debug", "zfs.cmd", "zfs stream started", argv=" ".join(argv), pid=proc.pid)
+        out = stages[-1].proc.stdout if stdout and stages else None
+        inp = stages[0].proc.stdin if stdin and stages else None
+        for pipe in (out or proc.stdout, inp or proc.stdin):
+            if pipe is not None and not pipe.closed:
+                _grow_pipe(pipe.fileno())
+        return ZFSProcess(argv, proc, fs, stages, out=out, inp=inp)
+
+    def _popen(self, argv, fs, stdin, stdout):
         exe = self._begin(argv)
         try:
-            proc = subprocess.Popen([exe] + list(argv[1:]), env=self.env, close_fds=True,
-                                    stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, bufsize=0)
+            return subprocess.Popen([exe] + list(argv[1:]), env=self.env, close_fds=True,
+                                    stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
+                                    bufsize=0)
         except OSError as e:
             raise ZFSError(f"cannot run {argv[0]}: {e.strerror}", argv=argv, fs=fs,
                            kind="zfs-unavailable") from None
-        self.log("debug", "zfs.cmd", "zfs stream started", argv=" ".join(argv), pid=proc.pid)
-        for pipe in (proc.stdout, proc.stdin):
-            if pipe is not None:
-                _grow_pipe(pipe.fileno())
-        return ZFSProcess(argv, proc, fs)
+
+    def _start_stages(self, pipeline, first_stdin, fs):
+        """Spawn execpipe stages chained stdout -> stdin; the first reads first_stdin
+        (None: a pipe the caller writes). A program that cannot start fails the step."""
+        stages, prev = [], first_stdin
+        try:
+            for argv in pipeline:
+                try:
+                    proc = subprocess.Popen(list(argv), env=self.env, close_fds=True,
+                                            stdin=prev if prev is not None else subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            bufsize=0)
+                except OSError as e:
+                    raise ZreplError(f"execpipe stage `{' '.join(argv)}` cannot start: "
+                                     f"{e.strerror}", kind="execpipe", fs=fs) from None
+                if prev is not None and prev is not first_stdin:
+                    prev.close()              # the stage has it; EOF must reach it alone
+                stages.append(ZFSProcess(list(argv), proc, fs))
+                prev = proc.stdout
+                self.log("debug", "zfs.cmd", "execpipe stage started", argv=" ".join(argv),
+                         pid=proc.pid)
+        except BaseException:
+            for s in stages:
+                s.cancel()
+                s.finish(timeout=KILL_GRACE)
+            raise
+        return stages
 
 
 _SPLICE = getattr(os, "splice", None)          # Linux, Python 3.10+; elsewhere read/write
@@ -4590,12 +4766,18 @@ class ZFSProcess:
     """A running `zfs send` or `zfs receive`: raw pipe fds, stderr drained in a thread so a
     chatty command never blocks, and cancel/finish that always reap (SPEC §4.1, §8.9)."""
 
-    def __init__(self, argv, proc, fs):
+    def __init__(self, argv, proc, fs, stages=(), out=None, inp=None):
         self.argv = argv
         self.proc = proc
         self.fs = fs
         self.pid = proc.pid
+        # an execpipe: the stages (ZFSProcess each) between zfs and this process's ends;
+        # out/inp are the pipes the relay reads and writes (the last / first stage's)
+        self.stages = list(stages)
+        self.out = out or proc.stdout
+        self.inp = inp or proc.stdin
         self.cancelled = False
+        self.ended_first = False
         self._end = None
         self._stderr = []
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
@@ -4621,7 +4803,7 @@ class ZFSProcess:
         below raw speed, so a pipe-to-pipe move never passes through Python."""
         if _SPLICE is not None:
             try:
-                return _SPLICE(self.proc.stdout.fileno(), fd, n)
+                return _SPLICE(self.out.fileno(), fd, n)
             except BrokenPipeError:
                 return 0 if self._at_end() else -1
             except BlockingIOError:
@@ -4643,7 +4825,7 @@ class ZFSProcess:
         and exited while the relay waited (a bandwidth limit's pause) looks like one that
         stopped reading. Whatever is still unread, or still to come, says it was not."""
         try:
-            fd = self.proc.stdout.fileno()
+            fd = self.out.fileno()
         except ValueError:
             return self.cancelled                 # closed by cancel()
         r, _, _ = _select([fd], [], KILL_GRACE)
@@ -4668,7 +4850,7 @@ class ZFSProcess:
             return None
         import fcntl
         import termios
-        fd = self.proc.stdout.fileno()
+        fd = self.out.fileno()
         while not self.cancelled:
             r, _, _ = _select([fd], [], 1.0)
             if not r:
@@ -4683,7 +4865,7 @@ class ZFSProcess:
     def read(self, n):
         """Up to n bytes of the stream (b"" at its end)."""
         try:
-            return os.read(self.proc.stdout.fileno(), n)
+            return os.read(self.out.fileno(), n)
         except (OSError, ValueError) as e:
             if self.cancelled:
                 return b""
@@ -4695,8 +4877,7 @@ class ZFSProcess:
 
     # -- as the destination of a relay (`zfs receive`) --
     def write_fd(self):
-        return self.proc.stdin.fileno() if self.proc.stdin and not self.proc.stdin.closed \
-            else None
+        return self.inp.fileno() if self.inp and not self.inp.closed else None
 
     def write(self, data):
         """Feed all of data to the command's stdin; False if it stopped reading."""
@@ -4709,9 +4890,9 @@ class ZFSProcess:
         return len(data) if not data or self.write(data) else -1
 
     def close_stdin(self):
-        if self.proc.stdin and not self.proc.stdin.closed:
+        if self.inp and not self.inp.closed:
             try:
-                self.proc.stdin.close()
+                self.inp.close()
             except OSError:
                 pass
 
@@ -4719,7 +4900,11 @@ class ZFSProcess:
         """Cut the stream and stop the process: closing the pipes is what stops zfs-fuse,
         whose daemon keeps working for a killed client."""
         self.cancelled = True
-        for pipe in (self.proc.stdin, self.proc.stdout):
+        for stage in self.stages:
+            # one that had ended already broke the stream itself: its error still counts
+            stage.ended_first = stage.ended_first or stage.proc.poll() is not None
+            stage.cancel()
+        for pipe in (self.inp, self.out, self.proc.stdin, self.proc.stdout):
             if pipe and not pipe.closed:
                 try:
                     pipe.close()
@@ -4757,8 +4942,29 @@ class ZFSProcess:
             error = classify(self.argv, rc, self.stderr_text, self.fs,
                              killed_by_us=self.cancelled, signal_kill=rc < 0 and
                              not self.cancelled)
-        self._end = StreamEnd(rc, self.stderr_text[-STDERR_TAIL:], self.cancelled, error)
+        stage_error = self._finish_stages(timeout)
+        if stage_error is not None:
+            error, rc = stage_error
+        self._end = StreamEnd(rc, (error.message if stage_error else
+                                   self.stderr_text)[-STDERR_TAIL:], self.cancelled, error)
         return self._end
+
+    def _finish_stages(self, timeout):
+        """Reap every execpipe stage -> (error, rc) of the first that failed on its own,
+        or None. A stage killed by SIGPIPE only saw zfs go away: zfs's error says why."""
+        failed = None
+        for stage in self.stages:
+            if self.cancelled and not stage.ended_first and stage.proc.poll() is not None:
+                stage.ended_first = True
+            end = stage.finish(timeout=timeout if timeout is not None else KILL_GRACE * 4)
+            rc = end.exit_status
+            if rc == 0 or (self.cancelled and not stage.ended_first) or \
+                    failed is not None or rc in (-signal.SIGPIPE, 128 + signal.SIGPIPE):
+                continue
+            tail = stage.stderr_text.strip()[-STDERR_TAIL:] or "(no output on stderr)"
+            failed = (ZreplError(f"execpipe stage `{' '.join(stage.argv)}` exited with "
+                                 f"{rc}: {tail}", kind="execpipe", fs=self.fs), rc)
+        return failed
 
 
 def write_all(fd, data):
@@ -4819,11 +5025,15 @@ def _check_path(path):
 def tagged_snapshots(zfs, dataset, tag):
     """Snapshots of dataset that carry hold `tag`: the zrepl:holds record where `zfs holds`
     is broken, else one `zfs holds` for the snapshots that have any hold."""
-    held = [v for v in dataset.snapshots if v.userrefs or v.holds_record]
-    if not held:
-        return []
-    tags = zfs.holds(held)
-    return [v for v in held if tag in tags.get(v.full_name, ())]
+    tags = hold_tags(zfs, [dataset])
+    return [v for v in dataset.snapshots if tag in tags.get(v.full_name, ())]
+
+
+def hold_tags(zfs, datasets):
+    """{snapshot full name: [tags]} of the held snapshots of several datasets, in one
+    `zfs holds` (or none, where the zrepl:holds records answer)."""
+    held = [v for ds in datasets for v in ds.snapshots if v.userrefs or v.holds_record]
+    return zfs.holds(held) if held else {}
 
 
 def select_filesystems(zfs, patterns, log):
@@ -4986,9 +5196,16 @@ class Sender:
         move in finish_phase, with the others), drop step holds and tentative cursors."""
         raise NotImplementedError
 
-    def finish_phase(self, cursors, release, keep):
-        """After a prepared phase: cursors [(path, to Version)] to move where they are
-        holds, step holds to release on paths `release` except `keep` -> {path: error}."""
+    def hold_cursors(self, cursors):
+        """After a prepared phase, beside the receiver's checks: hold the new holds-only
+        cursors [(path, to Version)], releasing nothing -> {path: error}."""
+        raise NotImplementedError
+
+    def finish_phase(self, cursors, release, keep, withdraw=()):
+        """After a prepared phase: cursors [(path, to Version)] the receiver confirmed,
+        moved where they are holds; `withdraw` [(path, to)]: held by hold_cursors but not
+        confirmed; step holds to release on paths `release` except `keep` ->
+        {path: error}."""
         raise NotImplementedError
 
     def release_step_holds(self, path):
@@ -5145,10 +5362,15 @@ class LocalSender(Sender):
     # crash in between leaves the cursor behind, which only keeps more snapshots.
 
     def prepare(self, plans):
-        tag = step_hold_tag(self.job.name)
+        """A snapshot that already has the step hold (an earlier phase's, kept for a
+        resume) is not held again, nor a `from` that holds this job's cursor: the cursor
+        protects it until finish_phase moves it, which is after the step is done."""
+        tag, cursor = step_hold_tag(self.job.name), cursor_hold_tag(self.job.name)
+        datasets = {path: self._dataset(path) for path in plans}
+        tags = hold_tags(self.zfs, datasets.values())
         need, stale, owner = {}, [], {}
         for path, steps in plans.items():
-            ds = self._dataset(path)
+            ds = datasets[path]
             keep = set()
             for step in steps:
                 if step.protection != "guarantee_resumability":
@@ -5156,10 +5378,14 @@ class LocalSender(Sender):
                 for ref in (step.from_, step.to):
                     if ref is not None and ref.type == "snapshot":
                         v = self._version(ds, ref)
+                        keep.add(v.guid)
+                        have = tags.get(v.full_name, ())
+                        if tag in have or (ref is step.from_ and cursor in have):
+                            continue
                         need[v.full_name] = v
                         owner[v.full_name] = path
-                        keep.add(v.guid)
-            stale += [v for v in tagged_snapshots(self.zfs, ds, tag) if v.guid not in keep]
+            stale += [v for v in ds.snapshots
+                      if tag in tags.get(v.full_name, ()) and v.guid not in keep]
         errors = {}
         if stale:
             for name, err in self.zfs.release(tag, stale).items():
@@ -5171,29 +5397,57 @@ class LocalSender(Sender):
                     errors.setdefault(owner[name], err)
         return errors
 
-    def finish_phase(self, cursors, release, keep):
+    def hold_cursors(self, cursors):
+        """Before the receiver has confirmed anything: hold the new holds-only cursors
+        [(path, to)], releasing nothing, so this runs beside the receiver's checks; an
+        unconfirmed one is withdrawn by finish_phase -> {path: error}."""
+        moves = [(self._dataset(path), to) for path, to in cursors
+                 if not self._has_bookmarks(path)]
         errors = {}
-        moves = {path: (self._dataset(path), to) for path, to in cursors
-                 if not self._has_bookmarks(path)}
         if moves:
-            tag = cursor_hold_tag(self.job.name)
-            tos = [self._version(ds, to) for ds, to in moves.values()]
-            for name, err in self.zfs.hold(tag, tos).items():
+            tos = [self._version(ds, to) for ds, to in moves]
+            for name, err in self.zfs.hold(cursor_hold_tag(self.job.name), tos).items():
                 if err is not None:
                     errors.setdefault(name.split("@")[0], err)
-            old = [v for path, (ds, to) in moves.items() if path not in errors
-                   for v in tagged_snapshots(self.zfs, ds, tag) if v.guid != to.guid]
-            if old:
-                for name, err in self.zfs.release(tag, old).items():
-                    if err is not None:
-                        errors.setdefault(name.split("@")[0], err)
-        tag = step_hold_tag(self.job.name)
-        held = [v for path in sorted(set(release) - set(keep)) for v in
-                tagged_snapshots(self.zfs, self._dataset(path), tag)]
-        if held:
-            for name, err in self.zfs.release(tag, held).items():
+        return errors
+
+    def finish_phase(self, cursors, release, keep, withdraw=()):
+        """Move the holds-only cursors to the confirmed `to`s (holding any hold_cursors did
+        not place), withdraw the unconfirmed ones, drop step holds: the releases of all
+        tags side by side, one `zfs holds` for all filesystems -> {path: error}."""
+        errors = {}
+        ctag, stag = cursor_hold_tag(self.job.name), step_hold_tag(self.job.name)
+        moves = {path: (self._dataset(path), to) for path, to in cursors
+                 if not self._has_bookmarks(path)}
+        withdrawn = {path: (self._dataset(path), to) for path, to in withdraw
+                     if not self._has_bookmarks(path)}
+        steps_done = sorted(set(release) - set(keep))
+        datasets = {ds.name: ds for ds, _ in list(moves.values()) + list(withdrawn.values())}
+        datasets.update((ds.name, ds) for ds in map(self._dataset, steps_done))
+        tags = hold_tags(self.zfs, datasets.values())
+        tos = [self._version(ds, to) for ds, to in moves.values()]
+        unheld = [v for v in tos if ctag not in tags.get(v.full_name, ())]
+        if unheld:
+            for name, err in self.zfs.hold(ctag, unheld).items():
                 if err is not None:
+                    errors.setdefault(name.split("@")[0], err)
+        confirmed = {to.guid for to in tos}
+        releases = {
+            ctag: [v for path, (ds, to) in moves.items() if path not in errors
+                   for v in ds.snapshots if ctag in tags.get(v.full_name, ()) and
+                   v.guid != to.guid] +
+                  [self._version(ds, to) for ds, to in withdrawn.values()
+                   if to.guid not in confirmed],
+            stag: [v for path in steps_done for v in self._dataset(path).snapshots
+                   if stag in tags.get(v.full_name, ())]}
+        for tag, results in self.zfs.release_tags(releases).items():
+            for name, err in results.items():
+                if err is None:
+                    continue
+                if tag == stag:
                     self.log("warn", "repl", f"cannot release step hold on {name}: {err}")
+                else:
+                    errors.setdefault(name.split("@")[0], err)
         return errors
 
     def send(self, path, step, prepared=False):
@@ -5210,7 +5464,7 @@ class LocalSender(Sender):
             self._release_stale_step_holds(ds, keep=[v for v in (frm, to) if v is not None])
             need = [v for v in (frm, to) if v is not None and v.type == "snapshot"]
             self._check(self.zfs.hold(step_hold_tag(self.job.name), need))
-        proc = self.zfs.send(path, step, flags)
+        proc = self.zfs.send(path, step, flags, pipeline=(self.job.send or SendOptions()).execpipe)
         if step.kind != "incremental_batch":
             return SendStream(proc, self.bucket)
         self._record_send(proc.pid, ds, frm, to)
@@ -5339,7 +5593,18 @@ class LocalSender(Sender):
 
     def estimate(self, path, step):
         ds = self._dataset(path)
-        return self.zfs.estimate(path, step, self.send_flags(ds))
+        size = self.zfs.estimate(path, step, self.send_flags(ds))
+        if size is None and step.kind == "full" and \
+                not self.zfs.capabilities()["send_estimate"]:
+            # a ZFS without `send -n -v -P`: a full stream is about the snapshot's
+            # referenced bytes, which is what the default concurrency needs to know
+            to = self._version(ds, step.to)
+            try:
+                value = self.zfs.get_property(to.full_name, "referenced", parsable=True)
+            except ZFSError:
+                value = None             # the estimate stays unknown: a big step
+            size = int(value) if value and value.isdigit() else None
+        return size
 
     def decode_token(self, token):
         if not re.match(r"^[0-9a-f-]+$", token or "") or len(token) > 65536:
@@ -5479,7 +5744,7 @@ class LocalReceiver(Receiver):
         recv = self.job.recv or RecvOptions()
         proc = self.zfs.receive(target, force=force, resumable=self.can_resume(path),
                                 inherit=recv.properties_inherit,
-                                override=recv.properties_override)
+                                override=recv.properties_override, pipeline=recv.execpipe)
         self._relay(MeteredStream(stream, [self.bucket]), proc, path)
         self._checked.add(path)          # it exists now, holding `to`: no pre-check needed
         full = force or (step.kind == "resume" and step.from_ is None)
@@ -5583,9 +5848,10 @@ class LocalReceiver(Receiver):
         for name, err in self.zfs.hold(tag, [v for _, v, _ in last.values()]).items():
             if err is not None:
                 errors.setdefault(last[name.split("@")[0]][0], err)
-        old = [v for target, (path, now, _) in last.items() if path not in errors
-               and target in listing
-               for v in tagged_snapshots(self.zfs, listing[target], tag) if v.guid != now.guid]
+        moved = [t for t, (path, _, _) in last.items() if path not in errors and t in listing]
+        tags = hold_tags(self.zfs, [listing[t] for t in moved])   # one `zfs holds` for all
+        old = [v for t in moved for v in listing[t].snapshots
+               if tag in tags.get(v.full_name, ()) and v.guid != last[t][1].guid]
         if old:
             for name, err in self.zfs.release(tag, old).items():
                 if err is not None:
@@ -6147,6 +6413,8 @@ METHODS = {
     "PrepareSteps": (("sink", "source"), lambda e, p: _r_errors(e.prepare(_p_plans(p)))),
     "SendCompleted": (("source",), lambda e, p: e.send_completed(
         _p_fs(p), _p_step(p), prepared=wire_bool(p, "prepared", False)) or {}),
+    "HoldCursors": (("source",), lambda e, p: _r_errors(e.hold_cursors(
+        _p_cursors(p, "cursors")))),
     "FinishPhase": (("sink", "source"), None),            # by role, below
     "ReleaseStepHolds": (("source",), lambda e, p: e.release_step_holds(_p_fs(p)) or {}),
     "DecodeResumeToken": (("source",), lambda e, p: {
@@ -6164,6 +6432,15 @@ METHODS = {
     "Receive": (("sink",), None),
     "Goodbye": (("sink", "source", "sink-restore"), lambda e, p: {}),
 }
+
+
+def _p_cursors(p, key):
+    cursors = []
+    for item in wire_list(p, key):
+        item = wire_object(item, "cursor")
+        fs = _p_fs(item)
+        cursors.append((fs, Version.from_json(item.get("to"), fs)))
+    return cursors
 
 
 def _v_json(v):
@@ -6254,15 +6531,12 @@ class Server:
 
     def _finish_phase(self, p):
         if self.role == "source":
-            cursors = []
-            for item in wire_list(p, "cursors"):
-                item = wire_object(item, "cursor")
-                fs = _p_fs(item)
-                cursors.append((fs, Version.from_json(item.get("to"), fs)))
             names = [_check_path(n) if isinstance(n, str) else _check_path(None)
                      for n in wire_list(p, "release") + wire_list(p, "keep")]
             n = len(wire_list(p, "release"))
-            return _r_errors(self.endpoint.finish_phase(cursors, names[:n], names[n:]))
+            return _r_errors(self.endpoint.finish_phase(
+                _p_cursors(p, "cursors"), names[:n], names[n:],
+                withdraw=_p_cursors(p, "withdraw") if "withdraw" in p else ()))
         received = []
         for item in wire_list(p, "received"):
             item = wire_object(item, "received")
@@ -6521,9 +6795,14 @@ class RemoteSender(Sender):
     def send_completed(self, path, step, prepared=False):
         self.client.call("SendCompleted", _step_params(path, step, prepared=prepared))
 
-    def finish_phase(self, cursors, release, keep):
+    def hold_cursors(self, cursors):
+        return _parse_errors(self.client.call("HoldCursors", {
+            "cursors": [{"fs": p, "to": v.to_json()} for p, v in cursors]}))
+
+    def finish_phase(self, cursors, release, keep, withdraw=()):
         return _parse_errors(self.client.call("FinishPhase", {
             "cursors": [{"fs": p, "to": v.to_json()} for p, v in cursors],
+            "withdraw": [{"fs": p, "to": v.to_json()} for p, v in withdraw],
             "release": sorted(release), "keep": sorted(keep)}))
 
     def release_step_holds(self, path):
@@ -7200,6 +7479,22 @@ def max_attempts_from(environ):
     return int(text) if text.isdigit() and int(text) > 0 else MAX_ATTEMPTS
 RETRY_DELAY = 5.0
 RETRIES_PER_ATTEMPT = 2
+# The default concurrency (concurrency.steps unset). The everyday cycle is many tiny steps
+# whose time is process start-up and txg syncs, which overlap well; a big stream is
+# disk-bound, and several at once make a spinning pool seek between them. So: up to
+# AUTO_STEPS steps at once, of which at most one is big: estimated at BIG_STEP bytes or
+# more, or a full (or resumed) stream of unknown size. An incremental of unknown size (a
+# ZFS without `send -n -v -P`) counts as small: that is the everyday cycle, and a big
+# incremental is rare enough that it may share the disk. An explicit
+# concurrency.steps is taken as it is.
+AUTO_STEPS = 8
+BIG_STEP = 64 << 20
+
+
+def step_is_big(step, expected):
+    if expected is None:
+        return step.kind in ("full", "resume")
+    return expected >= BIG_STEP
 
 
 class StepRun:
@@ -7250,6 +7545,7 @@ class FsRun:
         self.expected = None
         self.running = None
         self.finished = False
+        self.estimates = {}     # step index -> estimated bytes (None: unknown)
 
     @property
     def next_step(self):
@@ -7394,6 +7690,9 @@ class Replication:
         self.completed = {}             # path -> `to` of its last step done this attempt
         self.attempt = 0
         self.started_at = None
+        self.auto = r.concurrency_steps is None
+        self.max_steps = AUTO_STEPS if self.auto else r.concurrency_steps
+        self.big_running = None         # auto: the path whose big step is moving
 
     # -- the phase --
     def run(self):
@@ -7492,13 +7791,33 @@ class Replication:
             self._flush()
 
     def _flush(self):
-        """The receiver verifies and holds what it got; only then do cursors move."""
-        failed = self.receiver.finish_phase(self.received) if self.received else {}
+        """The receiver verifies and holds what it got while the sender holds the new
+        cursors; only then are the old cursors released (each side's calls wait for a txg
+        sync of its own pool, so the two go side by side)."""
+        cursors = [(p, to) for p, to in sorted(self.completed.items()) if p in self.prepared]
+        failed, held, raised = {}, {}, []
+
+        def receiver_side():
+            try:
+                failed.update(self.receiver.finish_phase(self.received))
+            except BaseException as e:      # re-raised in this thread, below
+                raised.append(e)
+        helper = start_thread(receiver_side) if self.received else None
+        try:
+            if cursors:
+                held = self.sender.hold_cursors(cursors)
+        finally:
+            if helper is not None:
+                helper.join()
+        if raised:
+            raise raised[0]
         if self.prepared:
-            cursors = [(p, to) for p, to in sorted(self.completed.items())
-                       if p in self.prepared and p not in failed]
-            failed.update({p: e for p, e in self.sender.finish_phase(
-                cursors, self.prepared, self.keep_step_holds).items() if p not in failed})
+            withdraw = [(p, to) for p, to in cursors if p in failed]
+            failed.update((p, e) for p, e in held.items() if p not in failed)
+            moved = self.sender.finish_phase([(p, to) for p, to in cursors if p not in failed],
+                                             self.prepared, self.keep_step_holds,
+                                             withdraw=withdraw)
+            failed.update({p: e for p, e in moved.items() if p not in failed})
         self.prepared, self.received, self.completed = set(), [], {}
         for path, err in failed.items():
             f = self.fs.get(path)
@@ -7511,7 +7830,7 @@ class Replication:
         if rds is not None and rds.resume_token:
             token = self.sender.decode_token(rds.resume_token)
         result = plan_filesystem(sds, rds, self.policy, token)
-        f.steps, f.done, f.error = [], 0, None
+        f.steps, f.done, f.error, f.estimates = [], 0, None, {}
         if isinstance(result, Conflict):
             f.state, f.conflict, f.finished = "conflict", result, True
             f.error = error_json(ZreplError(result.message, kind=result.kind,
@@ -7553,6 +7872,9 @@ class Replication:
                 continue
             if initial and any(a in initial for a in ancestors(f.path)):
                 continue
+            if self.big_running is not None and f.done in f.estimates and \
+                    step_is_big(f.next_step, f.estimates[f.done]):
+                continue                 # waits for the big step that is moving
             out.append(f)
         # the seed's queue: healthy first, oldest pending snapshot first, then by name
         out.sort(key=lambda f: (f.error_count, f.next_step.to.creation, f.path))
@@ -7574,7 +7896,7 @@ class Replication:
                         self._fail_orphans()
                         running = sum(1 for f in self.fs.values() if f.running)
                         for f in self._eligible(time.monotonic()):
-                            if running >= self.options.concurrency_steps:
+                            if running >= self.max_steps:
                                 break
                             f.running = StepRun(f.path, f.next_step, None)
                             f.state = "stepping"
@@ -7630,8 +7952,16 @@ class Replication:
     def _worker(self, f, fatal):
         run = f.running
         step = run.step
+        big = False
         try:
-            run.expected = self._estimate(f, step)
+            if f.done not in f.estimates:
+                f.estimates[f.done] = self._estimate(f, step)
+            run.expected = f.estimates[f.done]
+            if self.auto and step_is_big(step, run.expected):
+                with self.cond:
+                    if self.big_running is not None:
+                        return               # deferred, not failed: _eligible waits for it
+                    self.big_running = big = f.path
             self.progress.runs.append(run)
             self._do_step(f, run)
         except ZreplError as e:
@@ -7665,6 +7995,10 @@ class Replication:
         finally:
             with self.cond:
                 f.running = None
+                if big:
+                    self.big_running = None
+                if f.state == "stepping":
+                    f.state = "pending"
                 if run in self.progress.runs:
                     self.progress.runs.remove(run)
                     self.progress.finished_bytes += run.bytes
@@ -7693,8 +8027,11 @@ class Replication:
                                             cancelled=run.cancelled))
         except BaseException as e:
             stream.cancel()
-            stream.finish(timeout=KILL_GRACE)   # the receiver's error wins over a broken pipe
-            self._after_failed_send(f, step, e)
+            end = stream.finish(timeout=KILL_GRACE)   # the receiver's error wins over a
+            self._after_failed_send(f, step, e)       # broken pipe, unless a stage of the
+            if isinstance(e, ZreplError) and end.error is not None and \
+                    end.error.kind == "execpipe":     # sender's execpipe broke the stream
+                raise end.error from None
             raise
         end = stream.finish()
         if end.error is not None:
@@ -8671,14 +9008,10 @@ class JobRunner:
             prev = load_last_report(self.rundir, job.name)
             if job.type == "snap":
                 return [self.prune_local(job, prev, dry_run, explain=explain)]
-            parts = []
             sender, receiver = connect(self.config, job, self.zfs, self.log, self.rundir)
             try:
-                for side in sides:
-                    if self.control.should_stop():
-                        break
-                    parts.append(self.prune_side(job, side, sender, receiver, prev, dry_run,
-                                                 explain=explain))
+                parts = self.prune_sides(job, sides, sender, receiver, prev, dry_run,
+                                         explain=explain)
             finally:
                 sender.close()
                 receiver.close()
@@ -8781,23 +9114,52 @@ class JobRunner:
                 failed = True
                 if report.replication.error:
                     report.errors.append(report.replication.error)
-        for side in ("sender", "receiver"):
-            if self.control.should_stop():
-                break
-            part = self.prune_side(job, side, sender, receiver, prev, dry_run)
-            setattr(report.pruning, side, part)
+        for part in self.prune_sides(job, ("sender", "receiver"), sender, receiver, prev,
+                                     dry_run):
+            setattr(report.pruning, part.side, part)
             if part.state == "failed":
                 failed = True
                 if part.error:
                     report.errors.append(part.error)
         return finish_job_report(report, self.control, failed)
 
-    def prune_side(self, job, side, sender, receiver, prev, dry_run, explain=False):
+    def prune_sides(self, job, sides, sender, receiver, prev, dry_run, explain=False):
+        """Prune the given sides side by side, as zrepl does: they are different pools (or
+        hosts), each side's destroys wait for its own txg syncs. The sender is listed
+        once for both -> [part] in the order of sides."""
+        if self.control.should_stop():
+            return []
+        lock, listing = threading.Lock(), []
+
+        def sender_listing():
+            with lock:
+                if not listing:
+                    try:
+                        listing.append(sender.list_filesystems())
+                    except ZreplError as e:
+                        listing.append(e)
+            if isinstance(listing[0], ZreplError):
+                raise listing[0]
+            return listing[0]
+        parts = {}
+
+        def one(side):
+            parts[side] = self.prune_side(job, side, sender, receiver, prev, dry_run,
+                                          explain=explain, sender_listing=sender_listing)
+        threads = [start_thread(one, side) for side in sides[1:]]
+        one(sides[0])
+        for th in threads:
+            th.join()
+        return [parts[s] for s in sides if s in parts]
+
+    def prune_side(self, job, side, sender, receiver, prev, dry_run, explain=False,
+                   sender_listing=None):
         """Prune the sender or the receiver of an active job with its keep rules."""
         rules = job.keep_sender if side == "sender" else job.keep_receiver
+        sender_listing = sender_listing or sender.list_filesystems
         try:
-            sender_fs = {p: d for p, d in sender.list_filesystems().items()
-                         if not d.is_placeholder}
+            mine = receiver.list_filesystems() if side == "receiver" else None
+            sender_fs = {p: d for p, d in sender_listing().items() if not d.is_placeholder}
             if side == "sender":
                 datasets = sender_fs
                 cursors = {}
@@ -8807,7 +9169,6 @@ class JobRunner:
                 def destroy(key, ds, snaps, stop):
                     return sender.destroy_snapshots(key, snaps)
             else:
-                mine = receiver.list_filesystems()
                 datasets = {p: d for p, d in mine.items()
                             if p in sender_fs and not d.is_placeholder}
                 # a filesystem removed from the filter is no longer pruned (as zrepl)
@@ -10152,15 +10513,26 @@ def resolve_config_path(explicit, environ):
     return None
 
 
-def _load(args, *, skip_cert_check=False):
+def _load(args, zfs=None, *, skip_cert_check=False):
+    """The configuration; with zfs: its probes are kept in the configuration's rundir."""
     path = resolve_config_path(args.config, os.environ)
     if path is None:
         raise UsageError(f"no configuration file: give --config PATH, set ZREPL_CONFIG, or "
                          f"create {' or '.join(DEFAULT_CONFIG_PATHS)}")
-    return load_config(path, skip_cert_check=skip_cert_check)
+    config = load_config(path, skip_cert_check=skip_cert_check)
+    if zfs is not None:
+        zfs.probe_cache = probe_cache_path(config.global_.rundir)
+    return config
+
+
+def probe_cache_path(rundir):
+    """rundir/capabilities.json where rundir exists (a cron host's first run creates it
+    when it takes its job lock; until then the probes run every time)."""
+    return os.path.join(rundir, "capabilities.json") if os.path.isdir(rundir) else None
 
 
 def cmd_version(args, zfs, out):
+    zfs.probe_cache = probe_cache_path(DEFAULT_RUNDIR)
     caps = zfs.capabilities()
     if args.json:
         doc = {"schema": "zrepl.py/version/1", "version": VERSION,
@@ -10220,6 +10592,20 @@ def _host_problems(config, zfs, log):
     return problems
 
 
+def _execpipe_problems(config, env):
+    """Every stage of a send/recv execpipe this host would run must be a program here."""
+    out = []
+    for j in config.jobs:
+        for opts, key in ((j.send, "send"), (j.recv, "recv")):
+            for i, argv in enumerate(opts.execpipe if opts else ()):
+                if shutil.which(argv[0], path=env.get("PATH")) is None:
+                    out.append(_problem(opts.pos.get("execpipe", j.pos["job"]),
+                                        f"job {j.name!r}: {key}.execpipe[{i}]: program "
+                                        f"{argv[0]!r} not found (PATH {env.get('PATH')}); "
+                                        "install it or give its absolute path"))
+    return out
+
+
 def _encryption_problems(job, filesystems, zfs, log):
     """configcheck refuses what the sender would refuse at every run (zrepl's send.encrypted
     / send.raw rules), and warns where a plain send of an encrypted filesystem needs a key
@@ -10245,10 +10631,10 @@ def _encryption_problems(job, filesystems, zfs, log):
 
 
 def cmd_configcheck(args, zfs, out, log):
-    config = _load(args, skip_cert_check=args.skip_cert_check)
+    config = _load(args, zfs, skip_cert_check=args.skip_cert_check)
     problems = list(config.warnings)
     if not args.skip_host_checks:       # a configuration meant for another host: no ZFS
-        problems += _host_problems(config, zfs, log)
+        problems += _host_problems(config, zfs, log) + _execpipe_problems(config, zfs.env)
     errors = [p for p in problems if not p.warning]
     for p in [p for p in problems if p.warning]:
         sys.stderr.write(f"{p}\n")
@@ -10300,7 +10686,7 @@ def _pretty_scalar(v):
 
 
 def cmd_test_filesystems(args, zfs, out):
-    config = _load(args, skip_cert_check=True)
+    config = _load(args, zfs, skip_cert_check=True)
     job = config.job(args.job)
     if job is None:
         raise UsageError(f"no job named {args.job!r} in {config.path} (jobs: "
@@ -10383,7 +10769,7 @@ def _select_jobs(config, names):
 
 
 def cmd_once(args, zfs, out, log):
-    config = _load(args)
+    config = _load(args, zfs)
     _apply_logging(config, log, args)
     jobs = _select_jobs(config, args.jobs)
     _check_host(config, zfs)
@@ -10415,7 +10801,7 @@ def cmd_once(args, zfs, out, log):
 
 
 def cmd_prune(args, zfs, out, log):
-    config = _load(args)
+    config = _load(args, zfs)
     _apply_logging(config, log, args)
     job = _select_jobs(config, [args.job])[0]
     _check_host(config, zfs)
@@ -10439,7 +10825,7 @@ def cmd_prune(args, zfs, out, log):
 
 
 def cmd_heal(args, zfs, out, log):
-    config = _load(args)
+    config = _load(args, zfs)
     _apply_logging(config, log, args)
     job = _select_jobs(config, [args.job])[0]
     if job.type not in ("push", "pull"):
@@ -10488,7 +10874,7 @@ def cmd_heal(args, zfs, out, log):
 
 
 def cmd_restore(args, zfs, out, log):
-    config = _load(args)
+    config = _load(args, zfs)
     _apply_logging(config, log, args)
     job = _select_jobs(config, [args.job])[0]
     if job.type not in ("push", "pull"):
@@ -10536,7 +10922,7 @@ def cmd_restore(args, zfs, out, log):
 def cmd_stdinserver(args, zfs, log):
     """The ssh forced command (SPEC §1.5.10): serve the matching sink or source job on
     fd 0/1 in this process; no daemon."""
-    config = _load(args)
+    config = _load(args, zfs)
     _apply_logging(config, log, args)
     stdinserver_job(config, args.identity)
     # the protocol owns fd 0 and 1: anything else printed to stdout would corrupt it
@@ -10560,7 +10946,7 @@ def _apply_daemon_logging(config, log, args):
 
 def cmd_daemon(args, zfs, log):
     """Every job until SIGTERM/SIGINT (SPEC §1.5.1, §10)."""
-    config = _load(args)
+    config = _load(args, zfs)
     _apply_daemon_logging(config, log, args)
     _check_host(config, zfs)
     daemon = Daemon(config, zfs, log,
@@ -10696,7 +11082,7 @@ def cmd_monitor(args, zfs, out, log):
     filesystems' snapshot count and newest age (with the job's prefix), the replication
     lag from its last report. Anything that stops the check is UNKNOWN (exit 3)."""
     try:
-        config = _load(args, skip_cert_check=True)
+        config = _load(args, zfs, skip_cert_check=True)
         job = config.job(args.job)            # any type: a sink's received copies too
         if job is None:
             raise UsageError(f"no job named {args.job!r} in {config.path}")

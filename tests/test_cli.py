@@ -108,6 +108,38 @@ def test_configcheck_reports_every_error_with_position(tmp_path):
     assert len(errors) == 3
 
 
+def test_configcheck_finds_a_missing_execpipe_program_and_a_shell_string(tmp_path):
+    cfg = tmp_path / "pipe.yml"
+    base = ("jobs:\n"
+            "  - name: s\n"
+            "    type: sink\n"
+            "    root_fs: zreplpy-nowhere/sink\n"
+            "    serve: {type: local, listener_name: l}\n"
+            "  - name: a\n"
+            "    type: push\n"
+            "    connect: {type: local, listener_name: l, client_identity: h}\n"
+            "    filesystems: {\"<\": true}\n"
+            "    snapshotting: {type: manual}\n"
+            "    send: {execpipe: %s}\n"
+            "    pruning: {keep_sender: [{type: last_n, count: 1}],"
+            " keep_receiver: [{type: last_n, count: 1}]}\n")
+    cfg.write_text(base % '[["gzip", "-1"], ["zreplpy-no-such-program", "-q"]]')
+    cp = run_cli("configcheck", config=cfg)
+    assert_no_traceback(cp)
+    assert cp.returncode == 2, cp.stderr
+    assert "send.execpipe[1]: program 'zreplpy-no-such-program' not found" in cp.stderr
+    assert "execpipe[0]" not in cp.stderr                    # gzip is there
+    # a config meant for another host: its programs are that host's business
+    assert run_cli("configcheck", "--skip-host-checks", config=cfg).returncode == 0
+    # a stage given as one string would need a shell: refused, with the list it should be
+    cfg.write_text(base % '["zstd -3"]')
+    cp = run_cli("configcheck", "--skip-host-checks", config=cfg)
+    assert cp.returncode == 2 and '["zstd", "-3"]' in cp.stderr and "no shell" in cp.stderr
+    cfg.write_text(base % '[[]]')
+    cp = run_cli("configcheck", "--skip-host-checks", config=cfg)
+    assert cp.returncode == 2 and "is empty" in cp.stderr
+
+
 def test_configcheck_warning_keeps_exit_zero(tmp_path):
     cfg = tmp_path / "warn.yml"
     cfg.write_text("jobs:\n"

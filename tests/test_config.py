@@ -123,7 +123,7 @@ SPOT_CHECKS = [
     ("push_local.yml", "home_to_usb", "replication.protection_initial", "guarantee_resumability"),
     ("push_local.yml", "home_to_usb", "replication.protection_incremental",
      "guarantee_resumability"),
-    ("push_local.yml", "home_to_usb", "replication.concurrency_steps", 1),
+    ("push_local.yml", "home_to_usb", "replication.concurrency_steps", None),
     ("push_local.yml", "home_to_usb", "replication.concurrency_size_estimates", 4),
     ("push_local.yml", "home_to_usb", "replication.timeout", 600),             # 10m
     ("push_local.yml", "home_to_usb", "replication.batch_incrementals", True),
@@ -280,7 +280,7 @@ SPOT_CHECKS = [
     ("replication_options.yml", "tuned_push", "connect.dial_timeout", 60.0),
     ("replication_options.yml", "tuned_pull", "replication.timeout", DAY),
     ("replication_options.yml", "tuned_pull", "replication.batch_incrementals", True),
-    ("replication_options.yml", "tuned_pull", "replication.concurrency_steps", 1),
+    ("replication_options.yml", "tuned_pull", "replication.concurrency_steps", None),
     ("replication_options.yml", "tuned_pull", "initial_replication", "most_recent"),
     ("replication_options.yml", "tuned_pull", "keep_sender", []),
     # --- global: logging outlets, monitoring, control, rundir

@@ -22,7 +22,8 @@ import time
 
 import pytest
 
-from conftest import REPO, assert_no_traceback, hold, make_tree, run_cli, snap, state, zfs
+from conftest import (REPO, assert_no_traceback, hold, make_tree, run_cli, snap, state,
+                      write_data, zfs)
 
 sys.path.insert(0, str(REPO))
 import zrepl  # noqa: E402
@@ -1055,3 +1056,130 @@ def test_placeholder_becomes_a_real_filesystem_when_its_sender_is_added(pools, t
     assert cp.stdout.splitlines()[1] == "no\t%s\toff" % rig.target(p), cp.stdout
     mounted = zfs("get", "-H", "-r", "-o", "value", "mounted", rig.sink).stdout.split()
     assert set(mounted) <= {"no", "-"}
+
+
+# --- the everyday cycle: default concurrency, stream pipelines ------------------------------
+
+def timed_zfs(tmp_path):
+    """A `zfs` first in PATH that logs `start end argv` of every call (it waits for the
+    real zfs instead of exec-ing it) -> (env, log path)."""
+    bindir = tmp_path / "tbin"
+    bindir.mkdir(exist_ok=True)
+    log = tmp_path / "zfs-timed.log"
+    wrapper = bindir / "zfs"
+    wrapper.write_text('#!/bin/sh\ns=$(date +%%s.%%N)\n%s "$@"\nrc=$?\n'
+                       'echo "$s $(date +%%s.%%N) $*" >> %s\nexit $rc\n' % (REAL_ZFS, q(log)))
+    wrapper.chmod(0o755)
+    return {"PATH": "%s:%s" % (bindir, os.environ.get("PATH", "/usr/bin:/bin"))}, log
+
+
+def receive_intervals(log, root):
+    """[(start, end)] of the `zfs receive` calls into root, from timed_zfs's log."""
+    out = []
+    for line in log.read_text().splitlines():
+        start, end, argv = line.split(" ", 2)
+        words = argv.split(" ")
+        if words[0] == "receive" and "-A" not in words and words[-1].startswith(root + "/"):
+            out.append((float(start), float(end)))
+    return out
+
+
+def most_at_once(intervals):
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    now = peak = 0
+    for _, d in events:
+        now += d
+        peak = max(peak, now)
+    return peak
+
+
+def test_step_is_big_by_estimate_and_by_kind():
+    full = zrepl.Step("full", None, zrepl.Version("snapshot", "p/a", "s", 1, 1, 1),
+                      "guarantee_resumability")
+    incr = zrepl.Step("incremental", full.to, zrepl.Version("snapshot", "p/a", "t", 2, 2, 2),
+                      "guarantee_resumability")
+    assert zrepl.step_is_big(full, None) and not zrepl.step_is_big(incr, None)
+    assert zrepl.step_is_big(incr, zrepl.BIG_STEP) and not zrepl.step_is_big(full, 4096)
+
+
+@pytest.mark.poolsize("512M")
+def test_default_concurrency_overlaps_small_steps_and_runs_big_ones_alone(pools, tmp_path):
+    """concurrency.steps unset: many small steps at once, never two big ones (SPEC §8.9
+    as this project decided it: README "Concurrency")."""
+    rig = Rig(pools, tmp_path, "conc")
+    small = ["s%d" % i for i in range(6)]
+    make_tree(rig.src, small + ["b1", "b2"])
+    for rel in small:
+        write_data(rig.fs(rel), 256 << 10)
+        snap(rig.fs(rel), "a")
+    rig.configure([rig.fs(r) for r in small])
+    env, log = timed_zfs(tmp_path)
+    rig.ok(env=env)
+    if rig.transport == "local":
+        # over ssh a step in parallel needs a connection of its own, and a tiny step ends
+        # before a second one is up: the first one takes the next step (no overlap needed)
+        assert most_at_once(receive_intervals(log, rig.sink)) >= 2
+    for rel in small:
+        assert_guids_equal(rig, rig.fs(rel))
+    # two full streams above BIG_STEP: one after the other, with the small ones beside
+    try:
+        for rel in ("b1", "b2"):
+            write_data(rig.fs(rel), zrepl.BIG_STEP + (2 << 20))
+            snap(rig.fs(rel), "a")
+        rig.configure([rig.fs(r) for r in small + ["b1", "b2"]])
+        log.unlink()
+        rig.ok(env=env)
+        big = [iv for iv in receive_intervals(log, rig.sink)]
+        assert len(big) == 2 and most_at_once(big) == 1, big
+        for rel in ("b1", "b2"):
+            assert_guids_equal(rig, rig.fs(rel))
+    finally:                          # the module's pools are small: give the space back
+        for root in (rig.src, rig.sink):
+            for name, (_, tags) in holds_view(root).items():
+                for tag in tags:
+                    zfs("release", tag, name, check=False)
+            zfs("destroy", "-r", root, check=False)
+
+
+def test_execpipe_stages_carry_the_stream_and_a_failing_stage_fails_the_step(
+        pools, tmp_path):
+    rig = Rig(pools, tmp_path, "pipe")
+    make_tree(rig.src, ["a"])
+    fs = rig.fs("a")
+    write_data(fs, 1 << 20)
+    snap(fs, "s1")
+    gzip = ["send: {execpipe: [[gzip, \"-1\"], [cat]]}"]
+    gunzip = ["recv: {execpipe: [[gzip, \"-d\"]]}"]
+    rig.configure([fs], push_extra=gzip, sink_extra=gunzip)
+    job = rig.ok()
+    assert_guids_equal(rig, fs)
+    # compressed on the wire: random data does not shrink, but the stream is gzip's
+    assert fs_reports(job)[fs]["bytes_replicated"] > 0
+
+    # a stage that fails: the step fails with that stage's stderr, nothing is left running
+    snap(fs, "s2")
+    broken = ["send: {execpipe: [[sh, \"-c\", \"head -c 1000 >/dev/null; echo "
+              "zreplpy-stage-broke >&2; exit 3\"]]}"]
+    rig.configure([fs], push_extra=broken, sink_extra=gunzip)
+    before = rig.trees()
+    cp, doc = rig.once()
+    assert_exit(cp, 1, doc)
+    f = fs_reports(push_report(doc))[fs]
+    assert f["state"] == "error" and f["error"]["kind"] in ("execpipe", "stream-broken"), f
+    assert "zreplpy-stage-broke" in cp.stderr and "exited with 3" in cp.stderr, cp.stderr
+    deadline = time.time() + 10
+    while subprocess_pids("zreplpy-stage-broke|zfs (send|receive).*" + fs):
+        assert time.time() < deadline, "a stage or zfs process was left running"
+        time.sleep(0.2)
+    assert snap_guids(rig.target(fs)) == {"@s1": before[rig.target(fs) + "@s1"]}
+    assert all(STEP_TAG not in tags for _, tags in holds_view(fs).values())
+    # the fixed configuration converges
+    rig.configure([fs], push_extra=gzip, sink_extra=gunzip)
+    rig.ok()
+    assert_guids_equal(rig, fs)
+
+
+def subprocess_pids(pattern):
+    import subprocess
+    out = subprocess.run(["pgrep", "-f", pattern], stdout=subprocess.PIPE, text=True).stdout
+    return [int(p) for p in out.split() if int(p) != os.getpid()]

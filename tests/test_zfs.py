@@ -306,6 +306,46 @@ def test_capabilities_are_probed_once_and_match_this_zfs(adapter):
                    for f in caps.pools.values())
 
 
+def test_probe_verdicts_are_kept_per_host_and_an_upgrade_probes_again(zfs_available, tmp_path):
+    """The ~26 probes run once per ZFS installation, not once per process; the key is
+    the zfs/zpool programs (a wrapper first in PATH is another program), pool features
+    are asked every time."""
+    cache = tmp_path / "capabilities.json"
+
+    def probed(path=None):
+        z = zrepl.ZFS()
+        z.probe_cache = str(cache)
+        if path:
+            z.env["PATH"] = path + ":" + z.env["PATH"]
+        caps = z.capabilities()
+        return caps, z.calls
+
+    first, calls_first = probed()
+    assert calls_first >= 20 and cache.exists()
+    again, calls_again = probed()
+    assert calls_again <= 3, calls_again            # zpool list + pool features
+    assert again.flags == first.flags and again.undecided == first.undecided
+    assert (again.implementation, again.version) == (first.implementation, first.version)
+    pools_now = set(subprocess.run(["zpool", "list", "-H", "-o", "name"], env=zrepl._zfs_env(),
+                                   stdout=subprocess.PIPE, text=True).stdout.split())
+    assert set(again.pools) == pools_now          # asked again, not remembered
+    # another zfs program (an upgrade, here a wrapper first in PATH): probed again
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "zfs"
+    wrapper.write_text("#!/bin/sh\nexec %s \"$@\"\n" % shutil.which(
+        "zfs", path=zrepl._zfs_env()["PATH"]))
+    wrapper.chmod(0o755)
+    upgraded, calls_upgraded = probed(str(bindir))
+    assert calls_upgraded >= 20 and upgraded.flags == first.flags
+    wrapper.write_text(wrapper.read_text() + "# upgraded again\n")
+    assert probed(str(bindir))[1] >= 20
+    assert probed(str(bindir))[1] <= 3
+    # a damaged cache is probed over, never trusted
+    cache.write_text("{not json")
+    assert probed(str(bindir))[1] >= 20
+
+
 def test_unavailable_zfs_is_reported_not_raised(tmp_path):
     z = zrepl.ZFS()
     z.env["PATH"] = str(tmp_path)          # no zfs anywhere on this PATH
