@@ -3938,8 +3938,9 @@ class ZFS:
         self._listings = {}   # listing argv -> result, until a mutating command runs
         self._binaries = {}
         # where the probes' verdicts are kept between processes (the CLI sets it to a
-        # file in the rundir); None: probe every time
+        # file in the rundir); None: probe every time; readonly: a dry run writes nothing
         self.probe_cache = None
+        self.probe_cache_readonly = False
 
     # -- running commands --
     def _binary(self, name):
@@ -4125,7 +4126,7 @@ class ZFS:
                     undecided[name] = f"`{' '.join(argv)}`: {why}"
         self._warn_undecided(undecided)
         impl, version = self._implementation()
-        if key is not None:
+        if key is not None and not self.probe_cache_readonly:
             self._store_probe(key, impl, version, flags, undecided)
         return Capabilities(True, implementation=impl, version=version, flags=flags,
                             pools=self._pool_features(flags), undecided=undecided)
@@ -7658,6 +7659,26 @@ class ReplicationReport(Record):
         return self
 
 
+def both_sides(first, second):
+    """first() here and second() on a helper thread, at once -> (result, result); an
+    error of either is raised (first's if both fail) once both have ended."""
+    box, raised = [], []
+
+    def run():
+        try:
+            box.append(second())
+        except BaseException as e:        # re-raised in the caller's thread
+            raised.append(e)
+    helper = start_thread(run)
+    try:
+        mine = first()
+    finally:
+        helper.join()
+    if raised:
+        raise raised[0]
+    return mine, box[0]
+
+
 class Replication:
     """One replication phase of an active job between a sender and a receiver endpoint."""
 
@@ -7753,8 +7774,9 @@ class Replication:
     def _attempt(self):
         """List both sides, plan every unfinished filesystem, run the steps; returns the
         error that ended the attempt for all filesystems, or None."""
-        sender_fs = self.sender.list_filesystems()
-        receiver_fs = self.receiver.list_filesystems()
+        # the two listings are of different pools (or hosts): side by side
+        sender_fs, receiver_fs = both_sides(self.sender.list_filesystems,
+                                            self.receiver.list_filesystems)
         self.sender_versions = {p: {v.guid: v for v in d.snapshots} for p, d in sender_fs.items()}
         for path, rds in receiver_fs.items():
             self.receiver_guids[path] = {v.guid for v in rds.snapshots}
@@ -7771,12 +7793,20 @@ class Replication:
             return None
         todo = {p: f.steps[f.done:] for p, f in self.fs.items() if not f.finished and f.steps}
         self.prepared, self.received, self.completed = set(), [], {}
-        for side in (self.receiver, self.sender):
-            if not todo:
-                break
-            errors = side.prepare(todo)
-            if side is self.sender:
-                self.prepared = set(todo) - set(errors)
+        # the receiver's pre-check (a read) and the sender's step holds side by side; a
+        # filesystem either refuses fails before its first step
+        try:
+            r_errors, s_errors = both_sides(lambda: self.receiver.prepare(todo) if todo else {},
+                                            lambda: self.sender.prepare(todo) if todo else {})
+        except ZreplError:
+            self.prepared = set(todo)       # what the sender may have held: released now
+            try:
+                self._flush()
+            except ZreplError as e:
+                self.log("warn", "repl", f"cannot release the step holds of this attempt: {e}")
+            raise
+        self.prepared = set(todo) - set(s_errors)
+        for errors in (r_errors, s_errors):
             for path, err in errors.items():
                 f = self.fs.get(path)
                 if f is not None and not f.finished:   # its first step fails before it starts
@@ -10522,13 +10552,21 @@ def _load(args, zfs=None, *, skip_cert_check=False):
     config = load_config(path, skip_cert_check=skip_cert_check)
     if zfs is not None:
         zfs.probe_cache = probe_cache_path(config.global_.rundir)
+        zfs.probe_cache_readonly = bool(getattr(args, "dry_run", False))   # changes nothing
     return config
 
 
 def probe_cache_path(rundir):
-    """rundir/capabilities.json where rundir exists (a cron host's first run creates it
-    when it takes its job lock; until then the probes run every time)."""
-    return os.path.join(rundir, "capabilities.json") if os.path.isdir(rundir) else None
+    """rundir/capabilities.json where rundir is a directory of ours that nobody else may
+    write (a cron host's first run makes it when it takes its job lock; until then, or in
+    a rundir the jobs section refuses, the probes run every time)."""
+    try:
+        st = os.stat(rundir)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        return None
+    return os.path.join(rundir, "capabilities.json")
 
 
 def cmd_version(args, zfs, out):

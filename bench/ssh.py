@@ -6,12 +6,17 @@
      `zfs send fs@s | ssh <same options> root@127.0.0.1 zfs recv -u dst`; MiB/s and ratio.
   b  a no-change push of 20 filesystems: ssh processes started (goal 1), zfs processes on
      each side, and the wall time next to the same run over `local`.
+  c  stream pipelines and ciphers: SIZE MiB of compressible data (a quarter random, the rest
+     repeating text) pushed over ssh by zrepl.py plain, with `send.execpipe: [[zstd, -3]]` +
+     the sink's `recv.execpipe: [[zstd, -d]]`, and raw `zfs send | zstd | ssh 'zstd -d | zfs
+     recv'`; then (a)'s incompressible stream with the recommended cipher
+     (aes128-gcm@openssh.com, AES-NI) for zrepl.py and raw alike.
 
 Both use the same ssh client options (BatchMode, ServerAliveInterval, the bed's key and
 known_hosts, default cipher). Every run is checked (GUIDs on the destination). Medians of
 --runs runs, the tools interleaved.
 
-    python3 bench/ssh.py [--only a,b] [--runs 3] [--size-mib 1024]
+    python3 bench/ssh.py [--only a,b,c] [--runs 3] [--size-mib 1024]
 
 Needs root, a ZFS (zfs-fuse will do) and sshd (Debian openssh-server). Makes and destroys its
 own file-backed pools under /var/tmp and its own sshd on a free port.
@@ -85,15 +90,17 @@ class Bed:
         with open(os.path.join(self.base, "env"), "w") as f:
             f.write("".join("export %s=%s\n" % (k, shlex.quote(v)) for k, v in (env or {}).items()))
 
-    def ssh_options(self, key):
+    def ssh_options(self, key, cipher=None):
         return ["-o", "BatchMode=yes", "-o", "ServerAliveInterval=15", "-p", str(self.port),
                 "-i", os.path.join(self.base, key), "-o",
-                "UserKnownHostsFile=%s/known_hosts" % self.base, "-l", "root"]
+                "UserKnownHostsFile=%s/known_hosts" % self.base, "-l", "root"] + \
+            (["-o", "Ciphers=" + cipher] if cipher else [])
 
-    def connect_yaml(self):
+    def connect_yaml(self, cipher=None):
+        extra = ', "Ciphers=%s"' % cipher if cipher else ""
         return ('{type: ssh+stdinserver, host: 127.0.0.1, user: root, port: %d, identity_file: '
-                '%s, options: ["UserKnownHostsFile=%s/known_hosts"]}'
-                % (self.port, json.dumps(os.path.join(self.base, "id_zrepl")), self.base))
+                '%s, options: ["UserKnownHostsFile=%s/known_hosts"%s]}'
+                % (self.port, json.dumps(os.path.join(self.base, "id_zrepl")), self.base, extra))
 
     def stop(self):
         self.proc.terminate()
@@ -112,14 +119,18 @@ def make_pools(work, size):
     return names
 
 
-def write_data(fs, mib, work):
+TEXT = b"".join(b"%08d the quick brown fox jumps over the lazy dog; zrepl.py bench\n" % i
+               for i in range(12000))[:768 << 10]
+
+
+def write_data(fs, mib, work, compressible=False):
     mnt = tempfile.mkdtemp(dir=work)
     sh("zfs", "set", "mountpoint=" + mnt, fs)
     if sh("zfs", "get", "-H", "-o", "value", "mounted", fs).stdout.strip() != "yes":
         sh("zfs", "mount", fs)
     with open(os.path.join(mnt, "data"), "wb") as f:
         for _ in range(mib):
-            f.write(os.urandom(1 << 20))
+            f.write(os.urandom(256 << 10) + TEXT if compressible else os.urandom(1 << 20))
         f.flush()
         os.fsync(f.fileno())
     sh("zfs", "unmount", fs)
@@ -149,15 +160,17 @@ def guid(name):
     return sh("zfs", "get", "-Hp", "-o", "value", "guid", name).stdout.strip()
 
 
-def config(rundir, sink_root, filesystems, connect, serve):
+def config(rundir, sink_root, filesystems, connect, serve, send_pipe=None, recv_pipe=None):
     return ("global: {rundir: %s}\njobs:\n"
-            "  - name: sink\n    type: sink\n    root_fs: %s\n    serve: %s\n"
+            "  - name: sink\n    type: sink\n    root_fs: %s\n    serve: %s\n%s"
             "  - name: push\n    type: push\n    connect: %s\n    filesystems: {%s}\n"
-            "    snapshotting: {type: manual}\n"
+            "    snapshotting: {type: manual}\n%s"
             "    pruning: {keep_sender: [{type: regex, regex: '.*'}], keep_receiver: "
             "[{type: regex, regex: '.*'}]}\n"
-            % (rundir, sink_root, serve, connect,
-               ", ".join('"%s": true' % f for f in filesystems)))
+            % (rundir, sink_root, serve,
+               "    recv: {execpipe: %s}\n" % json.dumps(recv_pipe) if recv_pipe else "",
+               connect, ", ".join('"%s": true' % f for f in filesystems),
+               "    send: {execpipe: %s}\n" % json.dumps(send_pipe) if send_pipe else ""))
 
 
 def once(cfg_path, env=None):
@@ -207,6 +220,119 @@ def bench_a(bed, src, dst, work, mib, runs):
                                                      ", ".join("%.2f" % x for x in v)))
     print("  ratio zrepl.py / raw throughput: %.2f" % (med["raw send | ssh recv"] /
                                                        med["zrepl.py over ssh"]))
+
+
+def raw_over_ssh(bed, fs, target, cipher=None, pipe=False):
+    """`zfs send fs | [zstd -3 |] ssh ... '[zstd -d |] zfs recv -u target'` -> seconds."""
+    t0 = time.monotonic()
+    send = subprocess.Popen(["zfs", "send", fs], stdout=subprocess.PIPE, env=ENV)
+    mid = None
+    feed = send.stdout
+    if pipe:
+        mid = subprocess.Popen(["zstd", "-3", "-q", "-c"], stdin=send.stdout,
+                               stdout=subprocess.PIPE, env=ENV)
+        send.stdout.close()
+        feed = mid.stdout
+    remote = ("zstd -d -q -c | " if pipe else "") + "zfs recv -u %s" % target
+    recv = subprocess.run(["ssh"] + bed.ssh_options("id_raw", cipher) + ["127.0.0.1", remote],
+                          stdin=feed, env=ENV, stderr=subprocess.PIPE)
+    feed.close()
+    for p in (send, mid):
+        if p is not None:
+            p.wait()
+    took = time.monotonic() - t0
+    assert recv.returncode == 0 and send.returncode == 0, recv.stderr
+    return took
+
+
+def bench_c(bed, src, dst, work, mib, runs):
+    """zstd in the pipeline on compressible data; the recommended cipher on random data."""
+    cipher = "aes128-gcm@openssh.com"
+    cases = []
+    fs_text = src + "/text"
+    sh("zfs", "create", "-o", "mountpoint=none", fs_text)
+    write_data(fs_text, mib, work, compressible=True)
+    sh("zfs", "snapshot", fs_text + "@s1")
+    zstd = ([["zstd", "-3", "-q", "-c"]], [["zstd", "-d", "-q", "-c"]])
+    cases += [("compressible, zrepl.py plain", fs_text, None, (None, None)),
+              ("compressible, zrepl.py + zstd execpipe", fs_text, None, zstd),
+              ("compressible, raw send | zstd | ssh", fs_text, None, "raw-zstd"),
+              ("compressible, raw send | ssh", fs_text, None, "raw")]
+    fs_bulk = src + "/bulk"
+    if sh("zfs", "list", "-H", fs_bulk, check=False).returncode != 0:
+        sh("zfs", "create", "-o", "mountpoint=none", fs_bulk)
+        write_data(fs_bulk, mib, work)
+        sh("zfs", "snapshot", fs_bulk + "@s1")
+    cases += [("random, zrepl.py, %s" % cipher, fs_bulk, cipher, (None, None)),
+              ("random, raw send | ssh, %s" % cipher, fs_bulk, cipher, "raw"),
+              ("random, zrepl.py, default cipher", fs_bulk, None, (None, None)),
+              ("random, raw send | ssh, default cipher", fs_bulk, None, "raw")]
+    sh("zfs", "create", "-o", "mountpoint=none", dst + "/csink")
+    times = {c[0]: [] for c in cases}
+    for k in range(runs):
+        for label, fs, ciph, how in cases:
+            settle()
+            if isinstance(how, str):
+                destroy_tree(dst + "/craw")
+                settle()
+                times[label].append(raw_over_ssh(bed, fs + "@s1", dst + "/craw", ciph,
+                                                 pipe=how == "raw-zstd"))
+                assert guid(dst + "/craw@s1") == guid(fs + "@s1")
+                continue
+            destroy_tree(dst + "/csink/bench")
+            settle()
+            cfg = os.path.join(work, "c.yml")
+            with open(cfg, "w") as f:
+                f.write(config(os.path.join(work, "run-c"), dst + "/csink", [fs],
+                               bed.connect_yaml(ciph),
+                               "{type: stdinserver, client_identities: [bench]}",
+                               send_pipe=how[0], recv_pipe=how[1]))
+            bed.use(cfg)
+            times[label].append(once(cfg))
+            assert guid("%s/csink/bench/%s@s1" % (dst, fs)) == guid(fs + "@s1")
+    stream = {fs: len_of_stream(fs + "@s1") for fs in (fs_text, fs_bulk)}
+    print("\n(c) %d MiB pushed over ssh: stream pipelines and ciphers, medians of %d" % (mib, runs))
+    print("  zstd -3 shrinks the compressible stream %.1fx (%.0f -> %.0f MiB)"
+          % (stream[fs_text] / max(1, zstd_size(fs_text + "@s1")), stream[fs_text] / 1048576,
+             zstd_size(fs_text + "@s1") / 1048576))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for label, fs, _, _ in cases:
+        print("  %-44s %7.2f s  %7.1f MiB/s   (%s)" % (
+            label, med[label], stream[fs] / 1048576 / med[label],
+            ", ".join("%.2f" % x for x in times[label])))
+    print("  zstd execpipe vs plain (compressible): %.2fx faster"
+          % (med[cases[0][0]] / med[cases[1][0]]))
+    print("  zrepl.py + zstd vs raw send | zstd | ssh: %.2fx raw throughput"
+          % (med[cases[2][0]] / med[cases[1][0]]))
+    print("  %s: zrepl.py vs raw: %.2fx raw throughput; default cipher: %.2fx"
+          % (cipher, med[cases[5][0]] / med[cases[4][0]], med[cases[7][0]] / med[cases[6][0]]))
+
+
+def len_of_stream(snapshot):
+    p = subprocess.Popen(["zfs", "send", snapshot], stdout=subprocess.PIPE, env=ENV)
+    n = 0
+    while True:
+        b = p.stdout.read(1 << 20)
+        if not b:
+            break
+        n += len(b)
+    p.wait()
+    return n
+
+
+def zstd_size(snapshot):
+    send = subprocess.Popen(["zfs", "send", snapshot], stdout=subprocess.PIPE, env=ENV)
+    z = subprocess.Popen(["zstd", "-3", "-q", "-c"], stdin=send.stdout, stdout=subprocess.PIPE)
+    send.stdout.close()
+    n = 0
+    while True:
+        b = z.stdout.read(1 << 20)
+        if not b:
+            break
+        n += len(b)
+    z.wait()
+    send.wait()
+    return n
 
 
 def logging_bin(work, name):
@@ -273,7 +399,7 @@ def bench_b(bed, src, dst, work, runs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="a,b")
+    ap.add_argument("--only", default="a,b,c")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size-mib", type=int, default=1024)
     args = ap.parse_args()
@@ -285,6 +411,8 @@ def main():
             bench_a(bed, src, dst, work, args.size_mib, args.runs)
         if "b" in args.only:
             bench_b(bed, src, dst, work, args.runs)
+        if "c" in args.only:
+            bench_c(bed, src, dst, work, args.size_mib, args.runs)
     finally:
         bed.stop()
         for pool in (src, dst):
