@@ -5260,8 +5260,13 @@ class Receiver:
         raise NotImplementedError
 
     def finish_phase(self, received):
-        """[(path, Version, protection)] received this phase: verify them by GUID and move
-        the last-received holds, in a few calls -> {path: error}."""
+        """[(path, Version, protection)] received this phase: verify them by GUID and hold
+        them as last received, in a few calls -> {path: error}."""
+        raise NotImplementedError
+
+    def release_superseded(self, received):
+        """After finish_phase held them: release the last-received holds of older
+        snapshots of those filesystems -> {path: error}."""
         raise NotImplementedError
 
     def abort_partial_receive(self, path):
@@ -5849,15 +5854,24 @@ class LocalReceiver(Receiver):
         for name, err in self.zfs.hold(tag, [v for _, v, _ in last.values()]).items():
             if err is not None:
                 errors.setdefault(last[name.split("@")[0]][0], err)
-        moved = [t for t, (path, _, _) in last.items() if path not in errors and t in listing]
-        tags = hold_tags(self.zfs, [listing[t] for t in moved])   # one `zfs holds` for all
+        return errors
+
+    def release_superseded(self, received):
+        """One `zfs holds` for all (or the records), one `zfs release` of the older ones."""
+        tag = last_received_hold_tag(self.job.name)
+        listing = self._listing()
+        now = {self.target(path): (path, v.guid) for path, v, protection in received
+               if protection != "guarantee_nothing"}
+        moved = [t for t in now if t in listing]
+        tags = hold_tags(self.zfs, [listing[t] for t in moved])
         old = [v for t in moved for v in listing[t].snapshots
-               if tag in tags.get(v.full_name, ()) and v.guid != last[t][1].guid]
+               if tag in tags.get(v.full_name, ()) and v.guid != now[t][1]]
+        errors = {}
         if old:
             for name, err in self.zfs.release(tag, old).items():
                 if err is not None:
                     t = name.split("@")[0]
-                    errors.setdefault(last[t][0] if t in last else t, err)
+                    errors.setdefault(now[t][0] if t in now else t, err)
         return errors
 
     def send(self, path, step):
@@ -5902,7 +5916,7 @@ class LocalReceiver(Receiver):
 # tables of section 8 travel as frames (SPEC §9.1-9.3): RemoteSender and RemoteReceiver
 # are those tables as requests, Server carries them out against a local endpoint.
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2     # 2: HoldCursors, ReleaseSuperseded (a phase's halves side by side)
 PREAMBLE = b"ZREPLPY1"
 PREAMBLE_SEARCH = 64 * 1024
 HELLO, REQUEST, RESPONSE, DATA, END, HEARTBEAT = 1, 2, 3, 4, 5, 6
@@ -6402,7 +6416,8 @@ def _r_destroyed(results):
 
 # method -> (roles that may call it, handler(endpoint, params) -> result document).
 # A role is "sink", "source" or "sink-restore"; SPEC §9.3's table, plus the phase methods
-# (PrepareSteps, FinishPhase) that let one call serve every filesystem of a phase.
+# (PrepareSteps, HoldCursors, FinishPhase, ReleaseSuperseded) that let one call serve every
+# filesystem of a phase, and let the two sides' halves of it run at the same time.
 METHODS = {
     "Ping": (("sink", "source", "sink-restore"), lambda e, p: {"time": int(time.time())}),
     "ListFilesystems": (("sink", "source", "sink-restore"),
@@ -6427,12 +6442,24 @@ METHODS = {
     "SnapshotRound": (("source",), lambda e, p: {"snapshotting": e.snapshot_round(
         wire_enum(p, "mode", ("due", "always", "never")), wire_bool(p, "dry_run", False))}),
     "AbortPartialReceive": (("sink",), lambda e, p: e.abort_partial_receive(_p_fs(p)) or {}),
+    "ReleaseSuperseded": (("sink",), lambda e, p: _r_errors(e.release_superseded(
+        _p_received(p)))),
     "FinishPlaceholderConversion": (("sink",), lambda e, p:
                                     e.finish_placeholder_conversion(_p_fs(p)) or {}),
     "Send": (("source", "sink-restore"), None),           # streams: Server handles them
     "Receive": (("sink",), None),
     "Goodbye": (("sink", "source", "sink-restore"), lambda e, p: {}),
 }
+
+
+def _p_received(p):
+    received = []
+    for item in wire_list(p, "received"):
+        item = wire_object(item, "received")
+        fs = _p_fs(item)
+        received.append((fs, Version.from_json(item.get("to"), fs),
+                         wire_enum(item, "protection", PROTECTION_KINDS)))
+    return received
 
 
 def _p_cursors(p, key):
@@ -6538,13 +6565,7 @@ class Server:
             return _r_errors(self.endpoint.finish_phase(
                 _p_cursors(p, "cursors"), names[:n], names[n:],
                 withdraw=_p_cursors(p, "withdraw") if "withdraw" in p else ()))
-        received = []
-        for item in wire_list(p, "received"):
-            item = wire_object(item, "received")
-            fs = _p_fs(item)
-            received.append((fs, Version.from_json(item.get("to"), fs),
-                             wire_enum(item, "protection", PROTECTION_KINDS)))
-        return _r_errors(self.endpoint.finish_phase(received))
+        return _r_errors(self.endpoint.finish_phase(_p_received(p)))
 
     def _send(self, rid, p):
         fs, step = _p_fs(p), _p_step(p)
@@ -6732,6 +6753,11 @@ def _close_unless_answered(conn, e):
         conn.close()
 
 
+def _received_params(received):
+    return {"received": [{"fs": p, "to": v.to_json(), "protection": prot}
+                         for p, v, prot in received]}
+
+
 def _parse_errors(result):
     out = {}
     for item in wire_list(result, "errors"):
@@ -6865,8 +6891,10 @@ class RemoteReceiver(Receiver):
         return Version.from_json(r.get("to"), self.target(path))
 
     def finish_phase(self, received):
-        return _parse_errors(self.client.call("FinishPhase", {"received": [
-            {"fs": p, "to": v.to_json(), "protection": prot} for p, v, prot in received]}))
+        return _parse_errors(self.client.call("FinishPhase", _received_params(received)))
+
+    def release_superseded(self, received):
+        return _parse_errors(self.client.call("ReleaseSuperseded", _received_params(received)))
 
     def abort_partial_receive(self, path):
         self.client.call("AbortPartialReceive", {"fs": path})
@@ -7825,29 +7853,21 @@ class Replication:
         cursors; only then are the old cursors released (each side's calls wait for a txg
         sync of its own pool, so the two go side by side)."""
         cursors = [(p, to) for p, to in sorted(self.completed.items()) if p in self.prepared]
-        failed, held, raised = {}, {}, []
-
-        def receiver_side():
-            try:
-                failed.update(self.receiver.finish_phase(self.received))
-            except BaseException as e:      # re-raised in this thread, below
-                raised.append(e)
-        helper = start_thread(receiver_side) if self.received else None
-        try:
-            if cursors:
-                held = self.sender.hold_cursors(cursors)
-        finally:
-            if helper is not None:
-                helper.join()
-        if raised:
-            raise raised[0]
-        if self.prepared:
-            withdraw = [(p, to) for p, to in cursors if p in failed]
-            failed.update((p, e) for p, e in held.items() if p not in failed)
-            moved = self.sender.finish_phase([(p, to) for p, to in cursors if p not in failed],
-                                             self.prepared, self.keep_step_holds,
-                                             withdraw=withdraw)
-            failed.update({p: e for p, e in moved.items() if p not in failed})
+        received = self.received
+        failed, held = both_sides(
+            lambda: self.receiver.finish_phase(received) if received else {},
+            lambda: self.sender.hold_cursors(cursors) if cursors else {})
+        withdraw = [(p, to) for p, to in cursors if p in failed]
+        failed.update((p, e) for p, e in held.items() if p not in failed)
+        confirmed = [(p, v, prot) for p, v, prot in received if p not in failed]
+        # the receiver holds the new snapshots: both sides drop the old ones at once
+        released, moved = both_sides(
+            lambda: self.receiver.release_superseded(confirmed) if confirmed else {},
+            lambda: self.sender.finish_phase(
+                [(p, to) for p, to in cursors if p not in failed], self.prepared,
+                self.keep_step_holds, withdraw=withdraw) if self.prepared else {})
+        for errors in (released, moved):
+            failed.update({p: e for p, e in errors.items() if p not in failed})
         self.prepared, self.received, self.completed = set(), [], {}
         for path, err in failed.items():
             f = self.fs.get(path)

@@ -17,6 +17,10 @@ REPO = Path(__file__).resolve().parent.parent
 PYZ = REPO / "zrepl.pyz"
 BARE_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 NO_HOME = "/nonexistent"
+# the wire's version, read from the source the archive is built of (not imported: the
+# archive's own copy is what runs)
+PROTOCOL_VERSION = int(re.search(r"^PROTOCOL_VERSION = (\d+)", (REPO / "zrepl.py").read_text(),
+                                 re.M).group(1))
 
 # shiv's launcher files and zrepl.py with its own metadata; nothing else may be in the archive
 ALLOWED_MEMBER = re.compile(r"^(__main__\.py|environment\.json|_bootstrap/\w+\.py"
@@ -71,7 +75,7 @@ def test_serves_stdinserver_as_an_ssh_forced_command_runs_it(tmp_path):
     cfg.write_text("global: {rundir: %s}\njobs:\n  - name: sink\n    type: sink\n"
                    "    root_fs: smokepool/sink\n"
                    "    serve: {type: stdinserver, client_identities: [host1]}\n" % (tmp_path / "run"))
-    hello = json.dumps({"protocol": 1, "software": "test", "job": "push",
+    hello = json.dumps({"protocol": PROTOCOL_VERSION, "software": "test", "job": "push",
                         "mode": "replicate"}).encode()
     frame = len(hello).to_bytes(4, "big") + bytes((1,)) + hello
     cp = subprocess.run(["env", "-i", "PATH=" + BARE_PATH, "HOME=" + NO_HOME, "python3", str(PYZ),

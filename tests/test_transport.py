@@ -80,7 +80,8 @@ class Session:
             got += self._raw()
         with self.conn._rlock:
             self.conn._rbuf[:0] = got[got.index(zrepl.PREAMBLE) + len(zrepl.PREAMBLE):]
-        self.conn.send_json(zrepl.HELLO, hello or {"protocol": 1, "software": "test",
+        self.conn.send_json(zrepl.HELLO, hello or {"protocol": zrepl.PROTOCOL_VERSION,
+                                                   "software": "test",
                                                    "job": "t", "mode": self.mode})
         self.hello = self.conn.receive_json(zrepl.HELLO)
         return self.hello
@@ -240,12 +241,13 @@ def crafted(bed):
                   {"fs": "data", "snapshots": [{"name": "s1", "guid": str(real_guid + 1)}]},
                   "not-destroyed"))
     for method in ("Send", "SendCompleted", "ReplicationCursor", "SnapshotRound",
-                   "ListFilesystemVersions", "EstimateSize", "Bogus", "", "__init__"):
+                   "ListFilesystemVersions", "EstimateSize", "HoldCursors", "Bogus", "",
+                   "__init__"):
         cases.append(("host1", "replicate", method, {"fs": "data", "step": step("data", "s1",
                                                                                  real_guid)},
                       "refused"))
     for method in ("Receive", "DestroySnapshots", "PrepareSteps", "AbortPartialReceive",
-                   "FinishPlaceholderConversion", "FinishPhase"):
+                   "FinishPlaceholderConversion", "FinishPhase", "ReleaseSuperseded"):
         cases.append(("host1", "restore", method, {"fs": "data", "snapshots": []}, "refused"))
     cases.append(("host1", "restore", "Send", {"fs": "../host2/secret",
                                                "step": step("x", "s1", 1)}, "refused"))
@@ -327,10 +329,12 @@ def test_an_identity_nobody_serves_and_restore_of_a_source_are_refused(bed):
     assert "error" in hello and "nothing to restore" in hello["error"]["message"]
     assert s.end()[0] == 1
     s = Session(bed.cfg, "host1")
-    answer = s.start({"protocol": 2, "mode": "replicate"})
+    theirs = zrepl.PROTOCOL_VERSION + 1
+    answer = s.start({"protocol": theirs, "mode": "replicate"})
     assert answer["error"]["kind"] == "protocol"
     rc, err = s.end()
-    assert rc == 1 and "protocol version mismatch: local 1, remote 2" in err, err
+    assert rc == 1 and "protocol version mismatch: local %d, remote %d" % (
+        zrepl.PROTOCOL_VERSION, theirs) in err, err
     assert bed.trees() == before
 
 
@@ -412,6 +416,9 @@ def bases_for(bed, ident):
             "FinishPhase": {"cursors": [{"fs": fs, "to": st["to"]}], "release": [fs],
                             "keep": [], "received": [{"fs": fs, "to": st["to"],
                                                       "protection": "guarantee_nothing"}]},
+            "HoldCursors": {"cursors": [{"fs": fs, "to": st["to"]}]},
+            "ReleaseSuperseded": {"received": [{"fs": fs, "to": st["to"],
+                                                "protection": "guarantee_incremental"}]},
             "DecodeResumeToken": {"token": "1-abc"}, "ReplicationCursor": {"fs": fs},
             "DestroySnapshots": {"fs": fs, "snapshots": [{"name": "s1", "guid": str(g + 7)}]},
             "SnapshotRound": {"mode": "always", "dry_run": True},
@@ -455,7 +462,8 @@ def test_ten_thousand_fuzzed_frames_break_no_session_and_change_nothing(bed):
         t.start()
         frames = fuzz_frames(rnd, bases[ident])
         try:
-            a.sendall(frame(zrepl.HELLO, json.dumps({"protocol": 1, "mode": "replicate",
+            a.sendall(frame(zrepl.HELLO, json.dumps({"protocol": zrepl.PROTOCOL_VERSION,
+                                                     "mode": "replicate",
                                                      "job": "f"}).encode()))
             for data in frames:
                 a.sendall(data)
