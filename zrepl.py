@@ -3709,6 +3709,10 @@ ARGV_BYTES_LIMIT = 128 * 1024
 ARGV_NAMES_LIMIT = 100
 DESTROY_WORKERS = 4
 
+
+def _mutates(argv):
+    return argv[0] == "zfs" and len(argv) > 1 and argv[1] in _MUTATING
+
 # (regex on lower-cased stderr, rc or None, kind, temporary, local_to_fs) — first match wins.
 # zfs-fuse and OpenZFS texts are both covered; see zfs-fuse.md §3.5 for the catalogue.
 _CLASSIFY = [
@@ -3936,6 +3940,9 @@ class ZFS:
         self._calls_lock = threading.Lock()
         self._caps = None
         self._listings = {}   # listing argv -> result, until a mutating command runs
+        # bumped when a mutating command starts and when it ends: a listing that ran
+        # beside one (threads, both sides at once) is not kept, it may predate it
+        self._generation = 0
         self._binaries = {}
         # where the probes' verdicts are kept between processes (the CLI sets it to a
         # file in the rundir); None: probe every time; readonly: a dry run writes nothing
@@ -3956,8 +3963,9 @@ class ZFS:
         exe = self._binary(argv[0])
         with self._calls_lock:
             self.calls += 1
-            if argv[0] == "zfs" and len(argv) > 1 and argv[1] in _MUTATING:
+            if _mutates(argv):
                 self._listings.clear()
+                self._generation += 1
         return exe
 
     def run(self, argv, *, fs=None, input=None, timeout=None, check=True):
@@ -3983,6 +3991,10 @@ class ZFS:
         except BaseException:
             self._kill(proc)
             raise
+        if _mutates(argv):
+            with self._calls_lock:
+                self._generation += 1        # its effect is in listings started from now
+                self._listings.clear()
         stdout = out.decode("utf-8", "replace")
         stderr = err.decode("utf-8", "replace")
         self.log("debug", "zfs.cmd", "zfs command finished", argv=" ".join(argv),
@@ -4245,11 +4257,13 @@ class ZFS:
         key = tuple(argv)
         with self._calls_lock:
             cached = self._listings.get(key)
+            generation = self._generation
         if cached is not None:
             return cached
         result = self._list_uncached(argv, roots, snapshots)
         with self._calls_lock:
-            self._listings[key] = result
+            if generation == self._generation:
+                self._listings[key] = result
         return result
 
     def _list_uncached(self, argv, roots, snapshots):
@@ -5171,6 +5185,11 @@ class SendStream(MeteredStream):
 class Sender:
     """The sending side of a replication, wherever it is. Paths are sender-side names."""
 
+    # how many streams the default concurrency may run through this endpoint at once
+    # (None: no limit of its own). A remote one takes a connection per stream, and a
+    # connection is a login (ssh) or a handshake (tls): the default stays on the first.
+    default_streams = None
+
     def list_filesystems(self):
         """{path: Dataset} of every filesystem this sender serves (one listing)."""
         raise NotImplementedError
@@ -5238,6 +5257,7 @@ class Receiver:
     """The receiving side of a replication, wherever it is. Paths are sender-side names."""
 
     root = None          # where sender path P lands: root/P
+    default_streams = None      # as Sender.default_streams
 
     def target(self, path):
         return f"{self.root}/{_check_path(path)}"
@@ -6794,6 +6814,7 @@ def _step_params(path, step, **extra):
 
 class RemoteSender(Sender):
     """A source on another host, through a Client (SPEC §9.3)."""
+    default_streams = 1
 
     def __init__(self, client):
         self.client = client
@@ -6868,6 +6889,7 @@ class RemoteSender(Sender):
 
 class RemoteReceiver(Receiver):
     """A sink on another host, through a Client (SPEC §9.3)."""
+    default_streams = 1
 
     def __init__(self, client):
         self.client = client
@@ -7740,7 +7762,10 @@ class Replication:
         self.attempt = 0
         self.started_at = None
         self.auto = r.concurrency_steps is None
-        self.max_steps = AUTO_STEPS if self.auto else r.concurrency_steps
+        self.max_steps = min([AUTO_STEPS] + [n for n in (sender.default_streams,
+                                                          receiver.default_streams)
+                                             if n is not None]) \
+            if self.auto else r.concurrency_steps
         self.big_running = None         # auto: the path whose big step is moving
 
     # -- the phase --
@@ -8089,6 +8114,7 @@ class Replication:
             raise end.error
         with self.cond:
             self.received.append((f.path, received, step.protection))
+            self.keep_step_holds.discard(f.path)   # an earlier attempt's cut is resumed
         self.sender.send_completed(f.path, step, prepared=prepared)
         if step.protection != "guarantee_nothing":     # which keeps no cursor (SPEC §8.6)
             with self.cond:
@@ -11015,11 +11041,12 @@ def cmd_daemon(args, zfs, log):
     servers = []
     daemon.prepare()
     try:
-        servers.append(ControlServer(config.global_.control_sockpath,
-                                     control_routes(daemon), log))
         for mon in config.global_.monitoring:
             if mon.type == "prometheus":
                 servers.append(MetricsServer(daemon, mon, log))
+        # last: a control socket that exists means every listener answers
+        servers.append(ControlServer(config.global_.control_sockpath,
+                                     control_routes(daemon), log))
         daemon.launch()
         daemon.wait()
     finally:
