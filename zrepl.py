@@ -4916,8 +4916,14 @@ class ZFSProcess:
         whose daemon keeps working for a killed client."""
         self.cancelled = True
         for stage in self.stages:
-            # one that had ended already broke the stream itself: its error still counts
-            stage.ended_first = stage.ended_first or stage.proc.poll() is not None
+            # one that had ended already broke the stream itself: its error still counts.
+            # Its reader may see EOF a moment before the exit can be reaped: a short wait.
+            if not stage.ended_first:
+                try:
+                    stage.proc.wait(timeout=0.05)
+                except subprocess.TimeoutExpired:
+                    pass
+                stage.ended_first = stage.proc.poll() is not None
             stage.cancel()
         for pipe in (self.inp, self.out, self.proc.stdin, self.proc.stdout):
             if pipe and not pipe.closed:

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import make_tree, snap, state, write_data, zfs
 from test_replication import (Rig, assert_exit, assert_guids_equal, assert_only_known_holds,
-                              fs_reports, push_report, q)
+                              fs_reports, push_report, q, zrepl)
 
 pytestmark = pytest.mark.zfs
 
@@ -55,14 +55,15 @@ def test_a_no_change_run_opens_exactly_one_ssh_connection(rig, tmp_path):
     job = r.ok(env=env)
     assert [f["steps_done"] for f in fs_reports(job).values()] == [1, 1, 1, 1]
     assert len(log.read_text().split()) == 1
-    # an explicit concurrency.steps runs them side by side, a connection each at most
+    # an explicit concurrency.steps runs them side by side, a connection each (and a
+    # retry's, where a loaded host's dial timed out)
     r.configure(fss, push_extra=["replication: {concurrency: {steps: 4}}"])
     for fs in fss:
         snap(fs, "s3")
     log.unlink()
     job = r.ok(env=env)
     assert [f["steps_done"] for f in fs_reports(job).values()] == [1, 1, 1, 1]
-    assert 1 <= len(log.read_text().split()) <= len(fss)
+    assert 1 <= len(log.read_text().split()) <= len(fss) * (1 + zrepl.RETRIES_PER_ATTEMPT)
     for fs in fss:
         assert_guids_equal(r, fs)
 
