@@ -4975,8 +4975,6 @@ class ZFSProcess:
         or None. A stage killed by SIGPIPE only saw zfs go away: zfs's error says why."""
         failed = None
         for stage in self.stages:
-            if self.cancelled and not stage.ended_first and stage.proc.poll() is not None:
-                stage.ended_first = True
             end = stage.finish(timeout=timeout if timeout is not None else KILL_GRACE * 4)
             rc = end.exit_status
             if rc == 0 or (self.cancelled and not stage.ended_first) or \
@@ -5850,14 +5848,13 @@ class LocalReceiver(Receiver):
         return errors
 
     def finish_phase(self, received):
-        """Verify every received snapshot by GUID (one `zfs get`), then move the
-        last-received holds: hold the new snapshots, release the tag from the older ones,
-        in a few calls for all filesystems."""
+        """Verify every received snapshot by GUID (one `zfs get`), then hold the new ones
+        as last received, in one `zfs hold` for all filesystems (release_superseded drops
+        the older holds)."""
         if not received:
             return {}
         tag = last_received_hold_tag(self.job.name)
         errors = {}
-        listing = self._listing()
         last = {}
         for path, version, protection in received:
             target = self.target(path)
@@ -6779,6 +6776,10 @@ def _close_unless_answered(conn, e):
         conn.close()
 
 
+def _cursor_items(cursors):
+    return [{"fs": p, "to": v.to_json()} for p, v in cursors]
+
+
 def _received_params(received):
     return {"received": [{"fs": p, "to": v.to_json(), "protection": prot}
                          for p, v, prot in received]}
@@ -6850,13 +6851,11 @@ class RemoteSender(Sender):
         self.client.call("SendCompleted", _step_params(path, step, prepared=prepared))
 
     def hold_cursors(self, cursors):
-        return _parse_errors(self.client.call("HoldCursors", {
-            "cursors": [{"fs": p, "to": v.to_json()} for p, v in cursors]}))
+        return _parse_errors(self.client.call("HoldCursors", {"cursors": _cursor_items(cursors)}))
 
     def finish_phase(self, cursors, release, keep, withdraw=()):
         return _parse_errors(self.client.call("FinishPhase", {
-            "cursors": [{"fs": p, "to": v.to_json()} for p, v in cursors],
-            "withdraw": [{"fs": p, "to": v.to_json()} for p, v in withdraw],
+            "cursors": _cursor_items(cursors), "withdraw": _cursor_items(withdraw),
             "release": sorted(release), "keep": sorted(keep)}))
 
     def release_step_holds(self, path):

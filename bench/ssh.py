@@ -290,11 +290,12 @@ def bench_c(bed, src, dst, work, mib, runs):
             bed.use(cfg)
             times[label].append(once(cfg))
             assert guid("%s/csink/bench/%s@s1" % (dst, fs)) == guid(fs + "@s1")
-    stream = {fs: len_of_stream(fs + "@s1") for fs in (fs_text, fs_bulk)}
+    stream = {fs: stream_bytes(fs + "@s1") for fs in (fs_text, fs_bulk)}
+    zstd_bytes = stream_bytes(fs_text + "@s1", ["zstd", "-3", "-q", "-c"])
     print("\n(c) %d MiB pushed over ssh: stream pipelines and ciphers, medians of %d" % (mib, runs))
     print("  zstd -3 shrinks the compressible stream %.1fx (%.0f -> %.0f MiB)"
-          % (stream[fs_text] / max(1, zstd_size(fs_text + "@s1")), stream[fs_text] / 1048576,
-             zstd_size(fs_text + "@s1") / 1048576))
+          % (stream[fs_text] / max(1, zstd_bytes), stream[fs_text] / 1048576,
+             zstd_bytes / 1048576))
     med = {k: statistics.median(v) for k, v in times.items()}
     for label, fs, _, _ in cases:
         print("  %-44s %7.2f s  %7.1f MiB/s   (%s)" % (
@@ -308,30 +309,20 @@ def bench_c(bed, src, dst, work, mib, runs):
           % (cipher, med[cases[5][0]] / med[cases[4][0]], med[cases[7][0]] / med[cases[6][0]]))
 
 
-def len_of_stream(snapshot):
-    p = subprocess.Popen(["zfs", "send", snapshot], stdout=subprocess.PIPE, env=ENV)
+def stream_bytes(snapshot, *filters):
+    """Bytes of `zfs send snapshot`, after the filter commands (e.g. zstd) if any."""
+    procs = [subprocess.Popen(["zfs", "send", snapshot], stdout=subprocess.PIPE, env=ENV)]
+    for argv in filters:
+        procs.append(subprocess.Popen(argv, stdin=procs[-1].stdout, stdout=subprocess.PIPE))
+        procs[-2].stdout.close()
     n = 0
     while True:
-        b = p.stdout.read(1 << 20)
+        b = procs[-1].stdout.read(1 << 20)
         if not b:
             break
         n += len(b)
-    p.wait()
-    return n
-
-
-def zstd_size(snapshot):
-    send = subprocess.Popen(["zfs", "send", snapshot], stdout=subprocess.PIPE, env=ENV)
-    z = subprocess.Popen(["zstd", "-3", "-q", "-c"], stdin=send.stdout, stdout=subprocess.PIPE)
-    send.stdout.close()
-    n = 0
-    while True:
-        b = z.stdout.read(1 << 20)
-        if not b:
-            break
-        n += len(b)
-    z.wait()
-    send.wait()
+    for p in procs:
+        p.wait()
     return n
 
 
