@@ -3703,6 +3703,44 @@ ZFS_EXTRA_PATH = ("/sbin", "/usr/sbin", "/usr/local/sbin")
 _MUTATING = frozenset(("snapshot", "destroy", "hold", "release", "set", "inherit", "create",
                        "receive", "recv", "rename", "rollback", "bookmark", "promote",
                        "clone", "mount", "unmount", "umount"))
+def _add_userref(v):
+    v.userrefs = (v.userrefs or 0) + 1
+
+
+def _drop_userref(v):
+    v.userrefs = max(0, (v.userrefs or 0) - 1)
+
+
+def covers(roots, fs):
+    """Is fs in the tree of a listing of roots (no roots: every pool)?"""
+    return not roots or any(fs == r or fs.startswith(r + "/") for r in roots)
+
+
+class _CachedListing:
+    """One cached listing of the adapter: its result, what it covers, the event number
+    it was taken at, and the filesystems a later command changed in unknown ways."""
+
+    def __init__(self, result, roots, snapshots, seq):
+        self.result = result
+        self.roots = tuple(roots)
+        self.snapshots = snapshots
+        self.seq = seq
+        self.dirty = set()
+
+    def mark(self, filesystems):
+        self.dirty.update(fs for fs in filesystems if covers(self.roots, fs))
+
+    def replace(self, fs, versions):
+        """fs's versions changed as a command said: a new result (callers may still hold
+        the old one), the Dataset copied, not changed in place."""
+        datasets = dict(self.result[0])
+        datasets[fs] = dataclasses.replace(datasets[fs], versions=versions)
+        self.result = (datasets, self.result[1])
+
+
+# the settable properties whose (local) values a listing shows: setting any other one
+# changes nothing a cached listing holds
+_LISTED_SETTABLE = frozenset(("zrepl:placeholder", "zrepl:holds"))
 COMMAND_TIMEOUT = 600.0       # non-streaming commands (SPEC §4.1)
 KILL_GRACE = 5.0
 ARGV_BYTES_LIMIT = 128 * 1024
@@ -3712,6 +3750,73 @@ DESTROY_WORKERS = 4
 
 def _mutates(argv):
     return argv[0] == "zfs" and len(argv) > 1 and argv[1] in _MUTATING
+
+
+def listing_effect(argv):
+    """What a mutating zfs command does to a cached listing (SPEC §4.3) -> (how, names).
+
+    how is one of:
+      None       not mutating, or nothing a listing shows (`set canmount=on`)
+      "caller"   hold/release, or a zrepl:holds record, on named snapshots: the adapter
+                 method that ran it applies the known change when the command succeeded
+      "destroy"  named snapshots or bookmarks go away (names: their full names)
+      "bookmark" a bookmark of a listed snapshot appears (names: snapshot, bookmark)
+      "dirty"    only the named filesystems changed (names: filesystems): re-listed alone
+      "all"      anything may have changed: every cached listing is dropped
+    A command with a flag this does not know is "all": a guess never keeps a stale listing.
+    """
+    if not _mutates(argv):
+        return None, ()
+    verb, args = argv[1], list(argv[2:])
+    if verb in ("hold", "release"):
+        if len(args) < 2 or any(a.startswith("-") for a in args):
+            return "all", ()
+        return "caller", tuple(args[1:])
+    if verb in ("set", "inherit"):
+        if not args or args[0].startswith("-"):
+            return "all", ()
+        prop = args[0].split("=", 1)[0]
+        names = tuple(args[1:])
+        if prop == "zrepl:holds" and names and all("@" in n for n in names):
+            return "caller", names
+        if prop not in _LISTED_SETTABLE:
+            return None, ()
+        return "dirty", tuple(sorted({re.split(r"[@#]", n)[0] for n in names}))
+    if verb == "snapshot":
+        names = [a for i, a in enumerate(args) if not a.startswith("-") and
+                 (i == 0 or args[i - 1] != "-o")]
+        if "-r" in args or not names:
+            return "all", ()
+        return "dirty", tuple(sorted({n.split("@")[0] for n in names}))
+    if verb == "destroy":
+        if len(args) != 1 or args[0].startswith("-") or not re.search(r"[@#]", args[0]):
+            return "all", ()                 # flags, or a filesystem and its subtree
+        fs, sep, rest = re.split(r"([@#])", args[0], maxsplit=1)
+        if "%" in rest:                      # a snapshot range: which ones is zfs's call
+            return "dirty", (fs,)
+        return "destroy", tuple(f"{fs}{sep}{short}" for short in rest.split(","))
+    if verb == "bookmark":
+        if len(args) != 2 or "@" not in args[0] or "#" not in args[1]:
+            return "all", ()
+        return "bookmark", tuple(args)
+    if verb in ("receive", "recv"):
+        # -o/-x take a value; -d/-e name the target after the stream's own name
+        rest, i = [], 0
+        while i < len(args):
+            if args[i] in ("-o", "-x"):
+                i += 2
+                continue
+            if args[i] in ("-d", "-e") or (args[i].startswith("-") and
+                                           args[i] not in ("-u", "-s", "-F", "-v", "-n",
+                                                           "-A", "-c")):
+                return "all", ()
+            if not args[i].startswith("-"):
+                rest.append(args[i])
+            i += 1
+        if len(rest) != 1:
+            return "all", ()
+        return "dirty", (re.split(r"[@#]", rest[0])[0],)
+    return "all", ()
 
 # (regex on lower-cased stderr, rc or None, kind, temporary, local_to_fs) — first match wins.
 # zfs-fuse and OpenZFS texts are both covered; see zfs-fuse.md §3.5 for the catalogue.
@@ -3939,10 +4044,14 @@ class ZFS:
         self.calls = 0
         self._calls_lock = threading.Lock()
         self._caps = None
-        self._listings = {}   # listing argv -> result, until a mutating command runs
-        # bumped when a mutating command starts and when it ends: a listing that ran
-        # beside one (threads, both sides at once) is not kept, it may predate it
-        self._generation = 0
+        # listing argv -> _CachedListing: kept across the mutating commands whose effect
+        # is known (listing_effect), re-listed only where one changed what it cannot know
+        self._listings = {}
+        # every mutating command's start and end, numbered, with the filesystems it may
+        # touch: a listing that ran beside one of its own scope is not kept (it may
+        # predate it), while one on another pool (the other side) is
+        self._seq = 0
+        self._events = []
         self._binaries = {}
         # where the probes' verdicts are kept between processes (the CLI sets it to a
         # file in the rundir); None: probe every time; readonly: a dry run writes nothing
@@ -3959,18 +4068,118 @@ class ZFS:
         return path
 
     def _begin(self, argv):
-        """Every command: find the binary, count it, and forget listings it may change."""
+        """Every command: find the binary, count it, and note what listings it may change
+        -> (binary, the event number before it)."""
         exe = self._binary(argv[0])
+        how, names = listing_effect(argv)
         with self._calls_lock:
             self.calls += 1
-            if _mutates(argv):
-                self._listings.clear()
-                self._generation += 1
-        return exe
+            since = self._seq
+            if how is not None:
+                self._event(how, names)
+            return exe, since
+
+    def _ended(self, argv, since, ok):
+        how, names = listing_effect(argv)
+        if how is not None:
+            with self._calls_lock:
+                self._event(how, names, ended=True, ok=ok, since=since)
+
+    # -- the listing cache (SPEC §4.3) --
+    # A cached listing stays true across the mutating commands of a run: a hold, release,
+    # record, destroy or bookmark that succeeded is applied to it (the change is known),
+    # a receive or snapshot marks only its filesystem for re-listing, and anything else
+    # drops it. So pruning after a phase lists nothing, and a phase re-lists only what it
+    # received. Events are numbered: a change is applied only to listings taken before
+    # the command started (a later one may show it already), and a listing that ran
+    # beside a command of its own scope is not kept.
+
+    def current_seq(self):
+        with self._calls_lock:
+            return self._seq
+
+    def _event(self, how, names, ended=False, ok=False, since=0):
+        """A mutating command started or ended (ok: it succeeded). Caller holds the lock."""
+        scope = None if how == "all" else tuple({re.split(r"[@#]", n)[0] for n in names})
+        self._seq += 1
+        self._events.append((self._seq, scope))
+        if len(self._events) > 4096:
+            del self._events[:2048]
+        if scope is None:
+            self._listings.clear()
+        elif how == "dirty" or (ended and not ok):
+            for entry in self._listings.values():
+                entry.mark(scope)
+        elif ended and how in ("destroy", "bookmark"):
+            self._apply(how, names, since)
+        # "caller": its adapter method applies the change (patch_versions), having the
+        # caller's own Version objects to update as well
+
+    def _quiet(self, since, roots):
+        """No mutating command of roots' scope started or ended after event `since`?"""
+        if self._events and self._events[0][0] > since + 1:
+            return False                     # forgotten events: assume the worst
+        return not any(seq > since and (scope is None or any(covers(roots, fs)
+                                                             for fs in scope))
+                       for seq, scope in self._events)
+
+    def _entries(self, fs, since):
+        """The cached listings with fs's versions, each with whether it was taken before
+        event `since` (a change may be applied to it) or after (it may show the change
+        already: it is marked for re-listing instead)."""
+        for entry in list(self._listings.values()):
+            if entry.snapshots and covers(entry.roots, fs):
+                yield entry, entry.seq <= since
+
+    def _apply(self, how, names, since):
+        """A destroy or bookmark that succeeded, applied to the cached listings."""
+        if how == "destroy":
+            gone = set(names)
+            for fs in {re.split(r"[@#]", n)[0] for n in names}:
+                for entry, before in self._entries(fs, since):
+                    ds = entry.result[0].get(fs)
+                    if not before:
+                        entry.mark((fs,))
+                    elif ds is not None:
+                        entry.replace(fs, [v for v in ds.versions if v.full_name not in gone])
+            return
+        snap, mark = names
+        fs, _, short = snap.partition("@")
+        bname = mark.partition("#")[2]
+        for entry, before in self._entries(fs, since):
+            ds = entry.result[0].get(fs)
+            v = ds and next((v for v in ds.snapshots if v.name == short), None)
+            if not before or v is None or mark.partition("#")[0] != fs or \
+                    any(b.type == "bookmark" and b.name == bname for b in ds.versions):
+                entry.mark((fs,))            # "bookmark exists" is zfs's to judge
+                continue
+            versions = ds.versions + [Version("bookmark", fs, bname, v.guid, v.createtxg,
+                                              v.creation)]
+            versions.sort(key=lambda x: (x.createtxg, x.type == "snapshot"))
+            entry.replace(fs, versions)
+
+    def patch_versions(self, names, change, extra=(), since=0):
+        """A hold, release or record that succeeded on snapshots `names` (full names):
+        apply change(version) once to every Version object that stands for one of them,
+        the caller's `extra` ones and those of listings cached before event `since`."""
+        names = set(names)
+        with self._calls_lock:
+            objs = {id(v): v for v in extra if v.full_name in names}
+            for name in sorted(names):
+                fs, _, short = name.partition("@")
+                for entry, before in self._entries(fs, since):
+                    ds = entry.result[0].get(fs)
+                    v = ds and next((v for v in ds.snapshots if v.name == short), None)
+                    if before and v is not None:
+                        objs.setdefault(id(v), v)
+                    else:
+                        entry.mark((fs,))
+            for v in objs.values():
+                change(v)
 
     def run(self, argv, *, fs=None, input=None, timeout=None, check=True):
         """Run one zfs/zpool command to completion -> Result; raises classify()'s error."""
-        exe = self._begin(argv)
+        exe, since = self._begin(argv)
         started = time.monotonic()
         try:
             proc = subprocess.Popen([exe] + list(argv[1:]), env=self.env, close_fds=True,
@@ -3990,11 +4199,9 @@ class ZFS:
             out, err = self._kill(proc)
         except BaseException:
             self._kill(proc)
+            self._ended(argv, since, False)
             raise
-        if _mutates(argv):
-            with self._calls_lock:
-                self._generation += 1        # its effect is in listings started from now
-                self._listings.clear()
+        self._ended(argv, since, proc.returncode == 0 and not killed)
         stdout = out.decode("utf-8", "replace")
         stderr = err.decode("utf-8", "replace")
         self.log("debug", "zfs.cmd", "zfs command finished", argv=" ".join(argv),
@@ -4243,28 +4450,67 @@ class ZFS:
     def invalidate(self):
         """Forget cached listings (a daemon calls this at the start of every invocation)."""
         with self._calls_lock:
-            self._listings.clear()
+            self._event("all", ())
 
     def list_datasets(self, roots=(), *, snapshots=True):
         """ONE `zfs get` for all datasets under roots -> ({name: Dataset}, [missing roots]).
 
         A root that does not exist is returned in the second list, not raised: the other
         roots' lines still count (zfs prints them and exits 1). The result is reused by
-        later phases until any mutating zfs command runs (SPEC §4.3): callers must treat it
-        as read-only.
+        later phases (SPEC §4.3), kept true across the run's own changes (see the listing
+        cache above); where a command changed filesystems in ways only ZFS knows (a
+        receive, a snapshot), just those are listed again, in one `zfs get -d 1`. Callers
+        must treat the result as read-only.
         """
         argv = self.listing_argv(roots, snapshots=snapshots)
         key = tuple(argv)
         with self._calls_lock:
-            cached = self._listings.get(key)
-            generation = self._generation
-        if cached is not None:
-            return cached
-        result = self._list_uncached(argv, roots, snapshots)
+            entry = self._listings.get(key)
+            since = self._seq
+            dirty = sorted(entry.dirty) if entry is not None else []
+        if entry is not None and not dirty:
+            return entry.result
+        listed = len(entry.result[0]) if entry is not None else 0
+        if entry is not None and self.capabilities()["depth"] and \
+                len(dirty) <= ARGV_NAMES_LIMIT and 2 * len(dirty) <= listed:
+            result = self._relist(entry.result, roots, dirty, snapshots)
+        else:
+            # most of it changed (an initial replication): one listing is cheaper
+            result = self._list_uncached(argv, roots, snapshots)
         with self._calls_lock:
-            if generation == self._generation:
-                self._listings[key] = result
+            if self._quiet(since, roots):
+                if entry is not None and self._listings.get(key) is entry:
+                    entry.result = result
+                    entry.dirty.difference_update(dirty)
+                    entry.seq = since
+                else:
+                    self._listings[key] = _CachedListing(result, roots, snapshots, since)
         return result
+
+    def _relist(self, cached, roots, dirty, snapshots):
+        """The cached listing with the `dirty` filesystems listed again (one `zfs get -d 1`
+        each chunk: a filesystem's own lines and its versions; its children's lines are
+        not used) -> a new result; a filesystem that is gone leaves it."""
+        argv = self.listing_argv(roots, snapshots=snapshots)
+        head = ["zfs", "get", "-Hp", "-d", "1"] + argv[4:len(argv) - len(roots)]
+        types = ("filesystem", "volume") + (("snapshot", "bookmark") if snapshots else ())
+        datasets, missing = dict(cached[0]), list(cached[1])
+        for part, r in self._run_chunked(head, dirty):
+            others = [ln for ln in r.stderr.splitlines() if ln.strip() and not re.match(
+                r"^cannot open '(.*)': dataset does not exist$", ln.strip())]
+            if r.rc != 0 and others:
+                raise classify(head + part, r.rc, r.stderr)
+            fresh = parse_listing(r.stdout, types)
+            for fs in part:
+                if fs in fresh:
+                    datasets[fs] = fresh[fs]
+                    if fs in missing:
+                        missing.remove(fs)
+                else:
+                    datasets.pop(fs, None)
+                    if fs in roots and fs not in missing:
+                        missing.append(fs)
+        return datasets, missing
 
     def _list_uncached(self, argv, roots, snapshots):
         r = self.run(argv, check=False)
@@ -4399,11 +4645,14 @@ class ZFS:
         if not self.capabilities()["holds_list"]:
             result.update(self._write_records(
                 [(v, v.holds_record + (tag,)) for v in versions if tag not in v.holds_record]))
-        todo = [v.full_name for v in versions if v.full_name not in result]
-        result.update(self._hold_release("hold", tag, todo))
-        for v in versions:   # keep the caller's listing true to what ZFS now holds
-            if result.get(v.full_name) is None:
-                v.userrefs = (v.userrefs or 0) + 1
+        todo = [v for v in versions if v.full_name not in result]
+        since, clean = self.current_seq(), set()
+        result.update(self._hold_release("hold", tag, [v.full_name for v in todo], clean))
+        # keep the caller's versions and the cached listings true to what ZFS now holds
+        self.patch_versions(clean, _add_userref, todo, since)
+        for v in todo:           # a chunk that failed: only the caller's own guess
+            if v.full_name not in clean and result.get(v.full_name) is None:
+                _add_userref(v)
         return result
 
     def release(self, tag, versions):
@@ -4415,8 +4664,12 @@ class ZFS:
         side by side (each waits for a txg sync; they do not depend on each other), then
         the zrepl:holds records rewritten once for all tags."""
         releases = {tag: vs for tag, vs in releases.items() if vs}
+        since, clean = self.current_seq(), {tag: set() for tag in releases}
         results = self._parallel(sorted(releases), lambda tag: self._hold_release(
-            "release", tag, [v.full_name for v in releases[tag]]), lambda: False, {}, 4)
+            "release", tag, [v.full_name for v in releases[tag]], clean[tag]),
+            lambda: False, {}, 4)
+        for tag, versions in releases.items():
+            self.patch_versions(clean[tag], _drop_userref, versions, since)
         if self.capabilities()["holds_list"]:
             return results
         gone = {}                          # full name -> (Version, tags released)
@@ -4424,9 +4677,8 @@ class ZFS:
             for v in versions:
                 if results[tag].get(v.full_name) is None and tag in v.holds_record:
                     gone.setdefault(v.full_name, (v, set()))[1].add(tag)
-        for v, tags in gone.values():
-            if v.userrefs:
-                v.userrefs = max(0, v.userrefs - len(tags))
+                    if v.full_name not in clean[tag]:   # a failed chunk: the caller's guess
+                        _drop_userref(v)
         errors = self._write_records([(v, tuple(t for t in v.holds_record if t not in tags))
                                       for v, tags in gone.values()])
         for tag in results:
@@ -4448,17 +4700,14 @@ class ZFS:
             group = groups[record]
             argv = (["zfs", "set", "zrepl:holds=" + ",".join(record)] if record
                     else ["zfs", "inherit", "zrepl:holds"])
+            since = self.current_seq()
             for part, r in self._run_chunked(argv, [v.full_name for v in group]):
-                failed = {}
                 if r.rc != 0:
                     err = classify(argv + part, r.rc, r.stderr, part[0].split("@")[0])
-                    failed = {n: err for n in part}
-                for v in group:
-                    if v.full_name in part:
-                        if v.full_name in failed:
-                            errors[v.full_name] = failed[v.full_name]
-                        else:
-                            v.holds_record = record
+                    errors.update((n, err) for n in part)
+                    continue
+                self.patch_versions(part, lambda v: setattr(v, "holds_record", record),
+                                    group, since)
         # the groups are disjoint sets of snapshots: their writes go side by side
         self._parallel(sorted(groups), write, lambda: False, {}, 4)
         return errors
@@ -4469,7 +4718,7 @@ class ZFS:
     _CANNOT_HOLD = re.compile(r"^cannot (?:hold|release|open) (?:hold from )?(?:snapshot )?"
                               r"(?:'[^']*' from )?'([^']+)': (.*)$")
 
-    def _hold_release(self, verb, tag, names, retried=False):
+    def _hold_release(self, verb, tag, names, clean, retried=False):
         """One `zfs hold|release TAG` per chunk -> {name: None | error}.
 
         A failed chunk is attributed per snapshot from zfs's `cannot hold 'X': why` lines.
@@ -4481,7 +4730,9 @@ class ZFS:
         result = {}
         for part, r in self._run_chunked(["zfs", verb, tag], names):
             outcome = {n: None for n in part}
-            if r.rc != 0:
+            if r.rc == 0:
+                clean.update(part)               # each name changed, exactly once
+            else:
                 attributed = {}
                 for line in r.stderr.splitlines():
                     m = self._CANNOT_HOLD.match(line.strip())
@@ -4498,7 +4749,7 @@ class ZFS:
                     outcome = {n: (None if err.kind == ok_kind else err) for n in part}
                 elif rest and not retried:
                     outcome = dict(attributed)
-                    outcome.update(self._hold_release(verb, tag, rest, retried=True))
+                    outcome.update(self._hold_release(verb, tag, rest, clean, retried=True))
                 else:
                     outcome.update(attributed)
             result.update(outcome)
@@ -4591,24 +4842,6 @@ class ZFS:
                 raise classify(["zfs", "get", "guid"] + part, r.rc, r.stderr, part[0])
         return out
 
-    def get_versions(self, full_names):
-        """Exact guid/createtxg/creation of many snapshots at once -> {full name: Version};
-        ones that do not exist are left out (verifies a phase's receives in one call)."""
-        out = {}
-        argv = ["zfs", "get", "-Hp", "-o", "name,property,value,source",
-                "type,guid,createtxg,creation,userrefs"]
-        for part, r in self._run_chunked(argv, list(full_names)):
-            fss = {n.split("@")[0] for n in part}
-            text = "".join(f"{fs}\ttype\tfilesystem\t-\n" for fs in fss) + r.stdout
-            for ds in parse_listing(text).values():
-                for v in ds.versions:
-                    if v.full_name in part:
-                        out[v.full_name] = v
-            if r.rc != 0 and not all("dataset does not exist" in ln
-                                     for ln in r.stderr.splitlines() if ln.strip()):
-                raise classify(argv + part, r.rc, r.stderr, part[0].split("@")[0])
-        return out
-
     # -- bookmarks --
     def bookmark(self, snapshot, bookmark_full):
         """`zfs bookmark fs@s fs#b`; "bookmark exists" is the caller's to judge (by GUID)."""
@@ -4696,16 +4929,18 @@ class ZFS:
         try:
             if stdin and pipeline:            # stream -> stage ... stage -> zfs receive
                 stages = self._start_stages(pipeline, None, fs)
-                proc = self._popen(argv, fs, stages[-1].proc.stdout, subprocess.DEVNULL)
+                proc, ended = self._popen(argv, fs, stages[-1].proc.stdout,
+                                          subprocess.DEVNULL)
                 stages[-1].proc.stdout.close()
             else:
-                proc = self._popen(argv, fs, subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                   subprocess.PIPE if stdout else subprocess.DEVNULL)
+                proc, ended = self._popen(argv, fs,
+                                          subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                          subprocess.PIPE if stdout else subprocess.DEVNULL)
                 if stdout and pipeline:       # zfs send -> stage ... stage -> stream
                     try:
                         stages = self._start_stages(pipeline, proc.stdout, fs)
                     except BaseException:
-                        ZFSProcess(argv, proc, fs).cancel()
+                        ZFSProcess(argv, proc, fs, ended=ended).cancel()
                         proc.wait()
                         raise
                     finally:
@@ -4721,17 +4956,19 @@ class ZFS:
         for pipe in (out or proc.stdout, inp or proc.stdin):
             if pipe is not None and not pipe.closed:
                 _grow_pipe(pipe.fileno())
-        return ZFSProcess(argv, proc, fs, stages, out=out, inp=inp)
+        return ZFSProcess(argv, proc, fs, stages, out=out, inp=inp, ended=ended)
 
     def _popen(self, argv, fs, stdin, stdout):
-        exe = self._begin(argv)
+        exe, since = self._begin(argv)
         try:
-            return subprocess.Popen([exe] + list(argv[1:]), env=self.env, close_fds=True,
+            proc = subprocess.Popen([exe] + list(argv[1:]), env=self.env, close_fds=True,
                                     stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
                                     bufsize=0)
         except OSError as e:
             raise ZFSError(f"cannot run {argv[0]}: {e.strerror}", argv=argv, fs=fs,
                            kind="zfs-unavailable") from None
+        # the stream's end is the command's end for the listing cache (ZFSProcess.finish)
+        return proc, (lambda ok: self._ended(argv, since, ok))
 
     def _start_stages(self, pipeline, first_stdin, fs):
         """Spawn execpipe stages chained stdout -> stdin; the first reads first_stdin
@@ -4781,10 +5018,11 @@ class ZFSProcess:
     """A running `zfs send` or `zfs receive`: raw pipe fds, stderr drained in a thread so a
     chatty command never blocks, and cancel/finish that always reap (SPEC §4.1, §8.9)."""
 
-    def __init__(self, argv, proc, fs, stages=(), out=None, inp=None):
+    def __init__(self, argv, proc, fs, stages=(), out=None, inp=None, ended=None):
         self.argv = argv
         self.proc = proc
         self.fs = fs
+        self._ended = ended                 # told once, when the process is reaped
         self.pid = proc.pid
         # an execpipe: the stages (ZFSProcess each) between zfs and this process's ends;
         # out/inp are the pipes the relay reads and writes (the last / first stage's)
@@ -4958,6 +5196,9 @@ class ZFSProcess:
             if pipe and not pipe.closed:
                 pipe.close()
         rc = self.proc.returncode
+        if self._ended is not None:
+            self._ended(rc == 0 and not self.cancelled)
+            self._ended = None
         error = None
         if rc != 0:
             error = classify(self.argv, rc, self.stderr_text, self.fs,
@@ -5848,9 +6089,10 @@ class LocalReceiver(Receiver):
         return errors
 
     def finish_phase(self, received):
-        """Verify every received snapshot by GUID (one `zfs get`), then hold the new ones
-        as last received, in one `zfs hold` for all filesystems (release_superseded drops
-        the older holds)."""
+        """Verify every received snapshot by GUID, then hold the new ones as last
+        received, in one `zfs hold` for all filesystems (release_superseded drops the
+        older holds). The verifying listing re-lists only what the receives changed, in
+        one call, and is the one pruning reads afterwards."""
         if not received:
             return {}
         tag = last_received_hold_tag(self.job.name)
@@ -5860,7 +6102,9 @@ class LocalReceiver(Receiver):
             target = self.target(path)
             last[target] = (path, Version("snapshot", target, version.name, version.guid,
                                           version.createtxg, version.creation, 0), protection)
-        got = self.zfs.get_versions([r.full_name for _, r, _ in last.values()])
+        self.list_filesystems()
+        got = {v.full_name: v for t in last if t in self._datasets
+               for v in self._datasets[t].snapshots}
         for target, (path, want, _) in list(last.items()):
             v = got.get(want.full_name)
             if v is None or v.guid != want.guid:

@@ -515,6 +515,45 @@ def test_sender_pruning_keeps_every_snapshot_newer_than_the_cursor(pools, tmp_pa
     assert_exit(cp, 1, doc)
 
 
+def test_pruning_after_a_phase_reads_the_listings_the_phase_kept_true(pools, tmp_path):
+    """SPEC §4.3: a cycle that moved data lists each side once; the receiver re-lists only
+    the filesystems it received (one `get -d 1`, which also verifies them), and pruning
+    lists nothing: the holds the phase moved are applied to the kept listings. A stale
+    listing would show the old cursor and last-received holds and keep s1."""
+    rig = Rig(pools, tmp_path, "prlist")
+    make_tree(rig.src, ["a", "b"])
+    fss = [rig.fs("a"), rig.fs("b")]
+    rig.configure(fss, keep_sender="[{type: not_replicated}, {type: last_n, count: 1}]",
+                  keep_receiver="[{type: last_n, count: 2}]")
+    for fs in fss:
+        snap(fs, "s1")
+    rig.ok()
+    for fs in fss:
+        snap(fs, "s2")
+        snap(fs, "s3")
+    env, log = zfs_logger(tmp_path)
+    job = rig.ok(env=env)
+    for fs in fss:
+        assert snap_order(fs) == ["@s3"]
+        assert snap_order(rig.target(fs)) == ["@s2", "@s3"]
+        assert holds_view(fs)[fs + "@s3"] == cursor_holds(fs + "@s3")
+        assert holds_view(rig.target(fs)) == {rig.target(fs) + "@s2": (0, ()),
+                                              rig.target(fs) + "@s3": (1, (LAST_RECEIVED_TAG,))}
+    pruned = {side: {f["fs"]: f for f in job["pruning"][side]["filesystems"]}
+              for side in ("sender", "receiver")}
+    for fs in fss:
+        assert sorted(pruned["sender"][fs]["destroyed"]) == ["s1", "s2"]
+        assert (pruned["receiver"][fs]["destroyed"], pruned["receiver"][fs]["kept_held"]) == \
+            (["s1"], ["s3"])
+    calls = logged_calls(log, rig.src, rig.sink)
+    full = [a for a in calls if a[:3] == ["get", "-Hp", "-r"]]
+    relisted = [a for a in calls if a[:4] == ["get", "-Hp", "-d", "1"] and
+                "name,property,value,source" in a]
+    assert sorted(a[-1] for a in full) == sorted([rig.src + "/b", rig.recv_root]), full
+    assert [sorted(a[-2:]) for a in relisted] == [sorted(rig.target(fs) for fs in fss)], \
+        relisted
+
+
 # --- SPEC §8.5: batch_incrementals, §13 item 21 ------------------------------------------------
 
 def test_batched_and_unbatched_incrementals_give_the_same_result(pools, tmp_path):

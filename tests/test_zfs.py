@@ -396,6 +396,107 @@ def test_listing_without_snapshots(adapter, pools):
     assert datasets[root + "/x"].versions == []
 
 
+# --- the listing cache follows the run's own changes (SPEC §4.3) ----------------------------
+
+LISTING_EFFECTS = [
+    (["zfs", "list", "-H", "-o", "name"], (None, ())),
+    (["zfs", "hold", "t", "p/a@s", "p/b@s"], ("caller", ("p/a@s", "p/b@s"))),
+    (["zfs", "hold", "-r", "t", "p/a@s"], ("all", ())),
+    (["zfs", "release", "t", "p/a@s"], ("caller", ("p/a@s",))),
+    (["zfs", "set", "zrepl:holds=a,b", "p/a@s", "p/b@t"], ("caller", ("p/a@s", "p/b@t"))),
+    (["zfs", "inherit", "zrepl:holds", "p/a@s"], ("caller", ("p/a@s",))),
+    (["zfs", "set", "zrepl:holds=a", "p/a"], ("dirty", ("p/a",))),
+    (["zfs", "set", "zrepl:placeholder=off", "p/a"], ("dirty", ("p/a",))),
+    (["zfs", "set", "canmount=on", "p/a"], (None, ())),       # no listed property
+    (["zfs", "inherit", "-r", "zrepl:holds", "p/a"], ("all", ())),
+    (["zfs", "snapshot", "p/b@s", "p/a@s"], ("dirty", ("p/a", "p/b"))),
+    (["zfs", "snapshot", "-o", "x:y=1", "p/a@s"], ("dirty", ("p/a",))),
+    (["zfs", "snapshot", "-r", "p@s"], ("all", ())),
+    (["zfs", "destroy", "p/a@s1,s2"], ("destroy", ("p/a@s1", "p/a@s2"))),
+    (["zfs", "destroy", "p/a#b"], ("destroy", ("p/a#b",))),
+    (["zfs", "destroy", "p/a@s1%s3"], ("dirty", ("p/a",))),
+    (["zfs", "destroy", "p/a"], ("all", ())),                  # a filesystem: its subtree
+    (["zfs", "destroy", "-r", "p/a@s"], ("all", ())),
+    (["zfs", "bookmark", "p/a@s", "p/a#b"], ("bookmark", ("p/a@s", "p/a#b"))),
+    (["zfs", "receive", "-u", "-s", "-o", "x:y=1", "-x", "mountpoint", "p/a"],
+     ("dirty", ("p/a",))),
+    (["zfs", "receive", "-A", "p/a"], ("dirty", ("p/a",))),
+    (["zfs", "receive", "-c", "p/a@s"], ("dirty", ("p/a",))),
+    (["zfs", "receive", "-d", "p"], ("all", ())),              # the stream names the target
+    (["zfs", "receive", "-u", "-Z", "p/a"], ("all", ())),      # a flag it does not know
+    (["zfs", "create", "-o", "zrepl:placeholder=on", "p/a"], ("all", ())),
+    (["zfs", "rename", "p/a", "p/b"], ("all", ())),
+]
+
+
+@pytest.mark.parametrize("argv,effect", LISTING_EFFECTS, ids=[" ".join(a[1:4]) for a, _ in
+                                                              LISTING_EFFECTS])
+def test_listing_effect_of_each_mutating_command(argv, effect):
+    assert zrepl.listing_effect(argv) == effect
+
+
+def test_the_cached_listing_follows_the_runs_own_changes(zfs_available, pools):
+    """A hold, release, record, destroy or bookmark that succeeded is applied to the cached
+    listing with no process; a snapshot or a receive re-lists only its filesystem, in one
+    `zfs get -d 1`. After each, the cached listing equals a fresh one (another adapter)."""
+    argvs = []
+    adapter = zrepl.ZFS(log=lambda level, sub, msg, **f: argvs.append(f.get("argv", "")))
+    root = pools.src + "/follow"
+    make_tree(root, ["a", "b", "c", "d"])
+    a, b = root + "/a", root + "/b"
+    for fs in (a, b):
+        for name in ("s1", "s2", "s3"):
+            snap(fs, name)
+    adapter.capabilities()
+
+    def same_as_fresh(processes):
+        del argvs[:]
+        cached = adapter.list_datasets([root])
+        listed = [x for x in argvs if x.startswith("zfs get")]
+        assert len(listed) == processes, listed
+        assert cached == zrepl.ZFS().list_datasets([root])
+        return cached[0], listed
+
+    ds, _ = same_as_fresh(1)
+    adapter.hold("t1", [ds[a].snapshots[0], ds[b].snapshots[0]])
+    adapter.hold("t2", [ds[a].snapshots[0]])
+    ds, _ = same_as_fresh(0)
+    assert ds[a].snapshots[0].userrefs == 2 and ds[b].snapshots[0].userrefs == 1
+    adapter.release("t1", [ds[a].snapshots[0], ds[b].snapshots[0]])
+    ds, _ = same_as_fresh(0)
+    assert [v.userrefs for v in (ds[a].snapshots[0], ds[b].snapshots[0])] == [1, 0]
+    # a command that failed is not guessed at ("no such tag" is success to the caller,
+    # but what a failed chunk did is ZFS's to say): its filesystem is listed again alone
+    assert adapter.release("t1", [ds[a].snapshots[0]]) == {a + "@s1": None}
+    ds, listed = same_as_fresh(1)
+    assert listed[0].endswith(" " + a)
+    adapter.destroy_snapshots(b, ["s2"])
+    ds, _ = same_as_fresh(0)
+    assert [v.name for v in ds[b].snapshots] == ["s1", "s3"]
+    if adapter.capabilities()["bookmarks"]:
+        adapter.bookmark(a + "@s3", a + "#m3")
+        ds, _ = same_as_fresh(0)
+        adapter.destroy_bookmark(a + "#m3")
+        ds, _ = same_as_fresh(0)
+
+    # what only ZFS knows: the snapshot's numbers, the received dataset
+    assert adapter.snapshot([a], "s4") == {a: None}
+    ds, listed = same_as_fresh(1)
+    assert "-d\t1" in listed[0].replace(" ", "\t") and listed[0].endswith(" " + a)
+    stream = subprocess.run(["zfs", "send", a + "@s1"], stdout=subprocess.PIPE,
+                            env=adapter.env, check=True).stdout
+    adapter.run(["zfs", "receive", "-u", root + "/d/r"], input=stream)
+    ds, listed = same_as_fresh(1)
+    assert listed[0].endswith(" " + root + "/d/r") and [v.name for v in ds[root + "/d/r"]
+                                                      .snapshots] == ["s1"]
+    # a command it cannot follow drops the listing: the next one lists everything
+    zfs("create", root + "/e")
+    adapter.run(["zfs", "create", root + "/f"])
+    ds, listed = same_as_fresh(1)
+    assert " -r " in listed[0] and root + "/e" in ds and root + "/f" in ds
+    adapter.release("t2", [ds[a].snapshots[0]])
+
+
 def test_list_filesystems_and_pools(adapter, pools):
     make_tree(pools.src + "/lf", ["y"])
     names = adapter.list_filesystems()
