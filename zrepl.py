@@ -3725,10 +3725,12 @@ class _CachedListing:
         self.roots = tuple(roots)
         self.snapshots = snapshots
         self.seq = seq
-        self.dirty = set()
+        self.dirty = {}              # fs -> the commands (their start events) that changed it
 
-    def mark(self, filesystems):
-        self.dirty.update(fs for fs in filesystems if covers(self.roots, fs))
+    def mark(self, filesystems, token):
+        for fs in filesystems:
+            if covers(self.roots, fs):
+                self.dirty.setdefault(fs, set()).add(token)
 
     def replace(self, fs, versions):
         """fs's versions changed as a command said: a new result (callers may still hold
@@ -4076,7 +4078,7 @@ class ZFS:
             self.calls += 1
             since = self._seq
             if how is not None:
-                self._event(how, names)
+                self._event(how, names, since=since)
             return exe, since
 
     def _ended(self, argv, since, ok):
@@ -4109,7 +4111,7 @@ class ZFS:
             self._listings.clear()
         elif how == "dirty" or (ended and not ok):
             for entry in self._listings.values():
-                entry.mark(scope)
+                entry.mark(scope, since)
         elif ended and how in ("destroy", "bookmark"):
             self._apply(how, names, since)
         # "caller": its adapter method applies the change (patch_versions), having the
@@ -4139,7 +4141,7 @@ class ZFS:
                 for entry, before in self._entries(fs, since):
                     ds = entry.result[0].get(fs)
                     if not before:
-                        entry.mark((fs,))
+                        entry.mark((fs,), since)
                     elif ds is not None:
                         entry.replace(fs, [v for v in ds.versions if v.full_name not in gone])
             return
@@ -4151,12 +4153,31 @@ class ZFS:
             v = ds and next((v for v in ds.snapshots if v.name == short), None)
             if not before or v is None or mark.partition("#")[0] != fs or \
                     any(b.type == "bookmark" and b.name == bname for b in ds.versions):
-                entry.mark((fs,))            # "bookmark exists" is zfs's to judge
+                entry.mark((fs,), since)     # "bookmark exists" is zfs's to judge
                 continue
             versions = ds.versions + [Version("bookmark", fs, bname, v.guid, v.createtxg,
                                               v.creation)]
             versions.sort(key=lambda x: (x.createtxg, x.type == "snapshot"))
             entry.replace(fs, versions)
+
+    def settle_receives(self, target, versions, tokens):
+        """Incremental receives into target, an existing filesystem, that succeeded
+        (tokens: their ZFSProcess.since) added exactly `versions` (read back by GUID):
+        those are added to the listings cached before them, where nothing else changed
+        target since; elsewhere target stays marked for re-listing."""
+        if not tokens:
+            return
+        with self._calls_lock:
+            for entry, before in self._entries(target, min(tokens)):
+                ds = entry.result[0].get(target)
+                if not before or ds is None or not entry.dirty.get(target, set()) <= \
+                        set(tokens):
+                    continue
+                have = {v.name for v in ds.snapshots}
+                added = ds.versions + [v for v in versions if v.name not in have]
+                added.sort(key=lambda x: (x.createtxg, x.type == "snapshot"))
+                entry.replace(target, added)
+                entry.dirty.pop(target, None)
 
     def patch_versions(self, names, change, extra=(), since=0):
         """A hold, release or record that succeeded on snapshots `names` (full names):
@@ -4173,7 +4194,7 @@ class ZFS:
                     if before and v is not None:
                         objs.setdefault(id(v), v)
                     else:
-                        entry.mark((fs,))
+                        entry.mark((fs,), since)
             for v in objs.values():
                 change(v)
 
@@ -4481,7 +4502,8 @@ class ZFS:
             if self._quiet(since, roots):
                 if entry is not None and self._listings.get(key) is entry:
                     entry.result = result
-                    entry.dirty.difference_update(dirty)
+                    for fs in dirty:
+                        entry.dirty.pop(fs, None)
                     entry.seq = since
                 else:
                     self._listings[key] = _CachedListing(result, roots, snapshots, since)
@@ -4842,6 +4864,24 @@ class ZFS:
                 raise classify(["zfs", "get", "guid"] + part, r.rc, r.stderr, part[0])
         return out
 
+    def get_versions(self, full_names):
+        """Exact guid/createtxg/creation of many snapshots at once -> {full name: Version};
+        ones that do not exist are left out (verifies a phase's receives in one call)."""
+        out = {}
+        argv = ["zfs", "get", "-Hp", "-o", "name,property,value,source",
+                "type,guid,createtxg,creation,userrefs"]
+        for part, r in self._run_chunked(argv, list(full_names)):
+            fss = {n.split("@")[0] for n in part}
+            text = "".join(f"{fs}\ttype\tfilesystem\t-\n" for fs in fss) + r.stdout
+            for ds in parse_listing(text).values():
+                for v in ds.versions:
+                    if v.full_name in part:
+                        out[v.full_name] = v
+            if r.rc != 0 and not all("dataset does not exist" in ln
+                                     for ln in r.stderr.splitlines() if ln.strip()):
+                raise classify(argv + part, r.rc, r.stderr, part[0].split("@")[0])
+        return out
+
     # -- bookmarks --
     def bookmark(self, snapshot, bookmark_full):
         """`zfs bookmark fs@s fs#b`; "bookmark exists" is the caller's to judge (by GUID)."""
@@ -4929,13 +4969,13 @@ class ZFS:
         try:
             if stdin and pipeline:            # stream -> stage ... stage -> zfs receive
                 stages = self._start_stages(pipeline, None, fs)
-                proc, ended = self._popen(argv, fs, stages[-1].proc.stdout,
-                                          subprocess.DEVNULL)
+                proc, since, ended = self._popen(argv, fs, stages[-1].proc.stdout,
+                                                 subprocess.DEVNULL)
                 stages[-1].proc.stdout.close()
             else:
-                proc, ended = self._popen(argv, fs,
-                                          subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                          subprocess.PIPE if stdout else subprocess.DEVNULL)
+                proc, since, ended = self._popen(
+                    argv, fs, subprocess.PIPE if stdin else subprocess.DEVNULL,
+                    subprocess.PIPE if stdout else subprocess.DEVNULL)
                 if stdout and pipeline:       # zfs send -> stage ... stage -> stream
                     try:
                         stages = self._start_stages(pipeline, proc.stdout, fs)
@@ -4956,7 +4996,9 @@ class ZFS:
         for pipe in (out or proc.stdout, inp or proc.stdin):
             if pipe is not None and not pipe.closed:
                 _grow_pipe(pipe.fileno())
-        return ZFSProcess(argv, proc, fs, stages, out=out, inp=inp, ended=ended)
+        zp = ZFSProcess(argv, proc, fs, stages, out=out, inp=inp, ended=ended)
+        zp.since = since
+        return zp
 
     def _popen(self, argv, fs, stdin, stdout):
         exe, since = self._begin(argv)
@@ -4968,7 +5010,7 @@ class ZFS:
             raise ZFSError(f"cannot run {argv[0]}: {e.strerror}", argv=argv, fs=fs,
                            kind="zfs-unavailable") from None
         # the stream's end is the command's end for the listing cache (ZFSProcess.finish)
-        return proc, (lambda ok: self._ended(argv, since, ok))
+        return proc, since, (lambda ok: self._ended(argv, since, ok))
 
     def _start_stages(self, pipeline, first_stdin, fs):
         """Spawn execpipe stages chained stdout -> stdin; the first reads first_stdin
@@ -5023,6 +5065,7 @@ class ZFSProcess:
         self.proc = proc
         self.fs = fs
         self._ended = ended                 # told once, when the process is reaped
+        self.since = 0                      # the adapter's event number before it started
         self.pid = proc.pid
         # an execpipe: the stages (ZFSProcess each) between zfs and this process's ends;
         # out/inp are the pipes the relay reads and writes (the last / first stage's)
@@ -5919,6 +5962,9 @@ class LocalReceiver(Receiver):
         self._placeholder_lock = threading.Lock()
         self._checked = set()
         self._datasets = None
+        # target -> [(ZFSProcess.since, Step)] of the phase's receives that succeeded: an
+        # incremental's effect is read back in finish_phase and given to the listing cache
+        self._receipts = {}
         self.bucket = TokenBucket.of((job.recv or RecvOptions()).bandwidth_limit)
 
     def target(self, path):
@@ -6018,6 +6064,8 @@ class LocalReceiver(Receiver):
                                 override=recv.properties_override, pipeline=recv.execpipe)
         self._relay(MeteredStream(stream, [self.bucket]), proc, path)
         self._checked.add(path)          # it exists now, holding `to`: no pre-check needed
+        with self._placeholder_lock:
+            self._receipts.setdefault(target, []).append((proc.since, step))
         full = force or (step.kind == "resume" and step.from_ is None)
         if full and existing is not None and existing.is_placeholder:
             # an interruption before this flip is repaired by planner rule 4
@@ -6089,10 +6137,9 @@ class LocalReceiver(Receiver):
         return errors
 
     def finish_phase(self, received):
-        """Verify every received snapshot by GUID, then hold the new ones as last
-        received, in one `zfs hold` for all filesystems (release_superseded drops the
-        older holds). The verifying listing re-lists only what the receives changed, in
-        one call, and is the one pruning reads afterwards."""
+        """Verify every received snapshot by GUID (one `zfs get` of just those), then
+        hold the new ones as last received, in one `zfs hold` for all filesystems
+        (release_superseded drops the older holds)."""
         if not received:
             return {}
         tag = last_received_hold_tag(self.job.name)
@@ -6102,9 +6149,20 @@ class LocalReceiver(Receiver):
             target = self.target(path)
             last[target] = (path, Version("snapshot", target, version.name, version.guid,
                                           version.createtxg, version.creation, 0), protection)
-        self.list_filesystems()
-        got = {v.full_name: v for t in last if t in self._datasets
-               for v in self._datasets[t].snapshots}
+        with self._placeholder_lock:
+            receipts, self._receipts = self._receipts, {}
+        # an incremental into an existing filesystem adds exactly the snapshots its
+        # stream carried: read back with `to`, they keep the listing true (no re-listing)
+        settle = {t: {n for _, st in rs for n in (st.to.name,) + tuple(st.includes)}
+                  for t, rs in receipts.items()
+                  if all(st.kind in ("incremental", "incremental_batch") for _, st in rs)}
+        names = {w.full_name for _, w, _ in last.values()} | \
+            {f"{t}@{n}" for t, ns in settle.items() for n in ns}
+        got = self.zfs.get_versions(sorted(names))
+        for t, ns in settle.items():
+            found = [got[f"{t}@{n}"] for n in sorted(ns) if f"{t}@{n}" in got]
+            if len(found) == len(ns):
+                self.zfs.settle_receives(t, found, [since for since, _ in receipts[t]])
         for target, (path, want, _) in list(last.items()):
             v = got.get(want.full_name)
             if v is None or v.guid != want.guid:
@@ -6139,6 +6197,12 @@ class LocalReceiver(Receiver):
                 if err is not None:
                     t = name.split("@")[0]
                     errors.setdefault(now[t][0] if t in now else t, err)
+        # what pruning reads next: the filesystems the receives changed are listed again
+        # now (one `zfs get -d 1`), beside the sender's last releases, not after them
+        try:
+            self.list_filesystems()
+        except ZreplError:
+            pass                      # pruning lists again, and reports what fails
         return errors
 
     def send(self, path, step):

@@ -16,7 +16,7 @@ Both use the same ssh client options (BatchMode, ServerAliveInterval, the bed's 
 known_hosts, default cipher). Every run is checked (GUIDs on the destination). Medians of
 --runs runs, the tools interleaved.
 
-    python3 bench/ssh.py [--only a,b,c] [--runs 3] [--size-mib 1024]
+    python3 bench/ssh.py [--only a,b,c] [--runs 3] [--size-mib 1024] [--zrepl zrepl.pyz]
 
 Needs root, a ZFS (zfs-fuse will do) and sshd (Debian openssh-server). Makes and destroys its
 own file-backed pools under /var/tmp and its own sshd on a free port.
@@ -389,11 +389,17 @@ def bench_b(bed, src, dst, work, runs):
 
 
 def main():
+    global ZREPL
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="a,b,c")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--zrepl", default=ZREPL,
+                    help="the zrepl.py (or zrepl.pyz) on both ends; default: this repository's")
     args = ap.parse_args()
+    ZREPL = os.path.abspath(args.zrepl)
+    print("ssh benchmark: %s, zrepl.py: %s" % (time.strftime("%Y-%m-%d %H:%M"), ZREPL),
+          flush=True)
     work = tempfile.mkdtemp(prefix="zreplpy-bench-ssh-", dir="/var/tmp")
     bed = Bed(work)
     src, dst = make_pools(work, max(3 << 30, (args.size_mib * 3) << 20))

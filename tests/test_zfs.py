@@ -489,6 +489,30 @@ def test_the_cached_listing_follows_the_runs_own_changes(zfs_available, pools):
     ds, listed = same_as_fresh(1)
     assert listed[0].endswith(" " + root + "/d/r") and [v.name for v in ds[root + "/d/r"]
                                                       .snapshots] == ["s1"]
+    # an incremental receive whose snapshots the caller read back: no re-listing
+    stream = subprocess.run(["zfs", "send", "-I", a + "@s1", a + "@s3"],
+                            stdout=subprocess.PIPE, env=adapter.env, check=True).stdout
+    proc = adapter.start(["zfs", "receive", "-u", root + "/d/r"], fs=root + "/d/r",
+                         stdin=True)
+    proc.write(stream)
+    assert proc.finish().exit_status == 0
+    got = adapter.get_versions([root + "/d/r@s2", root + "/d/r@s3"])
+    adapter.settle_receives(root + "/d/r", list(got.values()), [proc.since])
+    ds, _ = same_as_fresh(0)
+    assert [v.name for v in ds[root + "/d/r"].snapshots] == ["s1", "s2", "s3"]
+    # but not where something else changed the filesystem too
+    adapter.run(["zfs", "set", "zrepl:placeholder=off", root + "/d/r"])
+    stream = subprocess.run(["zfs", "send", "-i", a + "@s3", a + "@s4"],
+                            stdout=subprocess.PIPE, env=adapter.env, check=True).stdout
+    proc = adapter.start(["zfs", "receive", "-u", root + "/d/r"], fs=root + "/d/r",
+                         stdin=True)
+    proc.write(stream)
+    assert proc.finish().exit_status == 0, proc.stderr_text
+    adapter.settle_receives(root + "/d/r", [adapter.get_version(root + "/d/r@s4")],
+                            [proc.since])
+    ds, listed = same_as_fresh(1)
+    assert [v.name for v in ds[root + "/d/r"].snapshots] == ["s1", "s2", "s3", "s4"]
+    assert ds[root + "/d/r"].placeholder_value == "off"
     # a command it cannot follow drops the listing: the next one lists everything
     zfs("create", root + "/e")
     adapter.run(["zfs", "create", root + "/f"])
