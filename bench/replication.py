@@ -187,7 +187,13 @@ def unmount_tree(ds):
 
 
 def release_recorded_holds(ds):
-    """Release the holds zrepl.py recorded in `zrepl:holds` (zfs holds is broken on zfs-fuse)."""
+    """Release every hold under ds: those `zfs holds -r` lists (OpenZFS) and those zrepl.py
+    recorded in `zrepl:holds` (zfs-fuse, whose `zfs holds` is broken)."""
+    r = sh("zfs", "holds", "-H", "-r", ds, check=False)
+    for line in r.stdout.splitlines() if r.returncode == 0 else ():
+        f = line.split("\t")
+        if len(f) >= 2 and "@" in f[0]:
+            sh("zfs", "release", f[1], f[0], check=False)
     r = sh("zfs", "get", "-Hp", "-r", "-o", "name,value,source", "zrepl:holds", ds, check=False)
     for line in r.stdout.splitlines():
         f = line.split("\t")

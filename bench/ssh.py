@@ -402,7 +402,8 @@ def main():
           flush=True)
     work = tempfile.mkdtemp(prefix="zreplpy-bench-ssh-", dir="/var/tmp")
     bed = Bed(work)
-    src, dst = make_pools(work, max(3 << 30, (args.size_mib * 3) << 20))
+    # (a) leaves a copy behind and (c) adds two streams of SIZE: room for all (sparse files)
+    src, dst = make_pools(work, max(3 << 30, (args.size_mib * 6) << 20))
     try:
         if "a" in args.only:
             bench_a(bed, src, dst, work, args.size_mib, args.runs)
