@@ -189,8 +189,11 @@ def unmount_tree(ds):
 def release_recorded_holds(ds):
     """Release every hold under ds: those `zfs holds -r` lists (OpenZFS) and those zrepl.py
     recorded in `zrepl:holds` (zfs-fuse, whose `zfs holds` is broken)."""
-    r = sh("zfs", "holds", "-H", "-r", ds, check=False)
-    for line in r.stdout.splitlines() if r.returncode == 0 else ():
+    r = sh("zfs", "get", "-Hp", "-r", "-o", "name,value", "userrefs", ds, check=False)
+    held = [ln.split("\t")[0] for ln in r.stdout.splitlines()
+            if "@" in ln and ln.split("\t")[-1] not in ("0", "-")]
+    r = sh("zfs", "holds", "-H", *held, check=False) if held else None
+    for line in r.stdout.splitlines() if r and r.returncode == 0 else ():
         f = line.split("\t")
         if len(f) >= 2 and "@" in f[0]:
             sh("zfs", "release", f[1], f[0], check=False)
