@@ -2684,6 +2684,12 @@ class Version:
                    wire_uint(doc, "creation"), userrefs)
 
 
+def version_order(v):
+    """How a filesystem's versions are sorted: by createtxg, a bookmark before the snapshot
+    of equal createtxg (SPEC §4.3)."""
+    return v.createtxg, v.type == "snapshot"
+
+
 # --- records from the wire (SPEC §9.3, §9.8): nothing a peer sends is trusted ---------------
 # Each check raises ProtocolError: the connection is closed and nothing reaches ZFS.
 
@@ -2796,7 +2802,7 @@ class Dataset:
         guid = wire_guid(doc, "guid") if doc.get("guid") is not None else None
         encryption = wire_str(doc, "encryption", 64, optional=True)
         versions = [Version.from_json(v, name) for v in wire_list(doc, "versions")]
-        versions.sort(key=lambda v: (v.createtxg, v.type == "snapshot"))
+        versions.sort(key=version_order)
         return path, cls(name, wire_enum(doc, "type", ("filesystem", "volume")), guid,
                          "on" if wire_bool(doc, "is_placeholder") else None,
                          wire_token(doc, "resume_token"), encryption, versions)
@@ -3233,7 +3239,7 @@ def parse_listing(text, wanted_types=("filesystem", "volume", "snapshot", "bookm
             datasets[v.fs].versions.append(v)
     for d in datasets.values():
         # a bookmark sorts before the snapshot of equal createtxg (SPEC §4.3)
-        d.versions.sort(key=lambda v: (v.createtxg, v.type == "snapshot"))
+        d.versions.sort(key=version_order)
     return datasets
 
 
@@ -3703,42 +3709,6 @@ ZFS_EXTRA_PATH = ("/sbin", "/usr/sbin", "/usr/local/sbin")
 _MUTATING = frozenset(("snapshot", "destroy", "hold", "release", "set", "inherit", "create",
                        "receive", "recv", "rename", "rollback", "bookmark", "promote",
                        "clone", "mount", "unmount", "umount"))
-def _add_userref(v):
-    v.userrefs = (v.userrefs or 0) + 1
-
-
-def _drop_userref(v):
-    v.userrefs = max(0, (v.userrefs or 0) - 1)
-
-
-def covers(roots, fs):
-    """Is fs in the tree of a listing of roots (no roots: every pool)?"""
-    return not roots or any(fs == r or fs.startswith(r + "/") for r in roots)
-
-
-class _CachedListing:
-    """One cached listing of the adapter: its result, what it covers, the event number
-    it was taken at, and the filesystems a later command changed in unknown ways."""
-
-    def __init__(self, result, roots, snapshots, seq):
-        self.result = result
-        self.roots = tuple(roots)
-        self.snapshots = snapshots
-        self.seq = seq
-        self.dirty = {}              # fs -> the commands (their start events) that changed it
-
-    def mark(self, filesystems, token):
-        for fs in filesystems:
-            if covers(self.roots, fs):
-                self.dirty.setdefault(fs, set()).add(token)
-
-    def replace(self, fs, versions):
-        """fs's versions changed as a command said: a new result (callers may still hold
-        the old one), the Dataset copied, not changed in place."""
-        datasets = dict(self.result[0])
-        datasets[fs] = dataclasses.replace(datasets[fs], versions=versions)
-        self.result = (datasets, self.result[1])
-
 
 # the settable properties whose (local) values a listing shows: setting any other one
 # changes nothing a cached listing holds
@@ -3819,6 +3789,44 @@ def listing_effect(argv):
             return "all", ()
         return "dirty", (re.split(r"[@#]", rest[0])[0],)
     return "all", ()
+
+
+def _add_userref(v):
+    v.userrefs = (v.userrefs or 0) + 1
+
+
+def _drop_userref(v):
+    v.userrefs = max(0, (v.userrefs or 0) - 1)
+
+
+def covers(roots, fs):
+    """Is fs in the tree of a listing of roots (no roots: every pool)?"""
+    return not roots or any(fs == r or fs.startswith(r + "/") for r in roots)
+
+
+class _CachedListing:
+    """One cached listing of the adapter: its result, what it covers, the event number
+    it was taken at, and the filesystems a later command changed in unknown ways."""
+
+    def __init__(self, result, roots, snapshots, seq):
+        self.result = result
+        self.roots = tuple(roots)
+        self.snapshots = snapshots
+        self.seq = seq
+        self.dirty = {}              # fs -> the commands (their start events) that changed it
+
+    def mark(self, filesystems, token):
+        for fs in filesystems:
+            if covers(self.roots, fs):
+                self.dirty.setdefault(fs, set()).add(token)
+
+    def replace(self, fs, versions):
+        """fs's versions changed as a command said: a new result (callers may still hold
+        the old one), the Dataset copied, not changed in place."""
+        datasets = dict(self.result[0])
+        datasets[fs] = dataclasses.replace(datasets[fs], versions=versions)
+        self.result = (datasets, self.result[1])
+
 
 # (regex on lower-cased stderr, rc or None, kind, temporary, local_to_fs) — first match wins.
 # zfs-fuse and OpenZFS texts are both covered; see zfs-fuse.md §3.5 for the catalogue.
@@ -4157,7 +4165,7 @@ class ZFS:
                 continue
             versions = ds.versions + [Version("bookmark", fs, bname, v.guid, v.createtxg,
                                               v.creation)]
-            versions.sort(key=lambda x: (x.createtxg, x.type == "snapshot"))
+            versions.sort(key=version_order)
             entry.replace(fs, versions)
 
     def settle_receives(self, target, versions, tokens):
@@ -4175,7 +4183,7 @@ class ZFS:
                     continue
                 have = {v.name for v in ds.snapshots}
                 added = ds.versions + [v for v in versions if v.name not in have]
-                added.sort(key=lambda x: (x.createtxg, x.type == "snapshot"))
+                added.sort(key=version_order)
                 entry.replace(target, added)
                 entry.dirty.pop(target, None)
 
@@ -4996,9 +5004,7 @@ class ZFS:
         for pipe in (out or proc.stdout, inp or proc.stdin):
             if pipe is not None and not pipe.closed:
                 _grow_pipe(pipe.fileno())
-        zp = ZFSProcess(argv, proc, fs, stages, out=out, inp=inp, ended=ended)
-        zp.since = since
-        return zp
+        return ZFSProcess(argv, proc, fs, stages, out=out, inp=inp, ended=ended, since=since)
 
     def _popen(self, argv, fs, stdin, stdout):
         exe, since = self._begin(argv)
@@ -5060,12 +5066,12 @@ class ZFSProcess:
     """A running `zfs send` or `zfs receive`: raw pipe fds, stderr drained in a thread so a
     chatty command never blocks, and cancel/finish that always reap (SPEC §4.1, §8.9)."""
 
-    def __init__(self, argv, proc, fs, stages=(), out=None, inp=None, ended=None):
+    def __init__(self, argv, proc, fs, stages=(), out=None, inp=None, ended=None, since=0):
         self.argv = argv
         self.proc = proc
         self.fs = fs
         self._ended = ended                 # told once, when the process is reaped
-        self.since = 0                      # the adapter's event number before it started
+        self.since = since                  # the adapter's event number before it started
         self.pid = proc.pid
         # an execpipe: the stages (ZFSProcess each) between zfs and this process's ends;
         # out/inp are the pipes the relay reads and writes (the last / first stage's)
