@@ -553,6 +553,79 @@ def test_pruning_after_a_phase_reads_the_listings_the_phase_kept_true(pools, tmp
     assert relisted == []
 
 
+def test_a_phase_moves_every_cursor_in_a_few_calls_for_all_filesystems(pools, tmp_path):
+    """The issue's "mutating calls per side per cycle bounded by a constant": an
+    incremental of six filesystems moves their cursors (holds, or bookmarks where the pool
+    has them) and drops the step holds in a number of hold / release / holds calls that
+    does not grow with the filesystems. `zfs bookmark` and a bookmark's destroy take one
+    name each: those are one per filesystem, run side by side."""
+    rig = Rig(pools, tmp_path, "cursors")
+    names = ["f%d" % i for i in range(6)]
+    make_tree(rig.src, names)
+    fss = [rig.fs(n) for n in names]
+    rig.configure(fss)
+    for fs in fss:
+        snap(fs, "s1")
+    rig.ok()
+    for fs in fss:
+        snap(fs, "s2")
+    env, log = zfs_logger(tmp_path)
+    rig.ok(env=env)
+    calls = logged_calls(log, rig.src)
+    count = {verb: sum(1 for a in calls if a[0] == verb)
+             for verb in ("hold", "release", "holds", "bookmark", "destroy")}
+    marks = has_bookmarks(rig.src)
+    # step holds placed once, each tag released once, one `zfs holds` before and after
+    assert count["hold"] <= (1 if marks else 2), calls
+    assert count["release"] <= 2 and count["holds"] <= 2, calls
+    assert (count["bookmark"], count["destroy"]) == ((6, 6) if marks else (0, 0)), calls
+    for fs in fss:
+        assert holds_view(fs) == {fs + "@s1": (0, ()), fs + "@s2": cursor_holds(fs + "@s2")}
+        if marks:
+            assert _bookmarks(fs) == [cursor_bookmark(fs + "@s2")]
+
+
+def _bookmarks(fs):
+    out = zfs("list", "-H", "-o", "name", "-t", "bookmark", "-r", fs).stdout
+    return sorted(ln for ln in out.splitlines() if "#" in ln)
+
+
+def test_a_cursor_the_receiver_did_not_confirm_is_withdrawn(pools, tmp_path):
+    """The sender places the new cursors beside the receiver's checks; where the receiver
+    cannot hold what it received, that filesystem fails and its new cursor (hold or
+    bookmark) is taken back: the cursor stays where the receiver is known to be. The other
+    filesystem's cursor moves."""
+    rig = Rig(pools, tmp_path, "withdraw")
+    make_tree(rig.src, ["a", "b"])
+    a, b = rig.fs("a"), rig.fs("b")
+    rig.configure([a, b])
+    for fs in (a, b):
+        snap(fs, "s1")
+    rig.ok()
+    for fs in (a, b):
+        snap(fs, "s2")
+    # the receiver's hold of its new snapshot of `a` fails (ZFS refuses it as it would
+    # an unprivileged user); everything else is the real zfs
+    env, _ = zfs_logger(tmp_path, action=(
+        'case "$*" in "hold %s "*%s@s2*) echo "cannot hold \'%s@s2\': permission denied" >&2;'
+        ' exit 1;; esac' % (LAST_RECEIVED_TAG, rig.target(a), rig.target(a))))
+    rig.serve(env)
+    cp, doc = rig.once(env=env)
+    assert_exit(cp, 1, doc)
+    reports = fs_reports(push_report(doc))
+    assert reports[a]["state"] == "error" and reports[b]["state"] == "done", reports
+    assert holds_view(a) == {a + "@s1": cursor_holds(a + "@s1"), a + "@s2": (0, ())}
+    assert holds_view(b) == {b + "@s1": (0, ()), b + "@s2": cursor_holds(b + "@s2")}
+    if has_bookmarks(a):
+        assert _bookmarks(a) == [cursor_bookmark(a + "@s1")]
+        assert _bookmarks(b) == [cursor_bookmark(b + "@s2")]
+    # the next cycle, without the fault: `a` is up to date and its holds are right
+    snap(a, "s3")
+    rig.ok()
+    assert holds_view(a)[a + "@s3"] == cursor_holds(a + "@s3")
+    assert holds_view(rig.target(a))[rig.target(a) + "@s3"] == (1, (LAST_RECEIVED_TAG,))
+
+
 # --- SPEC §8.5: batch_incrementals, §13 item 21 ------------------------------------------------
 
 def test_batched_and_unbatched_incrementals_give_the_same_result(pools, tmp_path):
