@@ -3718,7 +3718,7 @@ KILL_GRACE = 5.0
 ARGV_BYTES_LIMIT = 128 * 1024
 ARGV_NAMES_LIMIT = 100
 DESTROY_WORKERS = 4
-BOOKMARK_WORKERS = 8          # a phase's cursor bookmarks, one per filesystem
+BOOKMARK_WORKERS = 16         # a phase's cursor bookmarks: one txg sync serves all in flight
 
 
 def _mutates(argv):
