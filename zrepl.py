@@ -6175,8 +6175,8 @@ class LocalReceiver(Receiver):
                 force = True                 # -F only over an empty placeholder
             else:
                 self._ensure_parents(target, datasets)
-        elif path not in self._checked:
-            # never skipped: an incremental into a missing target lands elsewhere
+        elif path not in self._checked and self._needs_precheck():
+            # never skipped there: an incremental into a missing target lands elsewhere
             err = self.prepare({path: [step]}).get(path)
             if err is not None:
                 raise err
@@ -6232,11 +6232,21 @@ class LocalReceiver(Receiver):
         pool = self.root.split("/")[0]
         return self.zfs.capabilities().pools.get(pool, {}).get("resume", False)
 
+    def _needs_precheck(self):
+        """Does this ZFS redirect an incremental stream to another dataset holding the
+        source snapshot when the named target is missing (zfs-fuse.md §3.2)? Then the
+        target must be seen to exist, with the source GUID, before each receive. OpenZFS
+        does not for a plain `zfs receive TARGET` (it looks by GUID only under -d/-e or
+        below a replication stream's top; measured on 2.3: "destination does not exist",
+        nothing received elsewhere), so there ZFS's own check is the pre-check; others
+        (zfs-fuse, illumos, unknown) keep ours."""
+        return self.zfs.capabilities().implementation != "openzfs"
+
     def prepare(self, plans):
-        """The incremental pre-check of every planned filesystem in one `zfs get -d 1`.
-        ZFS redirects an incremental stream to another dataset holding the source
-        snapshot when the named target is missing (zfs-fuse.md §3.2), so the target must
-        exist and have the source GUID."""
+        """The incremental pre-check of every planned filesystem in one `zfs get -d 1`,
+        where the ZFS needs one (_needs_precheck)."""
+        if not self._needs_precheck():
+            return {}
         todo = {}
         for path, steps in plans.items():
             first = steps[0] if steps else None

@@ -309,6 +309,19 @@ def zfs_logger(tmp_path, action=""):
     return {"PATH": "%s:%s" % (bindir, os.environ.get("PATH", "/usr/bin:/bin"))}, log
 
 
+def replicated_pair(rig):
+    """Filesystems `a` and `b` of rig, replicated at @s1, with a new @s2 each -> (a, b)."""
+    make_tree(rig.src, ["a", "b"])
+    a, b = rig.fs("a"), rig.fs("b")
+    rig.configure([a, b])
+    for fs in (a, b):
+        snap(fs, "s1")
+    rig.ok()
+    for fs in (a, b):
+        snap(fs, "s2")
+    return a, b
+
+
 def logged_calls(log, *roots):
     """Logged argvs that name a dataset under one of roots (probes of bogus names are not)."""
     if not log.exists():
@@ -596,14 +609,7 @@ def test_a_cursor_the_receiver_did_not_confirm_is_withdrawn(pools, tmp_path):
     bookmark) is taken back: the cursor stays where the receiver is known to be. The other
     filesystem's cursor moves."""
     rig = Rig(pools, tmp_path, "withdraw")
-    make_tree(rig.src, ["a", "b"])
-    a, b = rig.fs("a"), rig.fs("b")
-    rig.configure([a, b])
-    for fs in (a, b):
-        snap(fs, "s1")
-    rig.ok()
-    for fs in (a, b):
-        snap(fs, "s2")
+    a, b = replicated_pair(rig)
     # the receiver's hold of its new snapshot of `a` fails (ZFS refuses it as it would
     # an unprivileged user); everything else is the real zfs
     env, _ = zfs_logger(tmp_path, action=(
