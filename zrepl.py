@@ -5779,6 +5779,15 @@ class LocalSender(Sender):
             (marked if self._has_bookmarks(path) else held).append(move)
         return held, marked
 
+    def _current(self, cursors):
+        """Where cursors [(path, to)] include bookmark cursors: the listing as this
+        process's own changes left it, which shows the cursor bookmarks made so far (from
+        the listing cache: no zfs process unless something only ZFS knows changed). Holds-
+        only cursors need no fresh listing ({}: the endpoint's own is used)."""
+        if any(self._has_bookmarks(path) for path, _ in cursors):
+            return self.list_filesystems()
+        return {}
+
     def _make_cursor_bookmarks(self, moves):
         """Cursor bookmarks for [(Dataset, to)] that the listing does not show yet, side by
         side -> {path: error}; the ones made are remembered, for a withdrawal."""
@@ -5821,7 +5830,7 @@ class LocalSender(Sender):
         """Before the receiver has confirmed anything: place the new cursors [(path, to)],
         releasing and destroying nothing, so this runs beside the receiver's checks; an
         unconfirmed one is withdrawn by finish_phase -> {path: error}."""
-        held, marked = self._cursor_moves(cursors, self.list_filesystems())
+        held, marked = self._cursor_moves(cursors, self._current(cursors))
 
         def hold():
             errors = {}
@@ -5843,9 +5852,7 @@ class LocalSender(Sender):
         bookmarks side by side -> {path: error}."""
         errors = {}
         ctag, stag = cursor_hold_tag(self.job.name), step_hold_tag(self.job.name)
-        # the listing as this process's own changes left it: it shows the cursor
-        # bookmarks hold_cursors made (no zfs process, see the listing cache)
-        current = self.list_filesystems()
+        current = self._current(list(cursors) + list(withdraw))
         moves, marks = self._cursor_moves(cursors, current)
         withdrawn, unmarks = self._cursor_moves(withdraw, current)
         steps_done = sorted(set(release) - set(keep))
