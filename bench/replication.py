@@ -950,7 +950,7 @@ def main():
     with open(args.zrepl, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
     where = ""
-    if os.path.abspath(args.zrepl) == ZREPL:
+    if os.path.abspath(args.zrepl) == ZREPL and shutil.which("git"):  # a VM may lack git
         head = sh("git", "-C", REPO, "log", "-1", "--format=%h", check=False).stdout.strip()
         dirty = sh("git", "-C", REPO, "diff", "--quiet", "HEAD", "--", "zrepl.py",
                    check=False).returncode
