@@ -4008,6 +4008,16 @@ class Capabilities:
     def word(self, name):
         return "unknown" if name in self.undecided else "yes" if self[name] else "no"
 
+    @property
+    def receive_checks_target(self):
+        """Does `zfs receive TARGET` refuse an incremental stream when TARGET is missing?
+        zfs-fuse instead redirects it into another dataset holding the stream's source
+        snapshot (zfs-fuse.md §3.2). OpenZFS looks a target up by GUID only under -d/-e
+        or below a replication stream's top (measured on 2.3: "destination does not
+        exist", nothing received elsewhere). Not probeable without a victim dataset, so
+        decided by implementation; illumos and unknown ZFS count as no."""
+        return self.implementation == "openzfs"
+
     def to_json(self):
         return {"available": self.available, "error": self.error,
                 "implementation": self.implementation, "version": self.version,
@@ -4912,9 +4922,17 @@ class ZFS:
         return out
 
     # -- bookmarks --
-    def bookmark(self, snapshot, bookmark_full):
-        """`zfs bookmark fs@s fs#b`; "bookmark exists" is the caller's to judge (by GUID)."""
-        self.run(["zfs", "bookmark", snapshot, bookmark_full], fs=snapshot.split("@")[0])
+    def bookmark(self, snapshot, bookmark_full, guid=None):
+        """`zfs bookmark fs@s fs#b`. "bookmark exists" is success when the one there has
+        `guid` (it is the bookmark meant, e.g. from an interrupted run), else raised."""
+        try:
+            self.run(["zfs", "bookmark", snapshot, bookmark_full], fs=snapshot.split("@")[0])
+        except ZFSError as e:
+            if e.kind != "bookmark-exists" or guid is None:
+                raise
+            existing = self.get_version(bookmark_full)
+            if existing is None or existing.guid != guid:
+                raise
 
     def destroy_bookmark(self, bookmark_full):
         err = self.destroy_bookmarks([bookmark_full])[bookmark_full]
@@ -4923,17 +4941,17 @@ class ZFS:
 
     # `zfs bookmark` and a bookmark's `zfs destroy` take one name each (OpenZFS's CLI; the
     # ioctls take many), and each waits for a txg sync: many at once share the syncs
-    def bookmarks(self, pairs):
-        """[(snapshot, bookmark full name)] side by side -> {bookmark: None | ZFSError};
-        "bookmark exists" is the caller's to judge (by GUID), as for bookmark()."""
-        def make(pair):
+    def bookmarks(self, marks):
+        """[(snapshot, bookmark full name, guid)] side by side -> {bookmark: None |
+        ZFSError}; "bookmark exists" as for bookmark()."""
+        def make(mark):
             try:
-                self.bookmark(*pair)
+                self.bookmark(*mark)
             except ZFSError as e:
                 return e
             return None
-        results = self._parallel(list(pairs), make, lambda: False, {}, BOOKMARK_WORKERS)
-        return {mark: err for (_, mark), err in results.items()}
+        results = self._parallel(list(marks), make, lambda: False, {}, BOOKMARK_WORKERS)
+        return {mark: err for (_, mark, _), err in results.items()}
 
     def destroy_bookmarks(self, names):
         """Destroy bookmarks side by side -> {name: None (destroyed or gone) | ZFSError}."""
@@ -5389,6 +5407,16 @@ def hold_tags(zfs, datasets):
     return zfs.holds(held) if held else {}
 
 
+def errors_by_fs(results, errors=None):
+    """{snapshot full name: None | error} of a hold or release -> {filesystem: its first
+    error}, added to `errors` where given."""
+    errors = {} if errors is None else errors
+    for name, err in results.items():
+        if err is not None:
+            errors.setdefault(name.split("@")[0], err)
+    return errors
+
+
 def select_filesystems(zfs, patterns, log):
     """One listing of a filter's roots -> (every listed Dataset, the accepted ones by name;
     placeholders included: the planner needs them, the snapper and pruner skip them)."""
@@ -5798,13 +5826,10 @@ class LocalSender(Sender):
                        for v in ds.versions):
                 want[name] = (ds.name, to)
         errors = {}
-        results = self.zfs.bookmarks([(to.full_name, name) for name, (_, to) in want.items()])
+        results = self.zfs.bookmarks([(to.full_name, name, to.guid)
+                                      for name, (_, to) in want.items()])
         for name, err in sorted(results.items()):
             path, to = want[name]
-            if err is not None and err.kind == "bookmark-exists":
-                existing = self.zfs.get_version(name)
-                if existing is not None and existing.guid == to.guid:
-                    err = None
             if err is None:
                 with self._lock:
                     self._placed_cursors.add(name)
@@ -5833,13 +5858,8 @@ class LocalSender(Sender):
         held, marked = self._cursor_moves(cursors, self._current(cursors))
 
         def hold():
-            errors = {}
-            results = self.zfs.hold(cursor_hold_tag(self.job.name),
-                                    [to for _, to in held]) if held else {}
-            for name, err in results.items():
-                if err is not None:
-                    errors.setdefault(name.split("@")[0], err)
-            return errors
+            return errors_by_fs(self.zfs.hold(cursor_hold_tag(self.job.name),
+                                              [to for _, to in held]) if held else {})
         errors, marked_errors = both_sides(
             hold, lambda: self._make_cursor_bookmarks(marked) if marked else {})
         errors.update(marked_errors)
@@ -5861,9 +5881,7 @@ class LocalSender(Sender):
         tags = hold_tags(self.zfs, datasets.values())
         unheld = [to for _, to in moves if ctag not in tags.get(to.full_name, ())]
         if unheld:
-            for name, err in self.zfs.hold(ctag, unheld).items():
-                if err is not None:
-                    errors.setdefault(name.split("@")[0], err)
+            errors_by_fs(self.zfs.hold(ctag, unheld), errors)
         if marks:
             errors.update(self._make_cursor_bookmarks(marks))
         moved = [(ds, to) for ds, to in moves + marks if ds.name not in errors]
@@ -5885,14 +5903,10 @@ class LocalSender(Sender):
                                for ds, to in unmarks})
         released, destroyed = both_sides(lambda: self.zfs.release_tags(releases),
                                          lambda: self.zfs.destroy_bookmarks(stale))
-        for tag, results in released.items():
-            for name, err in results.items():
-                if err is None:
-                    continue
-                if tag == stag:
-                    self.log("warn", "repl", f"cannot release step hold on {name}: {err}")
-                else:
-                    errors.setdefault(name.split("@")[0], err)
+        for name, err in released.get(stag, {}).items():
+            if err is not None:
+                self.log("warn", "repl", f"cannot release step hold on {name}: {err}")
+        errors_by_fs(released.get(ctag, {}), errors)
         for name, err in sorted(destroyed.items()):
             if err is not None:        # the cursor moved; the next cycle tries again
                 self.log("warn", "repl", f"cannot destroy old replication cursor {name}: "
@@ -5908,7 +5922,9 @@ class LocalSender(Sender):
         if step.protection == "guarantee_incremental" and self._has_bookmarks(path):
             for v in (frm, to):
                 if v is not None and v.type == "snapshot":
-                    self._bookmark(v, tentative_cursor_bookmark_name(v.guid, self.job.name))
+                    self.zfs.bookmark(v.full_name, f"{v.fs}#"
+                                      f"{tentative_cursor_bookmark_name(v.guid, self.job.name)}",
+                                      v.guid)
         elif step.protection == "guarantee_resumability" and not prepared:
             self._release_stale_step_holds(ds, keep=[v for v in (frm, to) if v is not None])
             need = [v for v in (frm, to) if v is not None and v.type == "snapshot"]
@@ -5925,17 +5941,6 @@ class LocalSender(Sender):
             if err is not None:
                 raise err
 
-    def _bookmark(self, snap, bookmark):
-        full = f"{snap.fs}#{bookmark}"
-        try:
-            self.zfs.bookmark(snap.full_name, full)
-        except ZFSError as e:
-            if e.kind != "bookmark-exists":
-                raise
-            existing = self.zfs.get_version(full)
-            if existing is None or existing.guid != snap.guid:
-                raise
-
     # -- SendCompleted --
     def send_completed(self, path, step, prepared=False):
         if step.protection == "guarantee_nothing":
@@ -5946,7 +5951,8 @@ class LocalSender(Sender):
         if self._has_bookmarks(path):
             if prepared and step.protection == "guarantee_resumability":
                 return                      # hold_cursors and finish_phase move it
-            self._bookmark(to, cursor_bookmark_name(to.guid, job))
+            self.zfs.bookmark(to.full_name, f"{to.fs}#{cursor_bookmark_name(to.guid, job)}",
+                              to.guid)
             # a pool that gained bookmarks (`zpool upgrade`): the bookmark now is the
             # cursor, so the holds-only cursor of before is released (SPEC §3.6)
             old = tagged_snapshots(self.zfs, ds, cursor_hold_tag(job))
@@ -6240,14 +6246,10 @@ class LocalReceiver(Receiver):
         return self.zfs.capabilities().pools.get(pool, {}).get("resume", False)
 
     def _needs_precheck(self):
-        """Does this ZFS redirect an incremental stream to another dataset holding the
-        source snapshot when the named target is missing (zfs-fuse.md §3.2)? Then the
-        target must be seen to exist, with the source GUID, before each receive. OpenZFS
-        does not for a plain `zfs receive TARGET` (it looks by GUID only under -d/-e or
-        below a replication stream's top; measured on 2.3: "destination does not exist",
-        nothing received elsewhere), so there ZFS's own check is the pre-check; others
-        (zfs-fuse, illumos, unknown) keep ours."""
-        return self.zfs.capabilities().implementation != "openzfs"
+        """Where ZFS may receive an incremental into another dataset than the missing
+        target, the target must be seen to exist, with the source GUID, before each
+        receive; elsewhere ZFS's own refusal is the pre-check."""
+        return not self.zfs.capabilities().receive_checks_target
 
     def prepare(self, plans):
         """The incremental pre-check of every planned filesystem in one `zfs get -d 1`,

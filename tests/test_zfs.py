@@ -213,6 +213,9 @@ def test_capabilities_are_exactly_what_this_zfs_has(zfs_available, pools):
     got = {n: caps[n] for n in zrepl.CAPABILITY_NAMES}
     assert caps.undecided == {}
     assert got == EXPECTED_CAPABILITIES[lane]
+    # zfs-fuse redirects an incremental whose target is missing (zfs-fuse.md §3.2), so
+    # the receiver checks first; OpenZFS refuses it itself (test_replication_conflicts)
+    assert caps.receive_checks_target is (lane == "openzfs-2.3")
     for p in (pools.src, pools.dst):
         assert caps.pools[p] == EXPECTED_POOL_FEATURES[lane], p
 
@@ -519,6 +522,32 @@ def test_the_cached_listing_follows_the_runs_own_changes(zfs_available, pools):
     ds, listed = same_as_fresh(1)
     assert " -r " in listed[0] and root + "/e" in ds and root + "/f" in ds
     adapter.release("t2", [ds[a].snapshots[0]])
+
+
+def test_a_bookmark_that_exists_is_success_only_with_the_same_guid(adapter, pools):
+    """A cursor bookmark an interrupted run already made is the one meant (same GUID);
+    a bookmark of that name on another snapshot is an error, never taken for it."""
+    if not adapter.capabilities()["bookmarks"]:
+        pytest.skip("this ZFS has no bookmarks (zfs-fuse.md §2)")
+    fs = pools.src + "/bmexists"
+    make_tree(fs, [])
+    s1, s2 = snap(fs, "s1"), snap(fs, "s2")
+    g1, g2 = (int(zfs("get", "-H", "-o", "value", "guid", s).stdout) for s in (s1, s2))
+    adapter.bookmark(s1, fs + "#m", g1)
+    adapter.bookmark(s1, fs + "#m", g1)                      # again: it is there
+    for snapshot, guid in ((s2, g2), (s1, None)):           # another one's, or unjudged
+        with pytest.raises(zrepl.ZFSError) as e:
+            adapter.bookmark(snapshot, fs + "#m", guid)
+        assert e.value.kind == "bookmark-exists"
+    # side by side, each judged on its own: there already, made, another one's
+    results = adapter.bookmarks([(s1, fs + "#m", g1), (s2, fs + "#n", g2),
+                                 (s1, fs + "#n2", g1)])
+    assert results == {fs + "#m": None, fs + "#n": None, fs + "#n2": None}
+    results = adapter.bookmarks([(s1, fs + "#n", g1), (s2, fs + "#o", g2)])
+    assert results[fs + "#n"].kind == "bookmark-exists" and results[fs + "#o"] is None
+    marks = zfs("list", "-H", "-t", "bookmark", "-o", "name,guid", "-r", fs).stdout.split()
+    assert marks == [fs + "#m", str(g1), fs + "#n", str(g2), fs + "#n2", str(g1),
+                     fs + "#o", str(g2)]
 
 
 def test_list_filesystems_and_pools(adapter, pools):
