@@ -3772,6 +3772,22 @@ def listing_effect(argv):
         if len(args) != 2 or "@" not in args[0] or "#" not in args[1]:
             return "all", ()
         return "bookmark", tuple(args)
+    if verb == "create":
+        # one new filesystem or volume whose parent exists (no -p), on one pool: only it
+        # is listed again, and the listings of other pools (the other side) stay
+        rest, i = [], 0
+        while i < len(args):
+            if args[i] in ("-o", "-V", "-b"):
+                i += 2
+                continue
+            if args[i].startswith("-") and args[i] not in ("-u", "-s"):
+                return "all", ()
+            if not args[i].startswith("-"):
+                rest.append(args[i])
+            i += 1
+        if len(rest) != 1 or re.search(r"[@#]", rest[0]):
+            return "all", ()
+        return "dirty", (rest[0],)
     if verb in ("receive", "recv"):
         # -o/-x take a value; -d/-e name the target after the stream's own name
         rest, i = [], 0

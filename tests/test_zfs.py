@@ -426,8 +426,12 @@ LISTING_EFFECTS = [
     (["zfs", "receive", "-A", "p/a"], ("dirty", ("p/a",))),
     (["zfs", "receive", "-c", "p/a@s"], ("dirty", ("p/a",))),
     (["zfs", "receive", "-d", "p"], ("all", ())),              # the stream names the target
+    (["zfs", "create", "-o", "zrepl:placeholder=on", "-o", "mountpoint=none", "p/a/b"],
+     ("dirty", ("p/a/b",))),                                  # only it, on its pool
+    (["zfs", "create", "-V", "1G", "-s", "p/v"], ("dirty", ("p/v",))),
+    (["zfs", "create", "-p", "p/a/b"], ("all", ())),          # and its missing parents
+    (["zfs", "create", "-x", "p/a"], ("all", ())),            # a flag it does not know
     (["zfs", "receive", "-u", "-Z", "p/a"], ("all", ())),      # a flag it does not know
-    (["zfs", "create", "-o", "zrepl:placeholder=on", "p/a"], ("all", ())),
     (["zfs", "rename", "p/a", "p/b"], ("all", ())),
 ]
 
@@ -516,11 +520,17 @@ def test_the_cached_listing_follows_the_runs_own_changes(zfs_available, pools):
     ds, listed = same_as_fresh(1)
     assert [v.name for v in ds[root + "/d/r"].snapshots] == ["s1", "s2", "s3", "s4"]
     assert ds[root + "/d/r"].placeholder_value == "off"
-    # a command it cannot follow drops the listing: the next one lists everything
+    # a new filesystem is listed alone (what others did, unseen, stays unseen)...
     zfs("create", root + "/e")
-    adapter.run(["zfs", "create", root + "/f"])
+    adapter.run(["zfs", "create", "-o", "mountpoint=none", root + "/f"])
+    cached = adapter.list_datasets([root])
+    listed = [x for x in argvs if x.startswith("zfs get")]
+    assert root + "/f" in cached[0] and root + "/e" not in cached[0]
+    assert "-d 1" in listed[-1] and listed[-1].endswith(" " + root + "/f")
+    # ...and a command it cannot follow drops the listing: the next one lists everything
+    adapter.run(["zfs", "create", "-p", root + "/g/h"])
     ds, listed = same_as_fresh(1)
-    assert " -r " in listed[0] and root + "/e" in ds and root + "/f" in ds
+    assert " -r " in listed[0] and {root + "/e", root + "/f", root + "/g/h"} <= set(ds)
     adapter.release("t2", [ds[a].snapshots[0]])
 
 
