@@ -5654,8 +5654,9 @@ class Receiver:
         raise NotImplementedError
 
     def prepare(self, plans):
-        """{path: [Step]} of a phase: pre-check the incrementals' targets in one call ->
-        {path: error} of those that must not start."""
+        """{path: [Step]} of a phase: create the placeholders above the initial ones'
+        targets, pre-check the incrementals' targets in one call -> {path: error} of
+        those that must not start."""
         raise NotImplementedError
 
     def receive(self, path, step, stream):
@@ -6164,6 +6165,22 @@ class LocalReceiver(Receiver):
                         raise
                     datasets[name] = Dataset(name, "filesystem")
 
+    def _make_parents(self, plans):
+        """_ensure_parents for every plan that starts with a full receive into a missing
+        target, where no ancestor is planned too (that one is received as itself, never
+        made a placeholder; what lies below it waits for its receive) -> {path: error}."""
+        datasets, errors = self._listing(), {}
+        for path in sorted(plans):
+            steps = plans[path]
+            target = self.target(path)
+            if steps and steps[0].kind == "full" and target not in datasets and \
+                    not any(a in plans for a in ancestors(path)):
+                try:
+                    self._ensure_parents(target, datasets)
+                except ZreplError as e:
+                    errors[path] = e
+        return errors
+
     def _check_placeholder_encryption(self, name, parent, datasets):
         """SPEC §8.4: `unspecified` decides like `inherit` for root_fs/<identity> and under
         an unencrypted parent; under an encrypted one the user must say what they want."""
@@ -6268,19 +6285,21 @@ class LocalReceiver(Receiver):
         return not self.zfs.capabilities().receive_checks_target
 
     def prepare(self, plans):
-        """The incremental pre-check of every planned filesystem in one `zfs get -d 1`,
-        where the ZFS needs one (_needs_precheck)."""
+        """Beside the sender's step holds, before any stream: the placeholders above every
+        filesystem whose first step is its initial one (made at its receive otherwise,
+        while the stream waited), and the incremental pre-check of every planned
+        filesystem in one `zfs get -d 1`, where the ZFS needs one (_needs_precheck)."""
+        errors = self._make_parents(plans)
         if not self._needs_precheck():
-            return {}
+            return errors
         todo = {}
         for path, steps in plans.items():
             first = steps[0] if steps else None
             if first is not None and first.from_ is not None and path not in self._checked:
                 todo[self.target(path)] = (path, first.from_)
         if not todo:
-            return {}
+            return errors
         found = self.zfs.snapshot_guids(sorted(todo))
-        errors = {}
         for target, (path, frm) in todo.items():
             if target not in found:
                 errors[path] = ZreplError(f"receiver filesystem {target} does not exist "

@@ -341,7 +341,14 @@ def test_initial_push_creates_placeholders_and_mounts_nothing(pools, tmp_path):
     make_tree(rig.src, ["x", "x/y", "z"])
     xy, z = rig.fs("x/y"), rig.fs("z")
     rig.configure([xy, z], snapshotting=PERIODIC)
-    job = rig.ok("--snapshot", "always")
+    env, log = zfs_logger(tmp_path)
+    job = rig.ok("--snapshot", "always", env=env)
+
+    # the placeholders are made before the first stream (beside the step holds), not
+    # while it waits for them
+    verbs = [argv[0] for argv in logged_calls(log, rig.src, rig.sink)]
+    assert verbs.count("create") == 4 and "send" in verbs, verbs
+    assert max(i for i, v in enumerate(verbs) if v == "create") < verbs.index("send"), verbs
 
     # one round, one shared name, replicated in full
     name = job["snapshotting"]["name"]
