@@ -8037,6 +8037,55 @@ def step_is_big(step, expected):
     return expected >= BIG_STEP
 
 
+class SizeEstimates:
+    """The size estimates of a phase's first steps, made at planning time (SPEC §8.9):
+    beside the step holds and ahead of the steps, `concurrency.size_estimates` at once. A
+    step takes its own when it starts, waiting if it is being made, or makes it then if
+    none was started for it. estimate(path, step) -> bytes or None never raises."""
+
+    def __init__(self, estimate, items, workers, stop):
+        self._estimate = estimate
+        self._todo = list(reversed(items))     # [(path, step)], the first at the end
+        self._busy, self._done = set(), {}
+        self._cond = threading.Condition()
+        self._stop = stop
+        self._threads = [start_thread(self._work, name="size-estimate")
+                         for _ in range(min(workers, len(items)))]
+
+    def _work(self):
+        while True:
+            with self._cond:
+                if not self._todo or self._stop():
+                    return
+                path, step = self._todo.pop()
+                self._busy.add(path)
+            value = None
+            try:
+                value = self._estimate(path, step)
+            finally:
+                with self._cond:
+                    self._busy.discard(path)
+                    self._done[path] = (step, value)
+                    self._cond.notify_all()
+
+    def take(self, path, step):
+        """The estimate of path's step: the one made ahead if it is this step's."""
+        with self._cond:
+            self._todo = [t for t in self._todo if t[0] != path]
+            while path in self._busy:
+                self._cond.wait()
+            made = self._done.pop(path, None)
+        if made is not None and made[0] is step:
+            return made[1]
+        return self._estimate(path, step)
+
+    def close(self):
+        with self._cond:
+            self._todo = []
+        for t in self._threads:
+            t.join()
+
+
 class StepRun:
     """A running step's live state: counters the progress, report and watchdog read."""
 
@@ -8236,6 +8285,7 @@ class Replication:
                                              if n is not None]) \
             if self.auto else r.concurrency_steps
         self.big_running = None         # auto: the path whose big step is moving
+        self.estimates = None           # SizeEstimates of the attempt, where made ahead
 
     # -- the phase --
     def run(self):
@@ -8315,6 +8365,27 @@ class Replication:
             return None
         todo = {p: f.steps[f.done:] for p, f in self.fs.items() if not f.finished and f.steps}
         self.prepared, self.received, self.completed = set(), [], {}
+        self.estimates = self._estimate_ahead(todo)
+        try:
+            return self._prepared_attempt(todo)
+        finally:
+            self.estimates.close()
+            self.estimates = None
+
+    def _estimate_ahead(self, todo):
+        """Start the size estimates of every filesystem's next step, in the queue's order.
+        Only where the sender serves any number of calls at once (a local one): a remote
+        one would log in again for each call beside the others."""
+        items = []
+        if self.sender.default_streams is None:
+            items = [(f.path, f.next_step) for f in sorted(
+                (self.fs[p] for p in todo),
+                key=lambda f: (f.error_count, f.next_step.to.creation, f.path))]
+        return SizeEstimates(self._estimate_quietly, items,
+                             self.options.concurrency_size_estimates,
+                             self.control.should_stop)
+
+    def _prepared_attempt(self, todo):
         # the receiver's pre-check (a read) and the sender's step holds side by side; a
         # filesystem either refuses fails before its first step
         try:
@@ -8499,7 +8570,7 @@ class Replication:
         big = False
         try:
             if f.done not in f.estimates:
-                f.estimates[f.done] = self._estimate(f, step)
+                f.estimates[f.done] = self.estimates.take(f.path, step)
             run.expected = f.estimates[f.done]
             if self.auto and step_is_big(step, run.expected):
                 with self.cond:
@@ -8548,9 +8619,10 @@ class Replication:
                     self.progress.finished_bytes += run.bytes
                 self.cond.notify_all()
 
-    def _estimate(self, f, step):
+    def _estimate_quietly(self, path, step):
+        """A failed estimate only leaves the size unknown (SPEC §8.9)."""
         try:
-            return self.sender.estimate(f.path, step)
+            return self.sender.estimate(path, step)
         except ZreplError:
             return None
 

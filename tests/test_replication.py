@@ -573,6 +573,37 @@ def test_pruning_after_a_phase_reads_the_listings_the_phase_kept_true(pools, tmp
     assert relisted == []
 
 
+def _is_size_estimate(argv):
+    """`send -n -v -P` (SPEC §8.9), or a full stream's `referenced` where ZFS has no -n."""
+    return (argv[0] == "send" and "-n" in argv) or (argv[0] == "get" and "referenced" in argv)
+
+
+def test_size_estimates_are_made_at_planning_time_beside_the_step_holds(pools, tmp_path):
+    """SPEC §8.9: the estimates run at planning time, `concurrency.size_estimates` at
+    once, not each just before its step: here all six are made while the step hold
+    (slowed by a second) is still waiting, and every step then uses its own."""
+    rig = Rig(pools, tmp_path, "estimates")
+    names = ["f%d" % i for i in range(6)]
+    make_tree(rig.src, names)
+    fss = [rig.fs(n) for n in names]
+    for fs in fss:
+        snap(fs, "s1")
+    rig.configure(fss)
+    marker = "hold-slept"
+    env, log = zfs_logger(tmp_path, action=(
+        '[ "$1" = hold ] && { sleep 1; echo %s >> %s; }' % (marker, q(tmp_path / "zfs-calls.log"))))
+    job = rig.ok(env=env)
+    lines = [ln.split("\t") for ln in log.read_text().splitlines()]
+    woke = [i for i, a in enumerate(lines) if a == [marker]]
+    estimates = [i for i, a in enumerate(lines) if _is_size_estimate(a) and
+                 any(x.startswith(rig.src + "/") for x in a)]
+    assert len(estimates) == 6 and woke, lines
+    assert max(estimates) < woke[0], lines
+    for fs, f in fs_reports(job).items():
+        [step] = f["steps"]
+        assert step["bytes_expected"] and step["bytes_expected"] > 0, (fs, step)
+
+
 def test_a_phase_moves_every_cursor_in_a_few_calls_for_all_filesystems(pools, tmp_path):
     """The issue's "mutating calls per side per cycle bounded by a constant": an
     incremental of six filesystems moves their cursors (holds, or bookmarks where the pool
@@ -1224,6 +1255,36 @@ def test_step_is_big_by_estimate_and_by_kind():
                       "guarantee_resumability")
     assert zrepl.step_is_big(full, None) and not zrepl.step_is_big(incr, None)
     assert zrepl.step_is_big(incr, zrepl.BIG_STEP) and not zrepl.step_is_big(full, 4096)
+
+
+def test_size_estimates_made_ahead_are_taken_by_their_own_step_only():
+    """SizeEstimates (plain data, threads of its own): a step takes the estimate made for
+    it, waits for one being made, and makes its own where none was started for it or
+    the one made was of another step (the filesystem was planned again)."""
+    import threading
+    steps = {p: zrepl.Step("full", None, zrepl.Version("snapshot", p, "s", 1, 1, 1),
+                           "guarantee_resumability") for p in ("p/a", "p/b", "p/c")}
+    gate, calls = threading.Event(), []
+
+    def estimate(path, step):
+        calls.append(path)
+        if path == "p/a":
+            gate.wait(10)                      # still being made when its step starts
+        return len(calls) * 100
+    ahead = zrepl.SizeEstimates(estimate, [(p, steps[p]) for p in ("p/a", "p/b")], 1,
+                                lambda: False)
+    threading.Timer(0.2, gate.set).start()
+    assert ahead.take("p/a", steps["p/a"]) == 100          # waited for it
+    assert ahead.take("p/c", steps["p/c"]) in (200, 300)   # never queued: made now
+    other = zrepl.Step("full", None, steps["p/b"].to, "guarantee_resumability")
+    value = ahead.take("p/b", other)          # made (or being made) for another step
+    ahead.close()
+    assert calls[-1] == "p/b" and value == 100 * len(calls), calls   # its own, made now
+    # stopped: nothing more starts; every step still gets its own
+    stopped = zrepl.SizeEstimates(lambda p, s: 7, [(p, steps[p]) for p in steps], 2,
+                                  lambda: True)
+    assert [stopped.take(p, steps[p]) for p in steps] == [7, 7, 7]
+    stopped.close()
 
 
 @pytest.fixture
