@@ -8140,6 +8140,10 @@ class FsRun:
     def next_step(self):
         return self.steps[self.done] if self.done < len(self.steps) else None
 
+    def queue_key(self):
+        """The seed's queue: healthy first, oldest pending snapshot first, then by name."""
+        return (self.error_count, self.next_step.to.creation, self.path)
+
     def has_pending_initial(self):
         return any(s.is_initial for s in self.steps[self.done:]) and not self.finished
 
@@ -8379,8 +8383,7 @@ class Replication:
         items = []
         if self.sender.default_streams is None:
             items = [(f.path, f.next_step) for f in sorted(
-                (self.fs[p] for p in todo),
-                key=lambda f: (f.error_count, f.next_step.to.creation, f.path))]
+                (self.fs[p] for p in todo), key=FsRun.queue_key)]
         return SizeEstimates(self._estimate_quietly, items,
                              self.options.concurrency_size_estimates,
                              self.control.should_stop)
@@ -8491,8 +8494,7 @@ class Replication:
                     step_is_big(f.next_step, f.estimates[f.done]):
                 continue                 # waits for the big step that is moving
             out.append(f)
-        # the seed's queue: healthy first, oldest pending snapshot first, then by name
-        out.sort(key=lambda f: (f.error_count, f.next_step.to.creation, f.path))
+        out.sort(key=FsRun.queue_key)
         return out
 
     def _execute(self):
