@@ -3775,37 +3775,35 @@ def listing_effect(argv):
     if verb == "create":
         # one new filesystem or volume whose parent exists (no -p), on one pool: only it
         # is listed again, and the listings of other pools (the other side) stay
-        rest, i = [], 0
-        while i < len(args):
-            if args[i] in ("-o", "-V", "-b"):
-                i += 2
-                continue
-            if args[i].startswith("-") and args[i] not in ("-u", "-s"):
-                return "all", ()
-            if not args[i].startswith("-"):
-                rest.append(args[i])
-            i += 1
-        if len(rest) != 1 or re.search(r"[@#]", rest[0]):
+        rest = _operands(args, valued=("-o", "-V", "-b"), plain=("-u", "-s"))
+        if rest is None or len(rest) != 1 or re.search(r"[@#]", rest[0]):
             return "all", ()
         return "dirty", (rest[0],)
     if verb in ("receive", "recv"):
-        # -o/-x take a value; -d/-e name the target after the stream's own name
-        rest, i = [], 0
-        while i < len(args):
-            if args[i] in ("-o", "-x"):
-                i += 2
-                continue
-            if args[i] in ("-d", "-e") or (args[i].startswith("-") and
-                                           args[i] not in ("-u", "-s", "-F", "-v", "-n",
-                                                           "-A", "-c")):
-                return "all", ()
-            if not args[i].startswith("-"):
-                rest.append(args[i])
-            i += 1
-        if len(rest) != 1:
+        # -d/-e name the target after the stream's own name: not among the plain flags
+        rest = _operands(args, valued=("-o", "-x"),
+                         plain=("-u", "-s", "-F", "-v", "-n", "-A", "-c"))
+        if rest is None or len(rest) != 1:
             return "all", ()
         return "dirty", (re.split(r"[@#]", rest[0])[0],)
     return "all", ()
+
+
+def _operands(args, valued, plain):
+    """The operands of a command's args, skipping the `valued` flags' values -> list, or
+    None where a flag is neither valued nor plain (unknown: its effect is not guessed)."""
+    rest, i = [], 0
+    while i < len(args):
+        if args[i] in valued:
+            i += 2
+        elif args[i].startswith("-"):
+            if args[i] not in plain:
+                return None
+            i += 1
+        else:
+            rest.append(args[i])
+            i += 1
+    return rest
 
 
 def _add_userref(v):
