@@ -4710,24 +4710,44 @@ class ZFS:
         return result
 
     # -- holds (SPEC §3.4) --
-    def hold(self, tag, versions):
+    # Where `zfs holds` is broken, each record write is a txg sync of its own (~80 ms on
+    # zfs-fuse), on the critical path of every cycle. Two rules keep them to one level
+    # per cursor move: a record on a snapshot without holds (userrefs 0) names nothing and
+    # is not read, so a release that leaves a snapshot unheld does not rewrite it; and a
+    # step hold, which lives for one phase, is not recorded: a snapshot held more times
+    # than its record says may carry this job's step tag, and the job's next phase
+    # releases that tag there ("no such tag" is success).
+
+    @staticmethod
+    def recorded(v):
+        """The tags v's zrepl:holds record names; none on a snapshot without holds."""
+        return v.holds_record if v.userrefs != 0 else ()
+
+    def unrecorded(self, v):
+        """How many of v's holds its record does not name (0 where `zfs holds` works)."""
+        if self.capabilities()["holds_list"]:
+            return 0
+        return max(0, (v.userrefs or 0) - len(self.recorded(v)))
+
+    def hold(self, tag, versions, *, record=True):
         """Hold every snapshot in versions with tag -> {full name: None | ZFSError}.
 
         "tag already exists" is success. Without a usable `zfs holds`, the tag is first
-        recorded in the snapshot's zrepl:holds property so it can be found again.
+        recorded in the snapshot's zrepl:holds property so it can be found again, unless
+        record is false (a step hold); then a stale record is cleared first, so that the
+        hold does not make it look true.
         """
         result = {}
         if not self.capabilities()["holds_list"]:
             result.update(self._write_records(
-                [(v, v.holds_record + (tag,)) for v in versions if tag not in v.holds_record]))
+                [(v, self.recorded(v) + (tag,)) for v in versions
+                 if tag not in self.recorded(v)] if record else
+                [(v, ()) for v in versions if v.holds_record and not self.recorded(v)]))
         todo = [v for v in versions if v.full_name not in result]
         since, clean = self.current_seq(), set()
         result.update(self._hold_release("hold", tag, [v.full_name for v in todo], clean))
         # keep the caller's versions and the cached listings true to what ZFS now holds
         self.patch_versions(clean, _add_userref, todo, since)
-        for v in todo:           # a chunk that failed: only the caller's own guess
-            if v.full_name not in clean and result.get(v.full_name) is None:
-                _add_userref(v)
         return result
 
     def release(self, tag, versions):
@@ -4752,10 +4772,9 @@ class ZFS:
             for v in versions:
                 if results[tag].get(v.full_name) is None and tag in v.holds_record:
                     gone.setdefault(v.full_name, (v, set()))[1].add(tag)
-                    if v.full_name not in clean[tag]:   # a failed chunk: the caller's guess
-                        _drop_userref(v)
+        # a snapshot left without holds keeps its record: with userrefs 0 it names nothing
         errors = self._write_records([(v, tuple(t for t in v.holds_record if t not in tags))
-                                      for v, tags in gone.values()])
+                                      for v, tags in gone.values() if v.userrefs != 0])
         for tag in results:
             for name, err in errors.items():
                 if name in results[tag]:
@@ -4800,7 +4819,9 @@ class ZFS:
         OpenZFS applies a chunk all-or-nothing (one vanished snapshot and none is held),
         zfs-fuse one by one; so the names without an error of their own are run once more
         without the failed ones, which is right for both (a repeat is "tag already exists"
-        or "no such tag", both success)."""
+        or "no such tag", both success). `clean` gets the names this call changed, each
+        exactly once: an "already exists" or "no such tag" of the first run changed
+        nothing, the rest of a failed chunk was changed by one of the two runs."""
         ok_kind = "hold-exists" if verb == "hold" else "no-such-tag"
         result = {}
         for part, r in self._run_chunked(["zfs", verb, tag], names):
@@ -4824,7 +4845,9 @@ class ZFS:
                     outcome = {n: (None if err.kind == ok_kind else err) for n in part}
                 elif rest and not retried:
                     outcome = dict(attributed)
-                    outcome.update(self._hold_release(verb, tag, rest, clean, retried=True))
+                    again = self._hold_release(verb, tag, rest, clean, retried=True)
+                    outcome.update(again)
+                    clean.update(n for n, err in again.items() if err is None)
                 else:
                     outcome.update(attributed)
             result.update(outcome)
@@ -4834,7 +4857,7 @@ class ZFS:
         """Hold tags per snapshot -> {full name: [tags]}: `zfs holds -H` where it works,
         else the zrepl:holds record (tags we did not record are not visible)."""
         if not self.capabilities()["holds_list"]:
-            return {v.full_name: list(v.holds_record) for v in versions}
+            return {v.full_name: list(self.recorded(v)) for v in versions}
         out = {v.full_name: [] for v in versions}
         for _, r in self._run_chunked(["zfs", "holds", "-H"],
                                       [v.full_name for v in versions if v.userrefs]):
@@ -5764,11 +5787,18 @@ class LocalSender(Sender):
         return caps.pools.get(path.split("/")[0], {}).get("bookmarks", False)
 
     # -- Send --
-    # On pools without bookmarks every hold is a `zfs hold` plus a zrepl:holds record write,
-    # each a txg sync (~10 ms on zfs-fuse): done per step that is ~12 calls per filesystem,
-    # several times the transfer itself. So a phase places all its step holds at once
-    # (prepare) and moves all cursors and drops all step holds at once (finish_phase). A
-    # crash in between leaves the cursor behind, which only keeps more snapshots.
+    # On pools without bookmarks every cursor hold is a `zfs hold` plus a zrepl:holds
+    # record write, each a txg sync (~80 ms on zfs-fuse): done per step that is ~12 calls
+    # per filesystem, several times the transfer itself. So a phase places all its step
+    # holds at once (prepare) and moves all cursors and drops all step holds at once
+    # (finish_phase). A crash in between leaves the cursor behind, which only keeps more
+    # snapshots, and perhaps a step hold, which the job's next phase releases.
+
+    def _step_held(self, v, tags):
+        """May v carry this job's step hold? Its tag is listed, or, where `zfs holds` is
+        broken, v has holds its record does not name (step holds are not recorded)."""
+        return step_hold_tag(self.job.name) in tags.get(v.full_name, ()) or \
+            self.zfs.unrecorded(v) > 0
 
     def prepare(self, plans):
         """A snapshot that already has the step hold (an earlier phase's, kept for a
@@ -5794,16 +5824,18 @@ class LocalSender(Sender):
                         need[v.full_name] = v
                         owner[v.full_name] = path
             stale += [v for v in ds.snapshots
-                      if tag in tags.get(v.full_name, ()) and v.guid not in keep]
+                      if self._step_held(v, tags) and v.guid not in keep]
         errors = {}
-        if stale:
-            for name, err in self.zfs.release(tag, stale).items():
-                if err is not None:
-                    self.log("warn", "repl", f"cannot release stale step hold on {name}: {err}")
-        if need:
-            for name, err in self.zfs.hold(tag, list(need.values())).items():
-                if err is not None:
-                    errors.setdefault(owner[name], err)
+        # disjoint snapshots (stale ones are not kept): the two calls go side by side
+        released, held = both_sides(
+            lambda: self.zfs.release(tag, stale) if stale else {},
+            lambda: self.zfs.hold(tag, list(need.values()), record=False) if need else {})
+        for name, err in released.items():
+            if err is not None:
+                self.log("warn", "repl", f"cannot release stale step hold on {name}: {err}")
+        for name, err in held.items():
+            if err is not None:
+                errors.setdefault(owner[name], err)
         return errors
 
     # A prepared phase moves its cursors in two rounds for all filesystems, as the step
@@ -5909,7 +5941,7 @@ class LocalSender(Sender):
                    (v.guid != to.guid or self._has_bookmarks(ds.name))] +
                   [to for _, to in withdrawn if to.guid not in confirmed],
             stag: [v for path in steps_done for v in self._dataset(path).snapshots
-                   if stag in tags.get(v.full_name, ())]}
+                   if self._step_held(v, tags)]}
         with self._lock:
             placed, self._placed_cursors = self._placed_cursors, set()
         stale = {name for ds, to in marks if ds.name not in errors
@@ -5943,7 +5975,7 @@ class LocalSender(Sender):
         elif step.protection == "guarantee_resumability" and not prepared:
             self._release_stale_step_holds(ds, keep=[v for v in (frm, to) if v is not None])
             need = [v for v in (frm, to) if v is not None and v.type == "snapshot"]
-            self._check(self.zfs.hold(step_hold_tag(self.job.name), need))
+            self._check(self.zfs.hold(step_hold_tag(self.job.name), need, record=False))
         proc = self.zfs.send(path, step, flags, pipeline=(self.job.send or SendOptions()).execpipe)
         if step.kind != "incremental_batch":
             return SendStream(proc, self.bucket)
@@ -6007,7 +6039,8 @@ class LocalSender(Sender):
     def _release_stale_step_holds(self, ds, keep):
         tag = step_hold_tag(self.job.name)
         keep_guids = {v.guid for v in keep}
-        stale = [v for v in tagged_snapshots(self.zfs, ds, tag) if v.guid not in keep_guids]
+        tags = hold_tags(self.zfs, [ds])
+        stale = [v for v in ds.snapshots if self._step_held(v, tags) and v.guid not in keep_guids]
         if stale:
             self._check(self.zfs.release(tag, stale))
 
@@ -6286,7 +6319,10 @@ class LocalReceiver(Receiver):
         """Beside the sender's step holds, before any stream: the placeholders above every
         filesystem whose first step is its initial one (made at its receive otherwise,
         while the stream waited), and the incremental pre-check of every planned
-        filesystem in one `zfs get -d 1`, where the ZFS needs one (_needs_precheck)."""
+        filesystem, where the ZFS needs one (_needs_precheck): one `zfs get` of just the
+        incremental sources, by the names the listing gives them here; only the targets
+        where that does not find the source's GUID are read whole (`zfs get -d 1`),
+        which lists every snapshot they have."""
         errors = self._make_parents(plans)
         if not self._needs_precheck():
             return errors
@@ -6295,6 +6331,19 @@ class LocalReceiver(Receiver):
             first = steps[0] if steps else None
             if first is not None and first.from_ is not None and path not in self._checked:
                 todo[self.target(path)] = (path, first.from_)
+        if not todo:
+            return errors
+        listed = self._listing()
+        sources = {}
+        for target, (path, frm) in todo.items():
+            mine = next((v for v in listed[target].snapshots if v.guid == frm.guid),
+                        None) if target in listed else None
+            sources[target] = f"{target}@{mine.name if mine else frm.name}"
+        got = self.zfs.get_versions(sorted(sources.values()))
+        for target in list(todo):
+            v = got.get(sources[target])
+            if v is not None and v.guid == todo[target][1].guid:
+                self._checked.add(todo.pop(target)[0])
         if not todo:
             return errors
         found = self.zfs.snapshot_guids(sorted(todo))

@@ -234,7 +234,9 @@ def has_bookmarks(fs):
 def holds_view(root):
     """{snapshot: (userrefs, hold tags)} of every snapshot under root. The tags are read
     with `zfs holds` where it works (sorted), else from the local zrepl:holds record, in
-    the order placed (zfs-fuse, whose `zfs holds` is broken)."""
+    the order placed (zfs-fuse, whose `zfs holds` is broken); there a record on a snapshot
+    without holds names nothing (SPEC §3.4 as zrepl.py keeps it: it is not rewritten when
+    the last hold goes) and step holds are counted in userrefs but not recorded."""
     out = zfs("get", "-Hp", "-r", "-o", "name,property,value,source", "userrefs,zrepl:holds",
               root).stdout
     refs, tags = {}, {}
@@ -255,7 +257,7 @@ def holds_view(root):
                 name, tag = line.split("\t")[:2]
                 tags.setdefault(name, []).append(tag)
         tags = {n: tuple(sorted(t)) for n, t in tags.items()}
-    return {n: (refs[n], tags.get(n, ())) for n in refs}
+    return {n: (refs[n], tags.get(n, ()) if refs[n] else ()) for n in refs}
 
 
 def cursor_bookmark(snapshot, job="push"):

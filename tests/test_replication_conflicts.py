@@ -168,8 +168,9 @@ def test_receiver_filesystem_gone_before_the_incremental_receive(pools, tmp_path
     marker = tmp_path / "vanished"
     precheck = caps().implementation != "openzfs"
     if when == "pre-check":
-        # the pre-check may name several targets in one call (zrepl.py batches it)
-        match = ('"get:"*" -d 1 "*%s*' if precheck else '"receive:"*%s') % q(target)
+        # the pre-check names the incremental sources of several targets in one `zfs
+        # get` (zrepl.py batches it); the first `get` naming a snapshot of the target
+        match = ('"get:"*%s"@"*' if precheck else '"receive:"*%s') % q(target)
         act = "%s rename %s %s" % (REAL_ZFS, q(target), q(moved))
     else:
         match = '"receive:"*%s' % q(target)

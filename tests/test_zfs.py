@@ -660,7 +660,46 @@ def test_hold_and_release_are_idempotent_and_recorded(adapter, pools):
         assert adapter.get_local_property(fs + "@h", "zrepl:holds") == "zrepl_CURSOR_J_j"
     adapter.release("zrepl_CURSOR_J_j", [v])
     assert state(fs)[fs + "@h"]["userrefs"] == 0
-    assert adapter.get_local_property(fs + "@h", "zrepl:holds") is None
+    fresh = adapter.list_datasets([fs])[0][fs].versions[0]
+    assert adapter.holds([fresh]) == {fs + "@h": []}
+    if record:   # a snapshot left unheld keeps its record unread: no txg sync to rewrite it
+        assert adapter.get_local_property(fs + "@h", "zrepl:holds") == "zrepl_CURSOR_J_j"
+        assert adapter.unrecorded(fresh) == 0
+        adapter.hold("zrepl_last_received_J_j", [fresh])   # the next hold overwrites it
+        assert adapter.get_local_property(fs + "@h", "zrepl:holds") == \
+            "zrepl_last_received_J_j"
+        adapter.release("zrepl_last_received_J_j", [fresh])
+
+
+def test_step_holds_are_not_recorded_and_clear_a_stale_record(adapter, pools):
+    """SPEC §3.4 as zrepl.py keeps it: a hold placed with record=False writes no record
+    (one txg sync less per phase) and counts as unrecorded; on a snapshot whose record
+    is stale (no holds), that record is cleared first, so the hold cannot make it true."""
+    fs = pools.src + "/holds3"
+    make_tree(fs, [])
+    snap(fs, "a")
+    snap(fs, "b")
+    a, b = _version(adapter, fs + "@a"), _version(adapter, fs + "@b")
+    record = not adapter.capabilities()["holds_list"]
+    adapter.hold("zrepl_CURSOR_J_j", [a])
+    adapter.release("zrepl_CURSOR_J_j", [a])           # leaves a's record, unread
+    got = adapter.hold("zrepl_STEP_J_j", [a, b], record=False)
+    assert got == {fs + "@a": None, fs + "@b": None}
+    st = state(fs)
+    assert st[fs + "@a"]["userrefs"] == st[fs + "@b"]["userrefs"] == 1
+    assert adapter.get_local_property(fs + "@a", "zrepl:holds") is None
+    assert adapter.get_local_property(fs + "@b", "zrepl:holds") is None
+    fresh = {v.name: v for v in adapter.list_datasets([fs])[0][fs].versions}
+    if record:
+        assert adapter.holds(list(fresh.values())) == {fs + "@a": [], fs + "@b": []}
+        assert [adapter.unrecorded(fresh[n]) for n in "ab"] == [1, 1]
+    else:        # zfs holds lists every tag; nothing is unrecorded
+        assert adapter.holds(list(fresh.values())) == {fs + "@a": ["zrepl_STEP_J_j"],
+                                                        fs + "@b": ["zrepl_STEP_J_j"]}
+        assert [adapter.unrecorded(fresh[n]) for n in "ab"] == [0, 0]
+    released = adapter.release("zrepl_STEP_J_j", list(fresh.values()))
+    assert released == {fs + "@a": None, fs + "@b": None}
+    assert state(fs)[fs + "@a"]["userrefs"] == state(fs)[fs + "@b"]["userrefs"] == 0
 
 
 def test_hold_on_missing_snapshot_is_attributed(adapter, pools):
@@ -669,9 +708,8 @@ def test_hold_on_missing_snapshot_is_attributed(adapter, pools):
     snap(fs, "ok")
     ok = _version(adapter, fs + "@ok")
     ghost = zrepl.Version("snapshot", fs, "ghost", 1, 1, 1, 0)
-    if not adapter.capabilities()["holds_list"]:
-        ghost.holds_record = ("zrepl_STEP_J_j",)   # skip the record write: test the hold
-    result = adapter.hold("zrepl_STEP_J_j", [ok, ghost])
+    # record=False: no record write comes first, so the hold itself meets the missing one
+    result = adapter.hold("zrepl_STEP_J_j", [ok, ghost], record=False)
     assert result[fs + "@ok"] is None
     assert result[fs + "@ghost"].kind == "missing"
     assert state(fs)[fs + "@ok"]["userrefs"] == 1
