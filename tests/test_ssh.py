@@ -88,8 +88,11 @@ def test_pull_from_a_source_runs_the_sources_snapshot_round(pools, tmp_path, ssh
     from conftest import run_cli
     import json
     for _ in range(3):
+        # the names have whole seconds (zrepl's `dense` format): one round a second
+        time.sleep(1.02 - time.time() % 1)
         cp = run_cli("once", "--json", "--snapshot", "always", config=cfg)
-        assert cp.returncode == 0, cp.stderr
+        assert cp.returncode == 0, cp.stderr + "\n".join(
+            line for line in cp.stdout.splitlines() if '"error' in line or '"message' in line)
     doc = json.loads(cp.stdout)
     [job] = doc["jobs"]
     assert job["snapshotting"]["name"].startswith("zrepl_")  # the source's round, run there
