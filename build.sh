@@ -314,7 +314,7 @@ test_openzfs() {
     # ZREPLPY_LANE names the ZFS whose capabilities tests/test_zfs.py must find exactly
     # PIPESTATUS must be read right after the pipeline: `|| true` would reset it
     set +e
-    bash "$vm/ssh.sh" "cd /root/zreplpy && ZREPLPY_LANE=openzfs timeout 4000 python3 -m pytest \
+    bash "$vm/ssh.sh" "cd /root/zreplpy && ZREPLPY_LANE=openzfs timeout 6000 python3 -m pytest \
         -ra --durations=15 -p no:cacheprovider --junitxml=/root/openzfs-junit.xml $args" \
         2>&1 | tee "$out/pytest.log"
     rc=${PIPESTATUS[0]}
