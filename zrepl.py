@@ -4112,6 +4112,9 @@ class ZFS:
         # file in the rundir); None: probe every time; readonly: a dry run writes nothing
         self.probe_cache = None
         self.probe_cache_readonly = False
+        # snapshot full name -> (userrefs, hold tags) where `zfs holds` works: what one
+        # read, or this process's own holds and releases, left there (_note_tags)
+        self._tags = {}
 
     # -- running commands --
     def _binary(self, name):
@@ -4748,6 +4751,7 @@ class ZFS:
         result.update(self._hold_release("hold", tag, [v.full_name for v in todo], clean))
         # keep the caller's versions and the cached listings true to what ZFS now holds
         self.patch_versions(clean, _add_userref, todo, since)
+        self._note_tags(tag, todo, clean, +1)
         return result
 
     def release(self, tag, versions):
@@ -4765,6 +4769,7 @@ class ZFS:
             lambda: False, {}, 4)
         for tag, versions in releases.items():
             self.patch_versions(clean[tag], _drop_userref, versions, since)
+            self._note_tags(tag, versions, clean[tag], -1)
         if self.capabilities()["holds_list"]:
             return results
         gone = {}                          # full name -> (Version, tags released)
@@ -4855,17 +4860,54 @@ class ZFS:
 
     def holds(self, versions):
         """Hold tags per snapshot -> {full name: [tags]}: `zfs holds -H` where it works,
-        else the zrepl:holds record (tags we did not record are not visible)."""
+        else the zrepl:holds record (tags we did not record are not visible). Where tags
+        are known for the snapshot's present userrefs (_note_tags), they are not asked."""
         if not self.capabilities()["holds_list"]:
             return {v.full_name: list(self.recorded(v)) for v in versions}
         out = {v.full_name: [] for v in versions}
-        for _, r in self._run_chunked(["zfs", "holds", "-H"],
-                                      [v.full_name for v in versions if v.userrefs]):
+        ask = {}
+        with self._calls_lock:
+            for v in versions:
+                known = self._tags.get(v.full_name)
+                if known is not None and known[0] == v.userrefs:
+                    out[v.full_name] = list(known[1])
+                elif v.userrefs:
+                    ask[v.full_name] = v.userrefs
+        for _, r in self._run_chunked(["zfs", "holds", "-H"], sorted(ask)):
             for line in r.stdout.splitlines():
                 parts = line.split("\t")
-                if len(parts) >= 2 and parts[0] in out:
+                if len(parts) >= 2 and parts[0] in ask:
                     out[parts[0]].append(parts[1])
+        with self._calls_lock:
+            for name, refs in ask.items():
+                if len(out[name]) == refs:      # else it changed while asked: ask again
+                    self._tags[name] = (refs, tuple(out[name]))
         return out
+
+    def _note_tags(self, tag, versions, changed, step):
+        """After a hold (step +1) or release (-1) of tag that changed the snapshots named in
+        `changed`: their known tags follow. A snapshot that had no holds has exactly the
+        one just placed, so the phase's own step and last-received holds are known
+        without a `zfs holds`; anything not followed exactly is forgotten (asked again)."""
+        if not self.capabilities()["holds_list"]:
+            return
+        with self._calls_lock:
+            for v in versions:
+                name = v.full_name
+                known = self._tags.get(name)
+                if name not in changed:
+                    # "already exists" / "no such tag": known tags that say otherwise go
+                    if known is not None and (tag in known[1]) != (step > 0):
+                        del self._tags[name]
+                    continue
+                known, refs = self._tags.pop(name, None), v.userrefs
+                if step > 0 and refs == 1:
+                    self._tags[name] = (1, (tag,))
+                elif known is not None and known[0] == refs - step and (
+                        step > 0 and tag not in known[1] or step < 0 and tag in known[1]):
+                    tags = known[1] + (tag,) if step > 0 else \
+                        tuple(t for t in known[1] if t != tag)
+                    self._tags[name] = (refs, tags)
 
     # -- properties and datasets --
     def set_property(self, name, prop, value):
@@ -6324,6 +6366,13 @@ class LocalReceiver(Receiver):
         where that does not find the source's GUID are read whole (`zfs get -d 1`),
         which lists every snapshot they have."""
         errors = self._make_parents(plans)
+        # the hold tags release_superseded needs, read here rather than after the
+        # transfers (where `zfs holds` works; elsewhere the records are in the listing)
+        listed = self._listing()
+        try:
+            hold_tags(self.zfs, [listed[t] for t in map(self.target, plans) if t in listed])
+        except ZFSError as e:           # only a head start: release_superseded asks again
+            self.log("debug", "repl", f"reading the hold tags ahead: {e}")
         if not self._needs_precheck():
             return errors
         todo = {}
@@ -6333,7 +6382,6 @@ class LocalReceiver(Receiver):
                 todo[self.target(path)] = (path, first.from_)
         if not todo:
             return errors
-        listed = self._listing()
         sources = {}
         for target, (path, frm) in todo.items():
             mine = next((v for v in listed[target].snapshots if v.guid == frm.guid),

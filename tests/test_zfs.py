@@ -702,6 +702,40 @@ def test_step_holds_are_not_recorded_and_clear_a_stale_record(adapter, pools):
     assert state(fs)[fs + "@a"]["userrefs"] == state(fs)[fs + "@b"]["userrefs"] == 0
 
 
+def test_hold_tags_this_process_placed_are_known_without_asking(adapter, pools):
+    """Where `zfs holds` works, the tags of a snapshot that had none are exactly the hold
+    just placed, and a release takes its tag away: the phase's own step and last-received
+    holds are then released without a `zfs holds` after the transfers. A hold placed
+    by someone else shows in userrefs, and then the tags are asked again."""
+    fs = pools.src + "/holds4"
+    make_tree(fs, [])
+    snap(fs, "a")
+    v = _version(adapter, fs + "@a")
+    adapter.hold("zrepl_STEP_J_j", [v])
+    adapter.hold("zrepl_CURSOR_J_j", [v])
+    before = adapter.calls
+    assert sorted(adapter.holds([v])[fs + "@a"]) == ["zrepl_CURSOR_J_j", "zrepl_STEP_J_j"]
+    asked = adapter.calls - before
+    adapter.release("zrepl_STEP_J_j", [v])
+    before = adapter.calls
+    assert adapter.holds([v]) == {fs + "@a": ["zrepl_CURSOR_J_j"]}
+    assert adapter.calls - before == asked
+    if adapter.capabilities()["holds_list"]:
+        assert asked == 0                      # known: no `zfs holds`
+    zfs("hold", "theirs", fs + "@a")           # not this process's: userrefs says so
+    fresh = adapter.list_datasets([fs])[0][fs].versions[0]
+    assert fresh.userrefs == 2
+    before = adapter.calls
+    got = sorted(adapter.holds([fresh])[fs + "@a"])
+    if adapter.capabilities()["holds_list"]:
+        assert got == ["theirs", "zrepl_CURSOR_J_j"] and adapter.calls == before + 1
+    else:                                      # the record names only zrepl.py's own
+        assert got == ["zrepl_CURSOR_J_j"] and adapter.unrecorded(fresh) == 1
+    zfs("release", "theirs", fs + "@a")
+    adapter.release("zrepl_CURSOR_J_j", [fresh])
+    assert state(fs)[fs + "@a"]["userrefs"] == 0
+
+
 def test_hold_on_missing_snapshot_is_attributed(adapter, pools):
     fs = pools.src + "/holds2"
     make_tree(fs, [])
