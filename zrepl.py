@@ -4112,8 +4112,9 @@ class ZFS:
         # file in the rundir); None: probe every time; readonly: a dry run writes nothing
         self.probe_cache = None
         self.probe_cache_readonly = False
-        # snapshot full name -> (userrefs, hold tags) where `zfs holds` works: what one
-        # read, or this process's own holds and releases, left there (_note_tags)
+        # snapshot full name -> (userrefs, hold tags) of held snapshots, where `zfs holds`
+        # works: what one read, or this process's own holds and releases, left there
+        # (_note_tags); as many entries as snapshots held, as an unheld one has none
         self._tags = {}
 
     # -- running commands --
@@ -4901,6 +4902,8 @@ class ZFS:
                         del self._tags[name]
                     continue
                 known, refs = self._tags.pop(name, None), v.userrefs
+                if not refs:      # unheld: nothing to know (and a daemon's map stays small)
+                    continue
                 if step > 0 and refs == 1:
                     self._tags[name] = (1, (tag,))
                 elif known is not None and known[0] == refs - step and (
