@@ -4715,12 +4715,15 @@ class ZFS:
 
     # -- holds (SPEC §3.4) --
     # Where `zfs holds` is broken, each record write is a txg sync of its own (~80 ms on
-    # zfs-fuse), on the critical path of every cycle. Two rules keep them to one level
-    # per cursor move: a record on a snapshot without holds (userrefs 0) names nothing and
-    # is not read, so a release that leaves a snapshot unheld does not rewrite it; and a
-    # step hold, which lives for one phase, is not recorded: a snapshot held more times
-    # than its record says may carry this job's step tag, and the job's next phase
-    # releases that tag there ("no such tag" is success).
+    # zfs-fuse), on the critical path of every cycle. Three rules keep them off it: a
+    # record on a snapshot without holds (userrefs 0) names nothing and is not read, so a
+    # release that leaves a snapshot unheld does not rewrite it; a step hold, which lives
+    # for one phase, is not recorded; and a phase's new cursor and last-received holds
+    # are recorded after they are placed (record_holds), beside the releases of the old
+    # ones, not before. So a snapshot held more times than its record says may carry one
+    # of the job's own tags (a crash came between), and the job's next phase releases
+    # its step, cursor or last-received tag there unless that snapshot is what the tag
+    # now marks ("no such tag" is success).
 
     @staticmethod
     def recorded(v):
@@ -4738,8 +4741,8 @@ class ZFS:
 
         "tag already exists" is success. Without a usable `zfs holds`, the tag is first
         recorded in the snapshot's zrepl:holds property so it can be found again, unless
-        record is false (a step hold); then a stale record is cleared first, so that the
-        hold does not make it look true.
+        record is false (a step hold, or a hold record_holds names once it is placed);
+        then a stale record is cleared first, so that the hold does not make it look true.
         """
         result = {}
         if not self.capabilities()["holds_list"]:
@@ -4754,6 +4757,14 @@ class ZFS:
         self.patch_versions(clean, _add_userref, todo, since)
         self._note_tags(tag, todo, clean, +1)
         return result
+
+    def record_holds(self, tag, versions):
+        """Where `zfs holds` is broken: name tag, already held, in the records of versions
+        that do not name it yet -> {full name: error}. (hold(record=False) placed it.)"""
+        if self.capabilities()["holds_list"]:
+            return {}
+        return self._write_records([(v, self.recorded(v) + (tag,)) for v in versions
+                                    if tag not in self.recorded(v)])
 
     def release(self, tag, versions):
         """Release tag from every snapshot in versions; "no such tag" is success."""
@@ -5725,6 +5736,10 @@ class Receiver:
         those that must not start."""
         raise NotImplementedError
 
+    def read_ahead(self, plans):
+        """Beside the streams of a phase: read what finish_phase and release_superseded
+        will need, so that they need not wait for it. Nothing here is an error."""
+
     def receive(self, path, step, stream):
         """Receive one step's Stream into root/path -> the received Version."""
         raise NotImplementedError
@@ -5772,6 +5787,7 @@ class LocalSender(Sender):
         self._datasets = {}
         self._leaks_checked = rundir is None
         self._placed_cursors = set()    # cursor bookmarks hold_cursors made this phase
+        self._held_cursors = set()      # the same of holds-only cursors (unrecorded yet)
         s = job.send or SendOptions()
         self.bucket = TokenBucket.of(s.bandwidth_limit)
 
@@ -5950,8 +5966,13 @@ class LocalSender(Sender):
         held, marked = self._cursor_moves(cursors, self._current(cursors))
 
         def hold():
-            return errors_by_fs(self.zfs.hold(cursor_hold_tag(self.job.name),
-                                              [to for _, to in held]) if held else {})
+            if not held:
+                return {}
+            results = self.zfs.hold(cursor_hold_tag(self.job.name), [to for _, to in held],
+                                    record=False)       # finish_phase records them
+            with self._lock:
+                self._held_cursors.update(n for n, err in results.items() if err is None)
+            return errors_by_fs(results)
         errors, marked_errors = both_sides(
             hold, lambda: self._make_cursor_bookmarks(marked) if marked else {})
         errors.update(marked_errors)
@@ -5960,8 +5981,8 @@ class LocalSender(Sender):
     def finish_phase(self, cursors, release, keep, withdraw=()):
         """Move the cursors to the confirmed `to`s (placing any hold_cursors did not),
         withdraw the unconfirmed ones, drop step holds: one `zfs holds` for all
-        filesystems, then the releases of all tags and the destroys of the old cursor
-        bookmarks side by side -> {path: error}."""
+        filesystems, then the releases of all tags, the destroys of the old cursor
+        bookmarks and the records of the new cursor holds side by side -> {path: error}."""
         errors = {}
         ctag, stag = cursor_hold_tag(self.job.name), step_hold_tag(self.job.name)
         current = self._current(list(cursors) + list(withdraw))
@@ -5971,30 +5992,38 @@ class LocalSender(Sender):
         datasets = {ds.name: ds for ds, _ in moves + marks + withdrawn}
         datasets.update((ds.name, ds) for ds in map(self._dataset, steps_done))
         tags = hold_tags(self.zfs, datasets.values())
-        unheld = [to for _, to in moves if ctag not in tags.get(to.full_name, ())]
+        with self._lock:
+            placed, self._placed_cursors = self._placed_cursors, set()
+            held, self._held_cursors = self._held_cursors, set()
+        unheld = [to for _, to in moves
+                  if ctag not in tags.get(to.full_name, ()) and to.full_name not in held]
         if unheld:
-            errors_by_fs(self.zfs.hold(ctag, unheld), errors)
+            errors_by_fs(self.zfs.hold(ctag, unheld, record=False), errors)
         if marks:
             errors.update(self._make_cursor_bookmarks(marks))
         moved = [(ds, to) for ds, to in moves + marks if ds.name not in errors]
         confirmed = {to.guid for _, to in moves}
         releases = {
             # the old holds-only cursors; on a pool that gained bookmarks (`zpool
-            # upgrade`) the bookmark now is the cursor, so every one (SPEC §3.6)
+            # upgrade`) the bookmark now is the cursor, so every one (SPEC §3.6); and
+            # where `zfs holds` is broken, on every other snapshot its record does not
+            # explain: a crash between a cursor hold and its record left it there
             ctag: [v for ds, to in moved for v in ds.snapshots
-                   if ctag in tags.get(v.full_name, ()) and
+                   if (ctag in tags.get(v.full_name, ()) or self.zfs.unrecorded(v) > 0) and
                    (v.guid != to.guid or self._has_bookmarks(ds.name))] +
                   [to for _, to in withdrawn if to.guid not in confirmed],
             stag: [v for path in steps_done for v in self._dataset(path).snapshots
                    if self._step_held(v, tags)]}
-        with self._lock:
-            placed, self._placed_cursors = self._placed_cursors, set()
+        record = [to for ds, to in moves if ds.name not in errors]
         stale = {name for ds, to in marks if ds.name not in errors
                  for name in self._stale_cursors(ds, to)}
         stale.update(placed & {f"{ds.name}#{cursor_bookmark_name(to.guid, self.job.name)}"
                                for ds, to in unmarks})
-        released, destroyed = both_sides(lambda: self.zfs.release_tags(releases),
-                                         lambda: self.zfs.destroy_bookmarks(stale))
+        (released, recorded), destroyed = both_sides(
+            lambda: both_sides(lambda: self.zfs.release_tags(releases),
+                               lambda: self.zfs.record_holds(ctag, record)),
+            lambda: self.zfs.destroy_bookmarks(stale))
+        errors_by_fs(recorded, errors)
         for name, err in released.get(stag, {}).items():
             if err is not None:
                 self.log("warn", "repl", f"cannot release step hold on {name}: {err}")
@@ -6361,24 +6390,17 @@ class LocalReceiver(Receiver):
         return not self.zfs.capabilities().receive_checks_target
 
     def prepare(self, plans):
-        """Beside the sender's step holds, before any stream: the placeholders above every
-        filesystem whose first step is its initial one (made at its receive otherwise,
-        while the stream waited), and the incremental pre-check of every planned
-        filesystem, where the ZFS needs one (_needs_precheck): one `zfs get` of just the
-        incremental sources, by the names the listing gives them here; only the targets
-        where that does not find the source's GUID are read whole (`zfs get -d 1`),
-        which lists every snapshot they have."""
+        """Before any stream (beside the sender's step holds where it is remote): the
+        placeholders above every filesystem whose first step is its initial one (made at
+        its receive otherwise, while the stream waited), and the incremental pre-check of
+        every planned filesystem, where the ZFS needs one (_needs_precheck): one `zfs get`
+        of just the incremental sources, by the names the listing gives them here; only
+        the targets where that does not find the source's GUID are read whole (`zfs get
+        -d 1`), which lists every snapshot they have."""
         errors = self._make_parents(plans)
-        # the hold tags release_superseded needs, read here rather than after the
-        # transfers (where `zfs holds` works; elsewhere the records are in the listing)
-        listed = self._listing()
-        try:
-            hold_tags(self.zfs, [listed[t] for t in map(self.target, plans) if t in listed])
-        except ZFSError as e:           # only a head start: release_superseded asks again
-            self.log("debug", "repl", f"reading the hold tags ahead: {e}")
         if not self._needs_precheck():
             return errors
-        todo = {}
+        listed, todo = self._listing(), {}
         for path, steps in plans.items():
             first = steps[0] if steps else None
             if first is not None and first.from_ is not None and path not in self._checked:
@@ -6409,6 +6431,15 @@ class LocalReceiver(Receiver):
             else:
                 self._checked.add(path)
         return errors
+
+    def read_ahead(self, plans):
+        """The hold tags release_superseded needs, read beside the streams rather than
+        after them (where `zfs holds` works; elsewhere the records are in the listing)."""
+        listed = self._listing()
+        try:
+            hold_tags(self.zfs, [listed[t] for t in map(self.target, plans) if t in listed])
+        except ZFSError as e:           # only a head start: release_superseded asks again
+            self.log("debug", "repl", f"reading the hold tags ahead: {e}")
 
     def finish_phase(self, received):
         """Verify every received snapshot by GUID (one `zfs get` of just those), then
@@ -6450,27 +6481,35 @@ class LocalReceiver(Receiver):
         last = {t: m for t, m in last.items() if m[2] != "guarantee_nothing"}
         if not last:
             return errors
-        for name, err in self.zfs.hold(tag, [v for _, v, _ in last.values()]).items():
+        # recorded by release_superseded, beside the release of the older ones
+        for name, err in self.zfs.hold(tag, [v for _, v, _ in last.values()],
+                                       record=False).items():
             if err is not None:
                 errors.setdefault(last[name.split("@")[0]][0], err)
         return errors
 
     def release_superseded(self, received):
-        """One `zfs holds` for all (or the records), one `zfs release` of the older ones."""
+        """One `zfs holds` for all (or the records), then one `zfs release` of the older
+        ones beside the records of the new ones (where `zfs holds` is broken)."""
         tag = last_received_hold_tag(self.job.name)
         listing = self._listing()
         now = {self.target(path): (path, v.guid) for path, v, protection in received
                if protection != "guarantee_nothing"}
         moved = [t for t in now if t in listing]
         tags = hold_tags(self.zfs, [listing[t] for t in moved])
-        old = [v for t in moved for v in listing[t].snapshots
-               if tag in tags.get(v.full_name, ()) and v.guid != now[t][1]]
+        # as the sender's cursors: a hold no record explains may be a last-received one
+        # a crash left unrecorded
+        old = [v for t in moved for v in listing[t].snapshots if v.guid != now[t][1] and
+               (tag in tags.get(v.full_name, ()) or self.zfs.unrecorded(v) > 0)]
+        new = [v for t in moved for v in listing[t].snapshots if v.guid == now[t][1]]
+        released, recorded = both_sides(
+            lambda: self.zfs.release(tag, old) if old else {},
+            lambda: self.zfs.record_holds(tag, new) if new else {})
         errors = {}
-        if old:
-            for name, err in self.zfs.release(tag, old).items():
-                if err is not None:
-                    t = name.split("@")[0]
-                    errors.setdefault(now[t][0] if t in now else t, err)
+        for name, err in list(released.items()) + list(recorded.items()):
+            if err is not None:
+                t = name.split("@")[0]
+                errors.setdefault(now[t][0] if t in now else t, err)
         # what pruning reads next: the filesystems the receives changed are listed again
         # now (one `zfs get -d 1`), beside the sender's last releases, not after them
         try:
@@ -7005,6 +7044,15 @@ def _p_plans(p):
     return plans
 
 
+def _serve_prepare(endpoint, plans):
+    """A sink reads ahead within the same call: a call of its own beside the streams
+    would be one more login."""
+    errors = endpoint.prepare(plans)
+    if isinstance(endpoint, Receiver):
+        endpoint.read_ahead(plans)
+    return _r_errors(errors)
+
+
 def _r_errors(errors):
     return {"errors": [{"fs": p, "error": error_json(e, p)} for p, e in errors.items()]}
 
@@ -7031,7 +7079,7 @@ METHODS = {
         "versions": [v.to_json() for v in e.list_versions(_p_fs(p))]}),
     "EstimateSize": (("source",), lambda e, p: {"bytes": [e.estimate(_p_fs(p), s) for s in [
         Step.from_json(s, _p_fs(p)) for s in wire_list(p, "steps", 100_000)]]}),
-    "PrepareSteps": (("sink", "source"), lambda e, p: _r_errors(e.prepare(_p_plans(p)))),
+    "PrepareSteps": (("sink", "source"), lambda e, p: _serve_prepare(e, _p_plans(p))),
     "SendCompleted": (("source",), lambda e, p: e.send_completed(
         _p_fs(p), _p_step(p), prepared=wire_bool(p, "prepared", False)) or {}),
     "HoldCursors": (("source",), lambda e, p: _r_errors(e.hold_cursors(
@@ -8487,32 +8535,70 @@ class Replication:
                              self.control.should_stop)
 
     def _prepared_attempt(self, todo):
-        # the receiver's pre-check (a read) and the sender's step holds side by side; a
-        # filesystem either refuses fails before its first step
+        """The receiver's pre-check (a read) and the sender's step holds, then the steps.
+        A step hold keeps `from` and `to` for a resume once a stream has failed; while
+        `zfs send` runs, ZFS keeps what it sends (a destroy fails, or waits for it). So
+        where the sender serves calls side by side (a local one), the step holds are
+        placed beside the streams, not before them: a txg sync off the critical path, and
+        a filesystem whose step hold fails fails after its step rather than before it."""
+        plans = dict(todo)                  # todo loses the filesystems that fail first
+        self.prepared = set(todo)           # what the sender may hold: _flush releases it
+        late, flushed = {}, False
         try:
-            r_errors, s_errors = both_sides(lambda: self.receiver.prepare(todo) if todo else {},
-                                            lambda: self.sender.prepare(todo) if todo else {})
-        except ZreplError:
-            self.prepared = set(todo)       # what the sender may have held: released now
-            try:
-                self._flush()
-            except ZreplError as e:
-                self.log("warn", "repl", f"cannot release the step holds of this attempt: {e}")
-            raise
-        self.prepared = set(todo) - set(s_errors)
-        for errors in (r_errors, s_errors):
-            for path, err in errors.items():
+            if not todo:
+                fatal = self._execute()
+            elif self.sender.default_streams is None:
+                fatal, late = both_sides(lambda: self._steps(todo),
+                                         lambda: self._beside_streams(plans))
+            else:
+                r_errors, s_errors = both_sides(lambda: self._prepare_receiver(todo),
+                                                lambda: self.sender.prepare(plans))
+                self.prepared -= set(s_errors)
+                self._fail_first(todo, r_errors)
+                self._fail_first(todo, s_errors)
+                fatal = self._execute()
+            for path, err in sorted(late.items()):
                 f = self.fs.get(path)
-                if f is not None and not f.finished:   # its first step fails before it starts
-                    f.step_reports[f.done] = f.steps[f.done].report("failed")
+                if f is not None and f.state not in ("error", "cancelled"):
                     f.error_count += 1
                     self.log("error", "repl", f"{path}: {err}", fs=path)
                     self._fail(f, err)
-                    todo.pop(path, None)
-        try:
-            return self._execute()
-        finally:
+            flushed = True
             self._flush()
+        finally:
+            if not flushed:
+                try:
+                    self._flush()
+                except ZreplError as e:
+                    self.log("warn", "repl",
+                             f"cannot release the step holds of this attempt: {e}")
+        return fatal
+
+    def _prepare_receiver(self, todo):
+        errors = self.receiver.prepare(todo)
+        self.receiver.read_ahead(todo)
+        return errors
+
+    def _steps(self, todo):
+        self._fail_first(todo, self.receiver.prepare(todo))
+        return self._execute()
+
+    def _beside_streams(self, plans):
+        """The sender's step holds (-> {path: error}) and the receiver's read-ahead."""
+        errors, _ = both_sides(lambda: self.sender.prepare(plans),
+                               lambda: self.receiver.read_ahead(plans))
+        return errors
+
+    def _fail_first(self, todo, errors):
+        """Fail each filesystem of errors before its first step starts."""
+        for path, err in errors.items():
+            f = self.fs.get(path)
+            if f is not None and not f.finished:
+                f.step_reports[f.done] = f.steps[f.done].report("failed")
+                f.error_count += 1
+                self.log("error", "repl", f"{path}: {err}", fs=path)
+                self._fail(f, err)
+                todo.pop(path, None)
 
     def _flush(self):
         """The receiver verifies and holds what it got while the sender holds the new

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import make_tree, snap, state, write_data, zfs
 from test_replication import (Rig, assert_exit, assert_guids_equal, assert_only_known_holds,
-                              fs_reports, push_report, q, zrepl)
+                              fs_reports, push_report, q, zfs_logger, zrepl)
 
 pytestmark = pytest.mark.zfs
 
@@ -102,6 +102,55 @@ def test_pull_from_a_source_runs_the_sources_snapshot_round(pools, tmp_path, ssh
         got = {n.split("@")[1]: v["guid"] for n, v in state(dst + "/" + fs).items() if "@" in n
                and n.startswith(dst + "/" + fs + "@")}
         assert len(sent) == 2 and set(sent.items()) <= set(got.items()) and len(got) == 3
+
+
+def test_a_step_hold_the_source_refuses_fails_its_filesystem_before_its_step(
+        pools, tmp_path, ssh_bed):
+    """A remote sender places its step holds before the streams (one call a login, and
+    none beside the streams): where the source's ZFS refuses the one on `a`'s new
+    snapshot, nothing of `a`'s step runs and `b` is done; the next run catches up."""
+    import json
+    from conftest import run_cli
+    src, dst = pools.src + "/pullhold", pools.dst + "/pullhold"
+    make_tree(src, ["a", "b"])
+    make_tree(dst, [])
+    a, b = src + "/a", src + "/b"
+    cfg = tmp_path / "zrepl.yml"
+    cfg.write_text(
+        "global: {rundir: %s}\njobs:\n"
+        "  - name: source\n    type: source\n"
+        "    serve: {type: stdinserver, client_identities: [host1]}\n"
+        "    filesystems: {%s: true, %s: true}\n    snapshotting: {type: manual}\n"
+        "  - name: pull\n    type: pull\n    connect: %s\n    root_fs: %s\n    interval: 10m\n"
+        "    pruning: {keep_sender: [{type: regex, regex: '.*'}], "
+        "keep_receiver: [{type: regex, regex: '.*'}]}\n"
+        % (q(tmp_path / "run"), q(a), q(b), ssh_bed.connect_yaml("host1"), q(dst)))
+    for fs in (a, b):
+        snap(fs, "s1")
+    ssh_bed.use(cfg)
+    cp = run_cli("once", config=cfg)
+    assert cp.returncode == 0, cp.stderr
+    for fs in (a, b):
+        snap(fs, "s2")
+    env, log = zfs_logger(tmp_path, action=(
+        'case "$*" in "hold zrepl_STEP_J_"*%s@s2*) '
+        'echo "cannot hold \'%s@s2\': permission denied" >&2; exit 1;; esac' % (a, a)))
+    ssh_bed.use(cfg, env)
+    cp = run_cli("once", "--json", config=cfg)
+    assert cp.returncode == 1 and "Traceback" not in cp.stderr, cp.stderr
+    assert "hold\tzrepl_STEP_J_" in log.read_text()      # the source's zfs refused it
+    reports = {f["fs"]: f for f in json.loads(cp.stdout)["jobs"][0]["replication"]
+               ["filesystems"]}
+    assert reports[a]["state"] == "error" and reports[b]["state"] == "done", reports
+    assert "permission denied" in reports[a]["error"]["message"], reports[a]["error"]
+    names = {fs: sorted(n.split("@")[1] for n in state(dst + "/" + fs) if "@" in n)
+             for fs in (a, b)}
+    assert names == {a: ["s1"], b: ["s1", "s2"]}, names
+    ssh_bed.use(cfg)
+    cp = run_cli("once", config=cfg)
+    assert cp.returncode == 0, cp.stderr
+    assert sorted(n.split("@")[1] for n in state(dst + "/" + a) if "@" in n) == ["s1", "s2"]
+    assert_only_known_holds(src)
 
 
 @pytest.mark.parametrize("case", ["unknown-key", "unknown-host", "banner", "no-forced-command"])
