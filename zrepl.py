@@ -5500,6 +5500,13 @@ def hold_tags(zfs, datasets):
     return zfs.holds(held) if held else {}
 
 
+def may_carry(zfs, v, tag, tags):
+    """May snapshot v carry this process's hold `tag`? It is listed in tags (hold_tags),
+    or, where `zfs holds` is broken, v has holds its record does not name: a step hold
+    (never recorded), or a hold a crash kept from its record (ZFS.hold)."""
+    return tag in tags.get(v.full_name, ()) or zfs.unrecorded(v) > 0
+
+
 def errors_by_fs(results, errors=None):
     """{snapshot full name: None | error} of a hold or release -> {filesystem: its first
     error}, added to `errors` where given."""
@@ -5856,10 +5863,7 @@ class LocalSender(Sender):
     # snapshots, and perhaps a step hold, which the job's next phase releases.
 
     def _step_held(self, v, tags):
-        """May v carry this job's step hold? Its tag is listed, or, where `zfs holds` is
-        broken, v has holds its record does not name (step holds are not recorded)."""
-        return step_hold_tag(self.job.name) in tags.get(v.full_name, ()) or \
-            self.zfs.unrecorded(v) > 0
+        return may_carry(self.zfs, v, step_hold_tag(self.job.name), tags)
 
     def prepare(self, plans):
         """A snapshot that already has the step hold (an earlier phase's, kept for a
@@ -6009,7 +6013,7 @@ class LocalSender(Sender):
             # where `zfs holds` is broken, on every other snapshot its record does not
             # explain: a crash between a cursor hold and its record left it there
             ctag: [v for ds, to in moved for v in ds.snapshots
-                   if (ctag in tags.get(v.full_name, ()) or self.zfs.unrecorded(v) > 0) and
+                   if may_carry(self.zfs, v, ctag, tags) and
                    (v.guid != to.guid or self._has_bookmarks(ds.name))] +
                   [to for _, to in withdrawn if to.guid not in confirmed],
             stag: [v for path in steps_done for v in self._dataset(path).snapshots
@@ -6500,7 +6504,7 @@ class LocalReceiver(Receiver):
         # as the sender's cursors: a hold no record explains may be a last-received one
         # a crash left unrecorded
         old = [v for t in moved for v in listing[t].snapshots if v.guid != now[t][1] and
-               (tag in tags.get(v.full_name, ()) or self.zfs.unrecorded(v) > 0)]
+               may_carry(self.zfs, v, tag, tags)]
         new = [v for t in moved for v in listing[t].snapshots if v.guid == now[t][1]]
         released, recorded = both_sides(
             lambda: self.zfs.release(tag, old) if old else {},
