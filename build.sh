@@ -129,30 +129,75 @@ EOF
     "$VENV/bin/shiv" -e zrepl:_entry -p "/usr/bin/env python3" --reproducible \
         -o "$raw" -q --no-deps --no-index --find-links "$wheels" zrepl.py \
         || die "shiv failed"
-    "$py" - "$raw" "$PYZ.tmp" <<'PY' || die "rewriting __main__.py failed"
+    # bytecode of zrepl.py for every Python 3.8+ this host has (see the launcher below)
+    local pycs=$BUILD/pycs interp tag
+    rm -rf "$pycs"
+    mkdir -p "$pycs"
+    for interp in "$py" $(compile_pythons); do
+        tag=$("$interp" -c 'import sys; print(sys.implementation.cache_tag if sys.version_info >= (3, 8) else "")' 2>/dev/null) || continue
+        [ -n "$tag" ] && [ ! -e "$pycs/zrepl.$tag.pyc" ] || continue
+        "$interp" -c 'import py_compile, sys
+py_compile.compile(sys.argv[1], cfile=sys.argv[2], dfile="zrepl.py", doraise=True,
+                   invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)' \
+            zrepl.py "$pycs/zrepl.$tag.pyc" || die "compiling zrepl.py with $interp failed"
+    done
+    "$py" - "$raw" "$PYZ.tmp" "$pycs" <<'PY' || die "rewriting __main__.py failed"
 # Copy shiv's archive member by member, swapping in the no-extraction launcher (see the top of
-# build.sh for why). Shebang, order, timestamps and compression stay as shiv made them.
+# build.sh for why) and adding the bytecode. Shebang, order, timestamps and compression stay
+# as shiv made them.
 import os, sys, zipfile
 
-LAUNCHER = b'''\
+LAUNCHER = b"""\
 # -*- coding: utf-8 -*-
 # zrepl.pyz launcher, written by build.sh over shiv's "_bootstrap.bootstrap()", which would
 # extract site-packages/ to ~/.shiv first (_bootstrap/ stays in the archive, unused). The
-# payload is pure Python, so zipimport loads it from the archive and nothing is extracted.
+# payload is pure Python, loaded from the archive: nothing is extracted. zipimport caches no
+# bytecode and would compile the source at every start, so the archive carries the module
+# compiled by each Python the build host had, site-packages/__pycache__/zrepl.<tag>.pyc, and
+# this Python's is run where it is there; elsewhere zipimport compiles the source.
 import json, os, sys
 from importlib import import_module
 
 _archive = os.path.abspath(__loader__.archive)
-sys.path.insert(0, os.path.join(_archive, "site-packages"))
+_site = os.path.join(_archive, "site-packages")
+sys.path.insert(0, _site)
 _env = json.loads(__loader__.get_data(os.path.join(__loader__.archive, "environment.json")))
 _mod, _, _attr = _env["entry_point"].partition(":")
-_fn = import_module(_mod)
+
+
+def _compiled(name):
+    import _imp, marshal, zipimport
+    from importlib.machinery import ModuleSpec
+    from importlib.util import MAGIC_NUMBER, module_from_spec
+    tag = sys.implementation.cache_tag
+    try:
+        code = __loader__.get_data(os.path.join(__loader__.archive, "site-packages",
+                                                "__pycache__", "%s.%s.pyc" % (name, tag)))
+    except OSError:
+        return None
+    if code[:4] != MAGIC_NUMBER:
+        return None
+    spec = ModuleSpec(name, zipimport.zipimporter(_site), origin=os.path.join(_site, name + ".py"))
+    spec.has_location = True                  # __file__, and tracebacks show the source
+    mod = module_from_spec(spec)
+    code = marshal.loads(memoryview(code)[16:])
+    _imp._fix_co_filename(code, spec.origin)
+    sys.modules[name] = mod
+    try:
+        exec(code, mod.__dict__)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod
+
+
+_fn = (sys.implementation.cache_tag and _compiled(_mod)) or import_module(_mod)
 for _part in _attr.split("."):
     _fn = getattr(_fn, _part)
 sys.exit(_fn())
-'''
+"""
 
-src, dst = sys.argv[1:]
+src, dst, pycs = sys.argv[1:]
 with open(src, "rb") as f:
     shebang = f.readline()
 assert shebang.startswith(b"#!"), shebang
@@ -163,27 +208,17 @@ with zipfile.ZipFile(src) as zin, open(dst, "wb") as out:
             data = LAUNCHER if info.filename == "__main__.py" else zin.read(info)
             zout.writestr(info, data)
             if info.filename == "site-packages/zrepl.py":
-                # zipimport cannot cache bytecode, so every start would compile ~6,000 lines;
-                # an unchecked-hash .pyc beside the source serves hosts whose Python has this
-                # build's bytecode version (others ignore it and compile the source)
-                import importlib.util, tempfile, py_compile
-                with tempfile.TemporaryDirectory() as tmp:
-                    srcfile = os.path.join(tmp, "zrepl.py")
-                    with open(srcfile, "wb") as f:
-                        f.write(data)
-                    pyc = py_compile.compile(
-                        srcfile, cfile=os.path.join(tmp, "zrepl.pyc"), doraise=True,
-                        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
-                    with open(pyc, "rb") as f:
-                        code = f.read()
-                pycinfo = zipfile.ZipInfo("site-packages/zrepl.pyc", date_time=info.date_time)
-                pycinfo.compress_type = info.compress_type
-                pycinfo.external_attr = info.external_attr
-                zout.writestr(pycinfo, code)
+                for name in sorted(os.listdir(pycs)):
+                    pycinfo = zipfile.ZipInfo("site-packages/__pycache__/" + name,
+                                              date_time=info.date_time)
+                    pycinfo.compress_type = info.compress_type
+                    pycinfo.external_attr = info.external_attr
+                    with open(os.path.join(pycs, name), "rb") as f:
+                        zout.writestr(pycinfo, f.read())
 os.chmod(dst, 0o755)
 PY
     mv -f "$PYZ.tmp" "$PYZ"
-    rm -rf "$stage" "$wheels" "$raw"
+    rm -rf "$stage" "$wheels" "$raw" "$pycs"
     printf 'built %s (%s bytes) in %ss\n' "$top/$PYZ" "$(wc -c <"$PYZ" | tr -d ' ')" "$(secs_since "$t0")"
 }
 
@@ -216,6 +251,18 @@ ensure_sshd() {
 }
 
 # lane_pythons: the newest 3.8.x and the newest 3.x of pyenv, oldest first, one per line
+# compile_pythons: every Python 3.x interpreter this host has (pyenv's and python3.N on
+# PATH), for the bytecode build() puts in the .pyz; build() skips those older than 3.8
+compile_pythons() {
+    local d n
+    for d in "$PYENV_VERSIONS"/3.*; do
+        [ -x "$d/bin/python3" ] && printf '%s\n' "$d/bin/python3"
+    done
+    for n in 8 9 10 11 12 13 14 15; do
+        command -v "python3.$n" 2>/dev/null || true
+    done
+}
+
 lane_pythons() {
     local d all=()
     for d in "$PYENV_VERSIONS"/3.*; do

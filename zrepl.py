@@ -4046,6 +4046,7 @@ class Result:
     stdout: str
     stderr: str
     killed: bool = False          # by our time limit
+    since: int = 0                # the event before it: its token in the listing cache
 
 
 def _zfs_env():
@@ -4236,6 +4237,22 @@ class ZFS:
                 entry.replace(target, added)
                 entry.dirty.pop(target, None)
 
+    def settled(self, filesystems, token):
+        """What the failed command `token` (its Result.since) did to filesystems is known
+        after all: zfs said by name that it changed nothing there (a hold's "tag already
+        exists", a release's "no such tag"), or its caller ran the rest once more and
+        applies what changed. The listings taken before it need no re-listing for it."""
+        with self._calls_lock:
+            for entry in self._listings.values():
+                if entry.seq > token:
+                    continue
+                for fs in filesystems:
+                    marks = entry.dirty.get(fs)
+                    if marks is not None:
+                        marks.discard(token)
+                        if not marks:
+                            del entry.dirty[fs]
+
     def patch_versions(self, names, change, extra=(), since=0):
         """A hold, release or record that succeeded on snapshots `names` (full names):
         apply change(version) once to every Version object that stands for one of them,
@@ -4287,7 +4304,7 @@ class ZFS:
         if check and (proc.returncode != 0 or killed):
             raise classify(list(argv), proc.returncode, stderr, fs, killed_by_us=killed,
                            signal_kill=proc.returncode < 0)
-        return Result(proc.returncode, stdout, stderr, killed)
+        return Result(proc.returncode, stdout, stderr, killed, since)
 
     @staticmethod
     def _kill(proc):
@@ -4856,17 +4873,24 @@ class ZFS:
                                        name.split("@")[0])
                         attributed[name] = None if err.kind == ok_kind else err
                 rest = [n for n in part if n not in attributed]
+                known = {n for n, err in attributed.items() if err is None}
                 if not attributed:
                     err = classify(["zfs", verb, tag] + part, r.rc, r.stderr,
                                    part[0].split("@")[0])
                     outcome = {n: (None if err.kind == ok_kind else err) for n in part}
+                    if err.kind == ok_kind and len(part) == 1:
+                        known = set(part)
                 elif rest and not retried:
                     outcome = dict(attributed)
                     again = self._hold_release(verb, tag, rest, clean, retried=True)
                     outcome.update(again)
-                    clean.update(n for n, err in again.items() if err is None)
+                    done = {n for n, err in again.items() if err is None}
+                    clean.update(done)
+                    known |= done
                 else:
                     outcome.update(attributed)
+                unknown = {n.split("@")[0] for n in part if n not in known}
+                self.settled({n.split("@")[0] for n in known} - unknown, r.since)
             result.update(outcome)
         return result
 
@@ -6467,7 +6491,11 @@ class LocalReceiver(Receiver):
                   if all(st.kind in ("incremental", "incremental_batch") for _, st in rs)}
         names = {w.full_name for _, w, _ in last.values()} | \
             {f"{t}@{n}" for t, ns in settle.items() for n in ns}
-        got = self.zfs.get_versions(sorted(names))
+        # the others (a filesystem received in full is new to the listing) are listed
+        # again beside that read, not after the holds, where pruning would wait for it
+        relist = any(t not in settle for t in receipts)
+        got, _ = both_sides(lambda: self.zfs.get_versions(sorted(names)),
+                            lambda: self._relist_quietly() if relist else None)
         for t, ns in settle.items():
             found = [got[f"{t}@{n}"] for n in sorted(ns) if f"{t}@{n}" in got]
             if len(found) == len(ns):
@@ -6514,13 +6542,17 @@ class LocalReceiver(Receiver):
             if err is not None:
                 t = name.split("@")[0]
                 errors.setdefault(now[t][0] if t in now else t, err)
-        # what pruning reads next: the filesystems the receives changed are listed again
-        # now (one `zfs get -d 1`), beside the sender's last releases, not after them
+        # what pruning reads next, where finish_phase's re-listing did not settle it
+        self._relist_quietly()
+        return errors
+
+    def _relist_quietly(self):
+        """List again what receives changed (one `zfs get -d 1`, nothing when the cached
+        listing is true); a failure is pruning's to report, which lists again."""
         try:
             self.list_filesystems()
         except ZreplError:
-            pass                      # pruning lists again, and reports what fails
-        return errors
+            pass
 
     def send(self, path, step):
         """Restore mode (SPEC §9.3): a full stream of root/path@to back, raw where the copy
@@ -8757,18 +8789,25 @@ class Replication:
     def _worker(self, f, fatal):
         run = f.running
         step = run.step
-        big = False
+        big, sizing = False, None
         try:
-            if f.done not in f.estimates:
-                f.estimates[f.done] = self.estimates.take(f.path, step)
-            run.expected = f.estimates[f.done]
-            if self.auto and step_is_big(step, run.expected):
+            if f.done in f.estimates or self._size_first(f):
+                if f.done not in f.estimates:
+                    f.estimates[f.done] = self.estimates.take(f.path, step)
+                run.expected = f.estimates[f.done]
+            else:
+                sizing = start_thread(self._size_beside, f, run)
+            if self.auto and step_is_big(step, run.expected) and sizing is None:
                 with self.cond:
                     if self.big_running is not None:
                         return               # deferred, not failed: _eligible waits for it
                     self.big_running = big = f.path
             self.progress.runs.append(run)
-            self._do_step(f, run)
+            try:
+                self._do_step(f, run)
+            finally:
+                if sizing is not None:
+                    sizing.join()            # the step's report carries the estimate
         except ZreplError as e:
             err = e
             if run.cancel_reason == "timeout":
@@ -8808,6 +8847,26 @@ class Replication:
                     self.progress.runs.remove(run)
                     self.progress.finished_bytes += run.bytes
                 self.cond.notify_all()
+
+    def _size_first(self, f):
+        """Does f's next step wait for its size estimate? The size decides whether the
+        step may start beside a big one (the default concurrency), so it is needed first
+        only while another filesystem still has a step to run; otherwise it is only the
+        progress's ETA and the report's figure, and it is made beside the stream. A remote
+        sender's estimate is a call of its own, made before the step as it always was."""
+        if self.sender.default_streams is not None:
+            return True
+        if not self.auto:
+            return False
+        with self.cond:
+            return any(g is not f and not g.finished and g.next_step is not None
+                       for g in self.fs.values())
+
+    def _size_beside(self, f, run):
+        value = self.estimates.take(f.path, run.step)
+        with self.cond:
+            f.estimates.setdefault(f.done, value)
+            run.expected = value
 
     def _estimate_quietly(self, path, step):
         """A failed estimate only leaves the size unknown (SPEC §8.9)."""

@@ -24,7 +24,8 @@ PROTOCOL_VERSION = int(re.search(r"^PROTOCOL_VERSION = (\d+)", (REPO / "zrepl.py
 
 # shiv's launcher files and zrepl.py with its own metadata; nothing else may be in the archive
 ALLOWED_MEMBER = re.compile(r"^(__main__\.py|environment\.json|_bootstrap/\w+\.py"
-                            r"|site-packages/zrepl\.pyc?|site-packages/zrepl[._-]py-[^/]+\.dist-info/[^/]+)$")
+                            r"|site-packages/zrepl\.py|site-packages/__pycache__/zrepl\.cpython-3\d+\.pyc"
+                            r"|site-packages/zrepl[._-]py-[^/]+\.dist-info/[^/]+)$")
 
 pytestmark = pytest.mark.skipif(not PYZ.exists(), reason="zrepl.pyz is not built (run ./build.sh)")
 
@@ -60,6 +61,48 @@ def test_holds_only_zrepl_and_shiv_bootstrap():
     extra = [m for m in members if not ALLOWED_MEMBER.match(m)]
     assert not extra, "zrepl.pyz carries more than zrepl.py and shiv's bootstrap: %s" % extra
     assert "site-packages/zrepl.py" in members and "__main__.py" in members
+
+
+def test_runs_the_bytecode_of_its_python_else_the_source(tmp_path):
+    """zipimport caches no bytecode, so the archive carries zrepl.py compiled by each Python
+    the build host had, and the launcher runs this Python's: told apart here by copies of
+    the archive whose bytecode for this Python was compiled from a changed source. Where
+    there is none, or one of another bytecode version under this Python's name, the source
+    runs."""
+    import importlib.util
+    import py_compile
+    import sys
+    member = "site-packages/__pycache__/zrepl.%s.pyc" % sys.implementation.cache_tag
+    with zipfile.ZipFile(str(PYZ)) as z:
+        shipped = [m for m in z.namelist() if m.startswith("site-packages/__pycache__/")]
+        if member in shipped:
+            assert z.read(member)[:4] == importlib.util.MAGIC_NUMBER
+    assert shipped, "zrepl.pyz carries no bytecode: every start compiles zrepl.py"
+    changed = tmp_path / "zrepl.py"
+    changed.write_text((REPO / "zrepl.py").read_text().replace(
+        '    """Console entry point of the zipapp."""\n',
+        '    """Console entry point of the zipapp."""\n    print("ran the bytecode")\n'))
+    pyc = py_compile.compile(str(changed), cfile=str(tmp_path / "changed.pyc"), doraise=True)
+    good = Path(pyc).read_bytes()
+
+    def run_copy(name, bytecode):
+        path = tmp_path / name
+        with zipfile.ZipFile(str(PYZ)) as zin, open(str(path), "wb") as out:
+            out.write(b"#!/usr/bin/env python3\n")
+            with zipfile.ZipFile(out, "w") as zout:
+                for info in zin.infolist():
+                    if info.filename != member:
+                        zout.writestr(info, zin.read(info))
+                if bytecode is not None:
+                    zout.writestr(member, bytecode)
+        cp = subprocess.run([sys.executable, str(path), "version"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+        assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr
+        return cp.stdout.splitlines()[0]
+
+    assert run_copy("bytecode.pyz", good) == "ran the bytecode"
+    assert run_copy("none.pyz", None).startswith("zrepl.py ")
+    assert run_copy("other.pyz", b"\0\0\r\n" + good[4:]).startswith("zrepl.py ")
 
 
 def test_is_built_from_the_current_zrepl_py():

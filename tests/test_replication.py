@@ -700,6 +700,46 @@ def test_size_estimates_are_made_at_planning_time_beside_the_step_holds(pools, t
         assert step["bytes_expected"] and step["bytes_expected"] > 0, (fs, step)
 
 
+def test_a_lone_step_starts_beside_its_size_estimate(pools, tmp_path):
+    """The size decides only whether a step may start beside a big one (the default
+    concurrency): with one filesystem to replicate, its full stream starts at once and the
+    estimate (slowed by a second here) is made beside it; the report still has it. With
+    two, each step waits for its own size before it starts."""
+    marker = "estimate-slept"
+    for names in (["solo"], ["f0", "f1"]):
+        rig = Rig(pools, tmp_path, "lone" + str(len(names)))
+        make_tree(rig.src, names)
+        fss = [rig.fs(n) for n in names]
+        for fs in fss:
+            snap(fs, "s1")
+        rig.configure(fss)
+        sub = tmp_path / ("log" + str(len(names)))
+        sub.mkdir()
+        env, log = zfs_logger(sub, action=(
+            'case "$*" in *referenced*%s/*|send*-n*%s/*) sleep 1; echo %s >> %s;; esac'
+            % (rig.src, rig.src, marker, q(sub / "zfs-calls.log"))))
+        job = rig.ok(env=env)
+        lines = [ln.split("\t") for ln in log.read_text().splitlines()]
+        slept = [i for i, a in enumerate(lines) if a == [marker]]
+        streams = [i for i, a in enumerate(lines) if a[0] == "send" and "-n" not in a and
+                   any(x.startswith(rig.src + "/") for x in a)]
+        assert len(slept) == len(names) and len(streams) == len(names), lines
+        if len(names) == 1:
+            assert streams[0] < slept[0], lines
+            # the filesystem received in full is listed again beside the verify, before
+            # its last-received hold: pruning after it lists nothing
+            listings = [i for i, a in enumerate(lines) if a[:2] == ["get", "-Hp"] and
+                        a[2] in ("-r", "-d")]
+            held = [i for i, a in enumerate(lines) if a[0] == "hold" and
+                    a[1].startswith("zrepl_last_received_")]
+            assert len(listings) == 3 and len(held) == 1 and listings[-1] < held[0], lines
+        else:
+            assert slept[0] < min(streams), lines
+        for fs, f in fs_reports(job).items():
+            [step] = f["steps"]
+            assert step["bytes_expected"] and step["bytes_expected"] > 0, (fs, step)
+
+
 def test_a_phase_moves_every_cursor_in_a_few_calls_for_all_filesystems(pools, tmp_path):
     """The issue's "mutating calls per side per cycle bounded by a constant": an
     incremental of six filesystems moves their cursors (holds, or bookmarks where the pool

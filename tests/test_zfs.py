@@ -472,11 +472,17 @@ def test_the_cached_listing_follows_the_runs_own_changes(zfs_available, pools):
     adapter.release("t1", [ds[a].snapshots[0], ds[b].snapshots[0]])
     ds, _ = same_as_fresh(0)
     assert [v.userrefs for v in (ds[a].snapshots[0], ds[b].snapshots[0])] == [1, 0]
-    # a command that failed is not guessed at ("no such tag" is success to the caller,
-    # but what a failed chunk did is ZFS's to say): its filesystem is listed again alone
+    # a command that failed where zfs said by name that it changed nothing ("no such
+    # tag", "tag already exists": success to the caller) needs no re-listing...
     assert adapter.release("t1", [ds[a].snapshots[0]]) == {a + "@s1": None}
+    assert adapter.hold("t2", [ds[a].snapshots[0]]) == {a + "@s1": None}
+    ds, _ = same_as_fresh(0)
+    assert [v.userrefs for v in (ds[a].snapshots[0], ds[b].snapshots[0])] == [1, 0]
+    # ...one that failed otherwise is not guessed at: its filesystem is listed again alone
+    gone = zrepl.Version("snapshot", b, "nosuch", 1, 1, 1)
+    assert adapter.hold("t3", [gone])[gone.full_name] is not None
     ds, listed = same_as_fresh(1)
-    assert listed[0].endswith(" " + a)
+    assert listed[0].endswith(" " + b)
     adapter.destroy_snapshots(b, ["s2"])
     ds, _ = same_as_fresh(0)
     assert [v.name for v in ds[b].snapshots] == ["s1", "s3"]
