@@ -4408,10 +4408,9 @@ class ZFS:
         key, cached = self._cached_probe()
         if cached is not None:
             impl, version, flags, undecided = cached
-            pools = self.list_pools()               # raises if ZFS cannot answer
             self._warn_undecided(undecided)
             return Capabilities(True, implementation=impl, version=version, flags=flags,
-                                pools=self._pool_features(flags, pools), undecided=undecided)
+                                pools=self._pool_features(flags), undecided=undecided)
         self.run(["zpool", "list", "-H", "-o", "name"])   # raises if ZFS cannot answer
         bogus = f"zreplpy-probe-{os.getpid()}/x"
         argvs = [["zfs", "destroy"]] + [[a.replace("{X}", bogus) for a in t]
@@ -4500,12 +4499,13 @@ class ZFS:
             return "zfs-fuse", version
         return "unknown", version
 
-    def _pool_features(self, flags, pools=None):
-        pools = self.list_pools() if pools is None else pools
+    def _pool_features(self, flags):
+        """The pools and their features, read side by side (`zpool get` of every pool
+        names no pool that has no features, zfs-fuse's); raises if ZFS cannot answer."""
+        pools, r = both_sides(self.list_pools, lambda: self.run(
+            ["zpool", "get", "-H", "-p", "-o", "name,property,value",
+             "feature@bookmarks,feature@extensible_dataset,feature@encryption"], check=False))
         features = {p: set() for p in pools}
-        r = self.run(["zpool", "get", "-H", "-p", "-o", "name,property,value",
-                      "feature@bookmarks,feature@extensible_dataset,feature@encryption"],
-                     check=False)
         if r.rc == 0:
             for line in r.stdout.splitlines():
                 parts = line.split("\t")
