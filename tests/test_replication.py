@@ -703,8 +703,10 @@ def test_size_estimates_are_made_at_planning_time_beside_the_step_holds(pools, t
 def test_a_lone_step_starts_beside_its_size_estimate(pools, tmp_path):
     """The size decides only whether a step may start beside a big one (the default
     concurrency): with one filesystem to replicate, its full stream starts at once and the
-    estimate (slowed by a second here) is made beside it; the report still has it. With
-    two, each step waits for its own size before it starts."""
+    estimate is made beside it; the report still has it. With two, each step waits for its
+    own size before it starts. The one filesystem's estimate waits (30 s at most) for its
+    stream to start, which it would never see if the step waited for it; the two
+    filesystems' are slowed by a second."""
     marker = "estimate-slept"
     for names in (["solo"], ["f0", "f1"]):
         rig = Rig(pools, tmp_path, "lone" + str(len(names)))
@@ -715,9 +717,13 @@ def test_a_lone_step_starts_beside_its_size_estimate(pools, tmp_path):
         rig.configure(fss)
         sub = tmp_path / ("log" + str(len(names)))
         sub.mkdir()
+        calls = q(sub / "zfs-calls.log")
+        wait = ('i=0; while [ $i -lt 300 ] && ! grep -q "^send$(printf \'\\t\')%s/" %s; do '
+                'sleep 0.1; i=$((i+1)); done' % (rig.src, calls)) if len(names) == 1 \
+            else "sleep 1"
         env, log = zfs_logger(sub, action=(
-            'case "$*" in *referenced*%s/*|send*-n*%s/*) sleep 1; echo %s >> %s;; esac'
-            % (rig.src, rig.src, marker, q(sub / "zfs-calls.log"))))
+            'case "$*" in *referenced*%s/*|send*-n*%s/*) %s; echo %s >> %s;; esac'
+            % (rig.src, rig.src, wait, marker, calls)))
         job = rig.ok(env=env)
         lines = [ln.split("\t") for ln in log.read_text().splitlines()]
         slept = [i for i, a in enumerate(lines) if a == [marker]]
