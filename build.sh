@@ -145,7 +145,7 @@ py_compile.compile(sys.argv[1], cfile=sys.argv[2], dfile="zrepl.py", doraise=Tru
 # Copy shiv's archive member by member, swapping in the no-extraction launcher (see the top of
 # build.sh for why) and adding the bytecode. Shebang, order, timestamps and compression stay
 # as shiv made them.
-import os, sys, zipfile
+import json, os, sys, zipfile
 
 LAUNCHER = b"""\
 # -*- coding: utf-8 -*-
@@ -155,14 +155,13 @@ LAUNCHER = b"""\
 # bytecode and would compile the source at every start, so the archive carries the module
 # compiled by each Python the build host had, site-packages/__pycache__/zrepl.<tag>.pyc, and
 # this Python's is run where it is there; elsewhere zipimport compiles the source.
-import json, os, sys
+import os, sys
 from importlib import import_module
 
 _archive = os.path.abspath(__loader__.archive)
 _site = os.path.join(_archive, "site-packages")
 sys.path.insert(0, _site)
-_env = json.loads(__loader__.get_data(os.path.join(__loader__.archive, "environment.json")))
-_mod, _, _attr = _env["entry_point"].partition(":")
+_mod, _, _attr = @ENTRY_POINT@.partition(":")      # shiv's, from environment.json
 
 
 def _compiled(name):
@@ -202,16 +201,21 @@ with open(src, "rb") as f:
     shebang = f.readline()
 assert shebang.startswith(b"#!"), shebang
 with zipfile.ZipFile(src) as zin, open(dst, "wb") as out:
+    entry_point = json.loads(zin.read("environment.json"))["entry_point"]
+    LAUNCHER = LAUNCHER.replace(b"@ENTRY_POINT@", repr(entry_point).encode())
     out.write(shebang)
     with zipfile.ZipFile(out, "w") as zout:
         for info in zin.infolist():
-            data = LAUNCHER if info.filename == "__main__.py" else zin.read(info)
+            data = zin.read(info)
+            if info.filename == "__main__.py":
+                data = LAUNCHER
+                info.compress_type = zipfile.ZIP_STORED    # zipimport needs no zlib then
             zout.writestr(info, data)
             if info.filename == "site-packages/zrepl.py":
                 for name in sorted(os.listdir(pycs)):
                     pycinfo = zipfile.ZipInfo("site-packages/__pycache__/" + name,
                                               date_time=info.date_time)
-                    pycinfo.compress_type = info.compress_type
+                    pycinfo.compress_type = zipfile.ZIP_STORED   # no inflating at start-up
                     pycinfo.external_attr = info.external_attr
                     with open(os.path.join(pycs, name), "rb") as f:
                         zout.writestr(pycinfo, f.read())

@@ -31,36 +31,175 @@ Exit codes: 0 success, 1 something failed (nothing lost), 2 usage or configurati
 3 a job lock is held, 4 --max-runtime reached, 130 interrupted.
 """
 
+from __future__ import annotations
+
 import argparse
 import bisect
 import contextlib
 import contextvars
-import dataclasses
 import errno
-import hashlib
-import ipaddress
+import gc
 import itertools
-import json
 import os
-import platform
 import re
-import select
-import shutil
-import signal
-import socket
 import stat
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+
+
+class _LazyModule:
+    """A standard module imported at its first use, then bound in its place: `--help` and
+    most commands never need some of them, and their imports were ~12 ms of start-up."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        module = __import__(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+(hashlib, ipaddress, json, platform, select, shutil, signal, socket, subprocess,
+ threading) = map(_LazyModule, ("hashlib", "ipaddress", "json", "platform", "select", "shutil",
+                                "signal", "socket", "subprocess", "threading"))
+
+if False:  # annotations stay text (from __future__ above): typing is not imported at run time
+    from typing import Dict, List, Optional, Tuple  # noqa: F401
 
 VERSION = "0.1.0"
 PROG = "zrepl.py"
 
 DEFAULT_RUNDIR = "/var/run/zrepl"
 DEFAULT_CONFIG_PATHS = ("/etc/zrepl/zrepl.yml", "/usr/local/etc/zrepl/zrepl.yml")
+
+
+# --- records: the part of `dataclasses` this module uses ----------------------------------
+# `import dataclasses` costs more than all other start-up work together (it imports inspect,
+# and compiles __init__, __repr__ and __eq__ of every class with exec while the module loads:
+# ~20 ms of a 100 ms `--help`). These records keep its spelling and behaviour for what is
+# used here (fields with defaults and factories, repr=False, frozen, replace) and compile
+# only each class's __init__, at its first instance, so a run pays for the classes it uses.
+
+_MISSING = object()
+
+
+class field:                                       # noqa: N801 (the dataclasses spelling)
+    """A field's options: `default`, `default_factory`, `repr`."""
+    __slots__ = ("name", "default", "default_factory", "repr")
+
+    def __init__(self, *, default=_MISSING, default_factory=_MISSING, repr=True):
+        self.name, self.default, self.default_factory, self.repr = \
+            None, default, default_factory, repr
+
+
+def dataclass(cls=None, *, frozen=False):
+    """Class decorator: annotated class attributes become fields, in order, after those of
+    a base dataclass; __init__, __repr__, __eq__ (and, frozen, __hash__) follow them."""
+    if cls is None:
+        return lambda c: dataclass(c, frozen=frozen)
+    inherited = {f.name: f for f in getattr(cls, "_dataclass_fields", ())}
+    for name in cls.__dict__.get("__annotations__", {}):
+        value = cls.__dict__.get(name, _MISSING)
+        f = value if isinstance(value, field) else field(default=value)
+        f.name = name
+        if f.default is _MISSING:
+            if name in cls.__dict__:
+                delattr(cls, name)
+        else:
+            setattr(cls, name, f.default)
+        inherited[name] = f                  # a redefined field keeps its place
+    fields = tuple(inherited.values())
+    seen_default = None
+    for f in fields:
+        if f.default is not _MISSING or f.default_factory is not _MISSING:
+            seen_default = f.name
+        elif seen_default:
+            raise TypeError(f"{cls.__name__}: field {f.name!r} without a default follows "
+                            f"{seen_default!r}, which has one")
+    cls._dataclass_fields = fields
+    cls._dataclass_frozen = frozen
+    for name, method in (("__init__", _first_init(cls)), ("__repr__", _dataclass_repr),
+                         ("__eq__", _dataclass_eq)):
+        if name not in cls.__dict__:        # one the class wrote itself stays
+            setattr(cls, name, method)
+    if frozen:
+        cls.__setattr__ = cls.__delattr__ = _frozen_assignment
+        cls.__hash__ = _dataclass_hash
+    elif "__hash__" not in cls.__dict__:
+        cls.__hash__ = None                 # equal by value and mutable: not hashable
+    return cls
+
+
+def _first_init(cls):
+    def __init__(self, *args, **kwargs):
+        cls.__init__ = _compile_init(cls)
+        cls.__init__(self, *args, **kwargs)
+    return __init__
+
+
+def _compile_init(cls):
+    params, body, env = [], [], {"_MISSING": _MISSING, "_set": object.__setattr__}
+    for f in cls._dataclass_fields:
+        n = f.name
+        if f.default_factory is not _MISSING:
+            params.append(f"{n}=_MISSING")
+            env[f"_factory_{n}"] = f.default_factory
+            value = f"_factory_{n}() if {n} is _MISSING else {n}"
+        else:
+            if f.default is not _MISSING:
+                params.append(f"{n}=_default_{n}")
+                env[f"_default_{n}"] = f.default
+            else:
+                params.append(n)
+            value = n
+        body.append(f"_set(self, {n!r}, {value})" if cls._dataclass_frozen
+                    else f"self.{n} = {value}")
+    if hasattr(cls, "__post_init__"):
+        body.append("self.__post_init__()")
+    source = f"def __init__(self, {', '.join(params)}):\n    " + "\n    ".join(body or ["pass"])
+    exec(source, env)
+    init = env["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    return init
+
+
+def _dataclass_repr(self):
+    return "%s(%s)" % (type(self).__qualname__, ", ".join(
+        f"{f.name}={getattr(self, f.name)!r}" for f in self._dataclass_fields if f.repr))
+
+
+def _dataclass_values(self):
+    return tuple(getattr(self, f.name) for f in self._dataclass_fields)
+
+
+def _dataclass_eq(self, other):
+    if other.__class__ is not self.__class__:
+        return NotImplemented
+    return _dataclass_values(self) == _dataclass_values(other)
+
+
+def _dataclass_hash(self):
+    return hash(_dataclass_values(self))
+
+
+def _frozen_assignment(self, name, *value):
+    raise AttributeError(f"cannot assign to field {name!r} of a frozen {type(self).__name__}")
+
+
+def is_dataclass(obj):
+    return hasattr(obj, "_dataclass_fields")
+
+
+def dataclass_fields(obj):
+    return obj._dataclass_fields
+
+
+def dataclass_replace(obj, **changes):
+    """A copy of `obj` with `changes` (dataclasses.replace)."""
+    values = {f.name: getattr(obj, f.name) for f in obj._dataclass_fields}
+    values.update(changes)
+    return type(obj)(**values)
 
 
 ###############################################################################
@@ -272,14 +411,16 @@ class LockHeld(ZreplError):
 ###############################################################################
 # 2. Utilities — values and names that several sections share (pure)
 ###############################################################################
+# This module's regular expressions stay text until used: re compiles (and caches) each at
+# its first match, not while the module loads, which every command would pay for.
 
-_ZREPL_DURATION = re.compile(r"^\s*([+-]?\d+)\s*(s|m|h|d|w)?\s*$")
+_ZREPL_DURATION = r"^\s*([+-]?\d+)\s*(s|m|h|d|w)?\s*$"
 _ZREPL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_zrepl_duration(text):
     """zrepl's own duration syntax (`10m`, `1d`, `2w`) -> seconds; a bare number only for 0."""
-    m = _ZREPL_DURATION.match(text)
+    m = re.match(_ZREPL_DURATION, text)
     if not m:
         raise ValueError(f"invalid duration {text!r}: expected a number with unit s, m, h, d or w"
                          " (e.g. 10m)")
@@ -291,7 +432,7 @@ def parse_zrepl_duration(text):
     return n * _ZREPL_UNITS[unit]
 
 
-_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_GO_DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)"
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 
 
@@ -305,7 +446,7 @@ def parse_go_duration(text):
         return 0.0
     pos, total = 0, 0.0
     while pos < len(s):
-        m = _GO_DURATION_PART.match(s, pos)
+        m = re.compile(_GO_DURATION_PART).match(s, pos)
         if not m:
             raise ValueError(f"invalid duration {text!r}: expected e.g. 10s, 1m30s or 500ms")
         total += float(m.group(1)) * _GO_UNITS[m.group(2)]
@@ -315,14 +456,14 @@ def parse_go_duration(text):
     return sign * total
 
 
-_SIZE = re.compile(r"^([-0-9.]*)\s*(bit|(|K|Ki|M|Mi|G|Gi|T|Ti)([bB]))$")
+_SIZE = r"^([-0-9.]*)\s*(bit|(|K|Ki|M|Mi|G|Gi|T|Ti)([bB]))$"
 _SIZE_PREFIX = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
                 "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
 
 def parse_size(text):
     """zrepl's size syntax (`23.5 MiB`, `100 Mb`, `-1 B`) -> bytes (int, bits / 8)."""
-    m = _SIZE.match(text.strip())
+    m = re.match(_SIZE, text.strip())
     if not m or m.group(1) in ("", "-", "."):
         raise ValueError(f"invalid size {text!r}: expected a number and a unit such as B, KiB,"
                          " MiB, GB or Mb (e.g. 50 MiB)")
@@ -373,7 +514,7 @@ def rfc3339(epoch):
 
 # --- names ------------------------------------------------------------------------------
 
-_COMPONENT = re.compile(r"^[A-Za-z0-9_\-.: ]+$")
+_COMPONENT = r"^[A-Za-z0-9_\-.: ]+$"
 
 
 def component_problem(name):
@@ -382,8 +523,8 @@ def component_problem(name):
         return "empty name component"
     if name in (".", ".."):
         return f"{name!r} is not a valid name component"
-    if not _COMPONENT.match(name):
-        bad = next(ch for ch in name if not _COMPONENT.match(ch))
+    if not re.match(_COMPONENT, name):
+        bad = next(ch for ch in name if not re.match(_COMPONENT, ch))
         return (f"invalid character {bad!r} in {name!r} (allowed: letters, digits, "
                 "and _ - . : space)")
     return None
@@ -421,14 +562,14 @@ def job_name_problem(name):
     return f"invalid job name: {why}" if why else None
 
 
-_NATIVE_PROPERTY = re.compile(r"^[a-z][a-z0-9_]*$")
-_USER_PROPERTY = re.compile(r"^[a-z0-9:._-]+$")
+_NATIVE_PROPERTY = r"^[a-z][a-z0-9_]*$"
+_USER_PROPERTY = r"^[a-z0-9:._-]+$"
 
 
 def property_name_problem(name):
     if len(name) > 255:
         return f"property name {name!r} is longer than 255 bytes"
-    if _NATIVE_PROPERTY.match(name) or (":" in name and _USER_PROPERTY.match(name)):
+    if re.match(_NATIVE_PROPERTY, name) or (":" in name and re.match(_USER_PROPERTY, name)):
         return None
     return (f"invalid property name {name!r} (native: lowercase letters, digits, _; user "
             "properties contain ':')")
@@ -571,7 +712,7 @@ class TimeZone:
         return format_go_layout(layout, tm, off, abbr, nanos)
 
 
-_POSIX_TZ = re.compile(
+_POSIX_TZ = (
     r"^(?P<std><[^>]+>|[A-Za-z]+)(?P<stdoff>[-+]?[\d:]+)"
     r"(?:(?P<dst><[^>]+>|[A-Za-z]+)(?P<dstoff>[-+]?[\d:]+)?"
     r",(?P<start>[^,]+),(?P<end>[^,]+))?$")
@@ -587,7 +728,7 @@ class PosixRule:
     """A POSIX TZ string (`CET-1CEST,M3.5.0,M10.5.0/3`): offsets for any year."""
 
     def __init__(self, text):
-        m = _POSIX_TZ.match(text)
+        m = re.match(_POSIX_TZ, text)
         if not m:
             raise ValueError(f"unsupported TZ rule {text!r}")
         self.std = (-_posix_seconds(m.group("stdoff")), m.group("std").strip("<>"))
@@ -815,7 +956,7 @@ class Record:
 
     def to_json(self):
         out = {}
-        for f in dataclasses.fields(self):
+        for f in dataclass_fields(self):
             v = getattr(self, f.name)
             if v is None and f.name in self._optional:
                 continue
@@ -831,7 +972,7 @@ class Record:
         if not isinstance(doc, dict):
             raise ValueError(f"a {cls.__name__} must be an object, not {type(doc).__name__}")
         kw = {}
-        for f in dataclasses.fields(cls):
+        for f in dataclass_fields(cls):
             if f.name not in doc:
                 continue
             v, part = doc[f.name], cls._parts.get(f.name)
@@ -1361,9 +1502,6 @@ class YAMLReader:
 # Every config object keeps `pos`: key -> (file, line, col), so checks made later (host
 # capabilities, cross-job checks) can still point at the line that asked for the thing.
 
-Pos = Tuple[str, int, int]
-
-
 @dataclass
 class LogOutlet:
     type: str
@@ -1553,9 +1691,9 @@ class Config:
 
 def to_plain(obj):
     """Dataclasses -> JSON-able dicts for `configcheck --format`, dropping positions."""
-    if dataclasses.is_dataclass(obj):
+    if is_dataclass(obj):
         out = {}
-        for f in dataclasses.fields(obj):
+        for f in dataclass_fields(obj):
             if f.name == "pos":
                 continue
             value = getattr(obj, f.name)
@@ -1750,14 +1888,14 @@ class _Checker:
         return out
 
 
-_GRID_INTERVAL = re.compile(r"^\s*(-?\d+)\s*x\s*([^(]+?)\s*(?:\((.*)\))?\s*$")
+_GRID_INTERVAL = r"^\s*(-?\d+)\s*x\s*([^(]+?)\s*(?:\((.*)\))?\s*$"
 
 
 def parse_grid_spec(text):
     """`1x1h(keep=all) | 24x1h | 30x1d` -> ((seconds, keep or None for all), ...) (SPEC §7.3)."""
     buckets = []
     for part in text.split("|"):
-        m = _GRID_INTERVAL.match(part)
+        m = re.match(_GRID_INTERVAL, part)
         if not m:
             raise ValueError(f"invalid grid interval {part.strip()!r}: expected N x DURATION"
                              " [(keep=K|all)], e.g. 24x1h")
@@ -2974,7 +3112,7 @@ def tentative_cursor_bookmark_name(guid, job):
 
 
 V1_CURSOR_BOOKMARK = "zrepl_replication_cursor"
-_BOOKMARK_ABSTRACTION = re.compile(r"^(.+)_G_([0-9a-f]{16})_J_(.+)$")
+_BOOKMARK_ABSTRACTION = r"^(.+)_G_([0-9a-f]{16})_J_(.+)$"
 
 
 def parse_abstraction_bookmark(name, guid):
@@ -2984,7 +3122,7 @@ def parse_abstraction_bookmark(name, guid):
     """
     if name == V1_CURSOR_BOOKMARK:
         return ("replication-cursor-bookmark-v1", None)
-    m = _BOOKMARK_ABSTRACTION.match(name)
+    m = re.match(_BOOKMARK_ABSTRACTION, name)
     if not m or int(m.group(2), 16) != guid or job_name_problem(m.group(3)):
         return None
     kind = {"zrepl_CURSOR": "replication-cursor-bookmark-v2",
@@ -3839,11 +3977,12 @@ class _CachedListing:
         """fs's versions changed as a command said: a new result (callers may still hold
         the old one), the Dataset copied, not changed in place."""
         datasets = dict(self.result[0])
-        datasets[fs] = dataclasses.replace(datasets[fs], versions=versions)
+        datasets[fs] = dataclass_replace(datasets[fs], versions=versions)
         self.result = (datasets, self.result[1])
 
 
-# (regex on lower-cased stderr, rc or None, kind, temporary, local_to_fs) — first match wins.
+# (regex on lower-cased stderr, rc or None, kind, temporary, local_to_fs) — first match wins;
+# each is compiled at its first use (re's cache), not while the module loads.
 # zfs-fuse and OpenZFS texts are both covered; see zfs-fuse.md §3.5 for the catalogue.
 _CLASSIFY = [
     # zfs-fuse as a non-root user: its socket refuses us, the whole host is out of reach
@@ -3880,7 +4019,6 @@ _CLASSIFY = [
     (r"name is too long|invalid character", None, "invalid-name", False, True),
     (r"dataset already exists", None, "exists", False, True),
 ]
-_CLASSIFY = [(re.compile(rx), rc, kind, tmp, local) for rx, rc, kind, tmp, local in _CLASSIFY]
 
 
 def _stderr_summary(stderr):
@@ -3908,7 +4046,7 @@ def classify(argv, rc, stderr, fs=None, *, killed_by_us=False, signal_kill=False
                         kind="killed", temporary=True, local_to_fs=True, fs=fs)
     low = stderr.lower()
     for rx, want_rc, kind, temporary, local in _CLASSIFY:
-        if (want_rc is None or want_rc == rc) and rx.search(low):
+        if (want_rc is None or want_rc == rc) and re.search(rx, low):
             cls = ZFSUnavailable if kind == "zfs-unavailable" else ZFSError
             return cls(f"{what}: {summary}", argv=argv, rc=rc, stderr=stderr, kind=kind,
                        temporary=temporary, local_to_fs=local, fs=fs)
@@ -4674,7 +4812,7 @@ class ZFS:
         self.run(["zfs", "snapshot", "-r", f"{root}@{name}"], fs=root)
 
     # -- destroying snapshots (SPEC §4.5) --
-    _CANNOT_DESTROY = re.compile(r"^cannot destroy (?:snapshot )?'?([^':]+@[^':]+)'?: (.*)$")
+    _CANNOT_DESTROY = r"^cannot destroy (?:snapshot )?'?([^':]+@[^':]+)'?: (.*)$"
 
     def destroy_snapshots(self, fs, names, should_stop=None):
         """Destroy fs@name for names -> {name: None (destroyed or already gone) | ZFSError}.
@@ -4713,7 +4851,7 @@ class ZFS:
             return {n: None for n in chunk}
         failed = {}
         for line in r.stderr.splitlines():
-            m = self._CANNOT_DESTROY.match(line.strip())
+            m = re.match(self._CANNOT_DESTROY, line.strip())
             if m and m.group(1).startswith(fs + "@"):
                 short = m.group(1).split("@", 1)[1]
                 if short in chunk:
@@ -4843,8 +4981,8 @@ class ZFS:
     # zfs-fuse: "cannot hold 'fs@s': why", "cannot release 'tag' from 'fs@s': why";
     # OpenZFS: "cannot hold snapshot 'fs@s': why", "cannot release hold from snapshot
     # 'fs@s': why", and "cannot open 'fs': why" when the filesystem itself is missing
-    _CANNOT_HOLD = re.compile(r"^cannot (?:hold|release|open) (?:hold from )?(?:snapshot )?"
-                              r"(?:'[^']*' from )?'([^']+)': (.*)$")
+    _CANNOT_HOLD = (r"^cannot (?:hold|release|open) (?:hold from )?(?:snapshot )?"
+                    r"(?:'[^']*' from )?'([^']+)': (.*)$")
 
     def _hold_release(self, verb, tag, names, clean, retried=False):
         """One `zfs hold|release TAG` per chunk -> {name: None | error}.
@@ -4865,7 +5003,7 @@ class ZFS:
             else:
                 attributed = {}
                 for line in r.stderr.splitlines():
-                    m = self._CANNOT_HOLD.match(line.strip())
+                    m = re.match(self._CANNOT_HOLD, line.strip())
                     named = m and [n for n in part if n == m.group(1) or
                                    n.split("@")[0] == m.group(1)]
                     for name in named or ():
@@ -6375,7 +6513,7 @@ class LocalReceiver(Receiver):
                            step.to.createtxg, step.to.creation, 0)
         with self._placeholder_lock:
             ds = datasets.get(target) or Dataset(target, "filesystem")
-            datasets[target] = dataclasses.replace(ds, placeholder_value=None if full
+            datasets[target] = dataclass_replace(ds, placeholder_value=None if full
                                                    else ds.placeholder_value,
                                                    versions=ds.versions + [received])
         return received
@@ -9822,7 +9960,7 @@ class JobRunner:
         report, repl = self.current, self.replication
         if report is None:
             return None
-        return dataclasses.replace(report, replication=repl.live()) if repl else report
+        return dataclass_replace(report, replication=repl.live()) if repl else report
 
     def invoke(self, job, mode, dry_run, progress=None):
         """One invocation: lock -> snapshot round -> replicate -> prune the sender -> prune
@@ -10473,12 +10611,12 @@ def _local_stamp(when):
         time.strftime("%z", lt)
 
 
-_LOGFMT_BARE = re.compile(r'^[^\s="\\]+$')
+_LOGFMT_BARE = r'^[^\s="\\]+$'
 
 
 def _logfmt_value(v):
     text = str(v)
-    return text if _LOGFMT_BARE.match(text) else json.dumps(text)
+    return text if re.match(_LOGFMT_BARE, text) else json.dumps(text)
 
 
 _COLORS = {"debug": "\x1b[36m", "info": "\x1b[32m", "warn": "\x1b[33m", "error": "\x1b[31m"}
@@ -11356,8 +11494,31 @@ def evaluate_monitor(job_name, snapshots, report, now, limits, prefix, check_lag
 # 14. CLI — argparse, one function per command, main(argv) -> exit code
 ###############################################################################
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, told the terminal's width: its own asks shutil, whose import
+    alone was 5% of a `--help`."""
+
+    def __init__(self, prog, **kwargs):
+        if kwargs.get("width") is None:
+            try:
+                columns = int(os.environ.get("COLUMNS", 0))
+            except ValueError:
+                columns = 0
+            if columns <= 0:
+                try:
+                    columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                except (AttributeError, ValueError, OSError):
+                    columns = 80
+            kwargs["width"] = columns - 2
+        super().__init__(prog, **kwargs)
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, so main() owns every exit."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.print_usage(sys.stderr)
@@ -12065,7 +12226,17 @@ def _duration_arg(text):
     return value
 
 
-def build_parser():
+class _Undeclared:
+    """Takes the declarations of a command that is not the one being run, and drops them."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self
+
+
+def build_parser(command=None):
+    """The command line. Given the command word of this argv, only that command's options
+    are declared; the others keep their name and help, all that the command list shows
+    (declaring every command's options was a tenth of a `--help`)."""
     p = _ArgumentParser(prog=PROG, description="zrepl, the ZFS snapshot and replication "
                                                "daemon, in one Python file.")
     p.add_argument("--config", metavar="PATH",
@@ -12075,10 +12246,14 @@ def build_parser():
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
     sub.required = True
 
-    v = sub.add_parser("version", help="show versions and this host's ZFS capabilities")
+    def add(name, help):
+        parser = sub.add_parser(name, help=help)
+        return parser if command in (None, name) else _Undeclared()
+
+    v = add("version", help="show versions and this host's ZFS capabilities")
     v.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
-    c = sub.add_parser("configcheck", help="validate the configuration (exit 2 on errors)")
+    c = add("configcheck", help="validate the configuration (exit 2 on errors)")
     c.add_argument("--what", choices=("all", "config", "jobs", "logging"), default="all",
                    help="what --format prints")
     c.add_argument("--format", choices=("pretty", "json"),
@@ -12089,7 +12264,7 @@ def build_parser():
                    help="check a configuration meant for another host: no capability "
                         "refusals, no dataset checks (nothing asks this host's ZFS)")
 
-    o = sub.add_parser("once", help="run each job's cycle once (for cron), then exit")
+    o = add("once", help="run each job's cycle once (for cron), then exit")
     o.add_argument("jobs", nargs="*", metavar="JOB", help="jobs to run (default: every "
                                                           "push, pull and snap job)")
     o.add_argument("--json", action="store_true", help="the run's report as JSON on stdout")
@@ -12102,27 +12277,27 @@ def build_parser():
                    help="start nothing new after this long (e.g. 30m); exit 4")
     o.add_argument("--no-progress", action="store_true", help="no progress on stderr")
 
-    pr = sub.add_parser("prune", help="prune a job's snapshots now; --dry-run explains")
+    pr = add("prune", help="prune a job's snapshots now; --dry-run explains")
     pr.add_argument("--job", required=True)
     pr.add_argument("--side", choices=("sender", "receiver", "both"), default="both")
     pr.add_argument("--dry-run", action="store_true",
                     help="destroy nothing; KEEP/DESTROY with the reason for every snapshot")
     pr.add_argument("--json", action="store_true")
 
-    st = sub.add_parser("status", help="show each job's state and last run")
+    st = add("status", help="show each job's state and last run")
     st.add_argument("--job")
     st.add_argument("--json", action="store_true")
     st.add_argument("--watch", action="store_true", help="redraw every second")
 
-    sub.add_parser("daemon", help="run every job on its schedule, serve tcp/tls, the "
-                                  "control socket and metrics (until SIGTERM)")
-    sg = sub.add_parser("signal", help="tell the daemon to run a job now or to cancel it")
+    add("daemon", help="run every job on its schedule, serve tcp/tls, the control socket "
+                       "and metrics (until SIGTERM)")
+    sg = add("signal", help="tell the daemon to run a job now or to cancel it")
     sg.add_argument("op", choices=("wakeup", "reset"))
     sg.add_argument("job", metavar="JOB")
     sg.add_argument("--wait", action="store_true", help="wakeup: wait for that invocation "
                                                         "and exit with its exit code")
 
-    za = sub.add_parser("zfs-abstraction", help="list or release zrepl's holds and bookmarks")
+    za = add("zfs-abstraction", help="list or release zrepl's holds and bookmarks")
     za.add_argument("action", choices=("list", "release-all", "release-stale"))
     za.add_argument("--fs", help="one dataset, or pattern:ok,pattern:! pairs (filter syntax)")
     za.add_argument("--job", help="only abstractions of this job (and job-less ones)")
@@ -12130,8 +12305,8 @@ def build_parser():
     za.add_argument("--dry-run", action="store_true", help="release nothing (list ignores it)")
     za.add_argument("--json", action="store_true")
 
-    h = sub.add_parser("heal", help="repair blocks a scrub found damaged from the other "
-                                    "side's copy (zfs receive -c, OpenZFS >= 2.2)")
+    h = add("heal", help="repair blocks a scrub found damaged from the other side's copy "
+                         "(zfs receive -c, OpenZFS >= 2.2)")
     h.add_argument("--job", required=True, help="a push job (heals from its sink) or a "
                                                 "pull job (heals its copy from the source)")
     h.add_argument("--fs", required=True, help="the sender-side path, e.g. tank/home")
@@ -12140,8 +12315,8 @@ def build_parser():
     h.add_argument("--dry-run", action="store_true", help="only say what would be sent")
     h.add_argument("--json", action="store_true")
 
-    mo = sub.add_parser("monitor", help="Nagios/Icinga check of one job: snapshot count "
-                                        "and age, replication lag (exit 0/1/2/3)")
+    mo = add("monitor", help="Nagios/Icinga check of one job: snapshot count and age, "
+                             "replication lag (exit 0/1/2/3)")
     mo.add_argument("--job", required=True)
     mo.add_argument("--prefix", help="count only snapshots with this prefix (default: the "
                                      "job's snapshotting prefix; a pull or sink: all)")
@@ -12155,8 +12330,8 @@ def build_parser():
                                                                 "WARNING")
     mo.add_argument("--crit-count", type=int, metavar="N", help="... CRITICAL")
 
-    rs = sub.add_parser("restore", help="bring replicated filesystems back from the job's "
-                                        "other side (rescue)")
+    rs = add("restore", help="bring replicated filesystems back from the job's other side "
+                             "(rescue)")
     rs.add_argument("--job", required=True, help="a push job (from its sink) or a pull job "
                                                  "(from its root_fs; needs --to)")
     g = rs.add_mutually_exclusive_group(required=True)
@@ -12169,12 +12344,12 @@ def build_parser():
     rs.add_argument("--dry-run", action="store_true", help="only say what would be restored")
     rs.add_argument("--json", action="store_true")
 
-    si = sub.add_parser("stdinserver", help="serve a sink or source job on stdin/stdout "
-                                            "(the ssh forced command; no daemon needed)")
+    si = add("stdinserver", help="serve a sink or source job on stdin/stdout (the ssh "
+                                 "forced command; no daemon needed)")
     si.add_argument("identity", metavar="CLIENT_IDENTITY",
                     help="one of the serving job's serve.client_identities")
 
-    t = sub.add_parser("test", help="check filters and placeholders")
+    t = add("test", help="check filters and placeholders")
     tsub = t.add_subparsers(dest="test_command", metavar="WHAT", parser_class=_ArgumentParser)
     tsub.required = True
     tf = tsub.add_parser("filesystems", help="show which datasets a job's filter accepts")
@@ -12207,7 +12382,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     out = sys.stdout
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(_command_word(argv)).parse_args(argv)
     except UsageError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         if _command_word(argv) == "monitor":
@@ -12266,7 +12441,11 @@ def main(argv=None):
 
 def _entry():
     """Console entry point of the zipapp."""
-    sys.exit(main())
+    code = main()
+    # What is left goes with the process: the interpreter's last garbage collection would
+    # only walk every object once more (~3 ms, a tenth of a `--help`).
+    gc.freeze()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

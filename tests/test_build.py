@@ -132,3 +132,30 @@ def test_serves_stdinserver_as_an_ssh_forced_command_runs_it(tmp_path):
     assert kind == 1, out[:200]                                  # HELLO
     doc = json.loads(out[13:13 + n].decode())
     assert doc.get("job_type") == "sink" or "error" in doc, doc
+
+
+# what `--help` must not import: each was measured in its start-up (bench/startup.py)
+NOT_AT_START = {"dataclasses", "inspect", "typing", "json", "socket", "subprocess", "threading",
+                "selectors", "shutil", "hashlib", "ipaddress", "platform", "zlib"}
+
+
+def test_help_starts_without_importing_what_it_does_not_use():
+    """The start-up diet (bench/startup.py): standard modules a command may not need are
+    imported at their first use, the launcher and the bytecode are stored, not deflated."""
+    import sys
+    cp = subprocess.run([sys.executable, "-X", "importtime", str(PYZ), "--help"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                        timeout=120)
+    assert cp.returncode == 0 and "usage: zrepl.py" in cp.stdout, cp.stderr
+    imported = {line.split("|")[-1].strip() for line in cp.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "argparse" in imported                      # the measurement sees imports
+    # what argparse itself brings on this Python (3.8's imports shutil, with zlib, bz2, ...)
+    theirs = set(subprocess.run([sys.executable, "-c", "import sys, argparse, runpy; "
+                                 "print(' '.join(sys.modules))"], stdout=subprocess.PIPE,
+                                universal_newlines=True, check=True).stdout.split())
+    assert not (imported - theirs) & NOT_AT_START, sorted((imported - theirs) & NOT_AT_START)
+    with zipfile.ZipFile(str(PYZ)) as z:
+        for info in z.infolist():
+            if info.filename == "__main__.py" or info.filename.endswith(".pyc"):
+                assert info.compress_type == zipfile.ZIP_STORED, info.filename

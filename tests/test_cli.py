@@ -1,6 +1,7 @@
 """Section 14, the CLI: commands run as a user runs them, exit codes, output, no tracebacks."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -178,6 +179,58 @@ def test_usage_errors_exit_2_without_traceback(args, env, message):
 def test_help_everywhere(command):
     cp = run_cli(*command, "--help")
     assert cp.returncode == 0 and "usage: zrepl.py" in cp.stdout
+
+
+# one command line per command, every option given
+EVERY_COMMAND = [
+    ["version", "--json"],
+    ["configcheck", "--what", "jobs", "--format", "json", "--skip-cert-check"],
+    ["once", "a", "b", "--json", "--dry-run", "--snapshot", "never", "--max-runtime", "30m",
+     "--no-progress"],
+    ["prune", "--job", "j", "--side", "sender", "--dry-run", "--json"],
+    ["status", "--job", "j", "--json", "--watch"],
+    ["daemon"],
+    ["signal", "wakeup", "j", "--wait"],
+    ["zfs-abstraction", "release-stale", "--fs", "a/b", "--job", "j", "--type", "step-hold",
+     "--dry-run", "--json"],
+    ["heal", "--job", "j", "--fs", "a/b", "--snapshot", "s", "--dry-run", "--json"],
+    ["monitor", "--job", "j", "--prefix", "p", "--warn-age", "1h", "--crit-age", "2h",
+     "--lag-warn", "3h", "--lag-crit", "4h", "--warn-count", "5", "--crit-count", "2"],
+    ["restore", "--job", "j", "--fs", "a/b", "a/c", "--to", "t", "--snapshot", "s", "--json"],
+    ["stdinserver", "client1"],
+    ["test", "filesystems", "--job", "j", "--input", "a/b"],
+    ["test", "placeholder", "--dataset", "a/b"],
+]
+
+
+def test_every_command_is_in_the_table():
+    listed = {argv[0] for argv in EVERY_COMMAND}
+    with pytest.raises(zrepl.UsageError) as e:
+        zrepl.build_parser().parse_args(["no-such-command"])
+    assert listed == set(re.findall(r"'([a-z-]+)'", str(e.value).split("choose from")[1]))
+
+
+@pytest.mark.parametrize("argv", EVERY_COMMAND, ids=lambda argv: "-".join(argv[:2]))
+def test_the_parser_of_one_command_parses_and_helps_as_the_whole(argv, capsys):
+    """main() declares only its command's options (start-up): that command's parse, its
+    --help and the command list read exactly as with every command declared."""
+    word = zrepl._command_word(["--config", "x.yml", "--debug"] + argv)
+    assert word == argv[0]
+    whole, one = zrepl.build_parser(), zrepl.build_parser(word)
+    assert vars(one.parse_args(argv)) == vars(whole.parse_args(argv))
+    helps = []
+    for parser in (whole, one):
+        for line in (argv[:1], argv[:2] if argv[0] == "test" else argv[:1], []):
+            with pytest.raises(SystemExit):
+                parser.parse_args(line + ["--help"])
+        helps.append(capsys.readouterr().out)
+    assert helps[0] == helps[1] and "usage: zrepl.py " + argv[0] in helps[0]
+
+
+def test_help_wraps_at_the_terminal_width():
+    cp = run_cli("--help", env={"COLUMNS": "50"})
+    assert cp.returncode == 0 and max(map(len, cp.stdout.splitlines())) <= 48
+    assert max(map(len, run_cli("--help", env={"COLUMNS": "200"}).stdout.splitlines())) > 80
 
 
 def test_config_from_environment(tmp_path):

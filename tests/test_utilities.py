@@ -486,3 +486,79 @@ def test_sha512_256_known_vectors(data, digest):
 def test_sha512_256_pure_matches_hashlib(size):
     data = bytes((i * 7 + size) % 256 for i in range(size))
     assert zrepl.sha512_256_pure(data) == hashlib.new("sha512_256", data).hexdigest()
+
+
+# =====================================================================================
+# records: the dataclasses subset (module preamble)
+# =====================================================================================
+
+@zrepl.dataclass
+class _Base:
+    a: int
+    b: list = zrepl.field(default_factory=list)
+    c: str = "x"
+    secret: dict = zrepl.field(default_factory=dict, repr=False)
+
+
+@zrepl.dataclass
+class _Child(_Base):
+    c: str = "y"                       # redefined: keeps its place
+    d: int = 4
+
+    def __post_init__(self):
+        self.d *= 2
+
+
+@zrepl.dataclass(frozen=True)
+class _Frozen:
+    x: int
+    y: frozenset = frozenset()
+
+
+def test_records_fields_defaults_and_factories():
+    assert [f.name for f in zrepl.dataclass_fields(_Child)] == ["a", "b", "c", "secret", "d"]
+    one, two = _Base(1), _Base(2, c="z")
+    assert (one.a, one.b, one.c, two.c) == (1, [], "x", "z")
+    one.b.append(1)
+    assert two.b == [] and _Base(3).b == []          # a fresh list per instance
+    child = _Child(1, [2], "q")
+    assert (child.c, child.d) == ("q", 8)            # positional order, then __post_init__
+    assert _Child(0).c == "y" and _Base.c == "x" and "b" not in _Base.__dict__
+    with pytest.raises(TypeError):
+        _Base()
+    with pytest.raises(TypeError):
+        _Base(1, nope=2)
+    with pytest.raises(TypeError, match="without a default follows"):
+        zrepl.dataclass(type("Bad", (), {"__annotations__": {"a": int, "b": int}, "a": 1}))
+
+
+def test_records_compile_their_init_at_the_first_instance():
+    @zrepl.dataclass
+    class Late:
+        a: int = 1
+    first = Late.__init__
+    assert Late(2).a == 2 and Late.__init__ is not first
+    assert Late.__init__.__qualname__.endswith("Late.__init__")
+    assert Late(a=5).a == 5 and Late().a == 1
+
+
+def test_records_repr_eq_hash_replace():
+    one = _Base(1, [2], secret={"k": 1})
+    assert repr(one) == "_Base(a=1, b=[2], c='x')"
+    assert one == _Base(1, [2], secret={"k": 1}) and one != _Base(1, [3])
+    assert one != _Child(1, [2], secret={"k": 1})     # another class is never equal
+    with pytest.raises(TypeError):
+        hash(one)                                      # mutable and equal by value
+    other = zrepl.dataclass_replace(one, c="z")
+    assert (other.a, other.b, other.c, one.c) == (1, [2], "z", "x")
+    assert zrepl.is_dataclass(one) and zrepl.is_dataclass(_Base) and not zrepl.is_dataclass(1)
+
+
+def test_frozen_records_refuse_assignment_and_hash_by_value():
+    f = _Frozen(1)
+    with pytest.raises(AttributeError, match="frozen"):
+        f.x = 2
+    with pytest.raises(AttributeError, match="frozen"):
+        del f.x
+    assert hash(f) == hash(_Frozen(1)) and {f, _Frozen(1)} == {f}
+    assert zrepl.dataclass_replace(f, x=3) == _Frozen(3)
