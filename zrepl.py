@@ -12227,28 +12227,35 @@ def _duration_arg(text):
 
 
 class _Undeclared:
-    """Takes the declarations of a command that is not the one being run, and drops them."""
+    """Stands for the parser of a command that is not the one being run (never asked to
+    parse: _command_word finds the command as argparse does), and drops its declarations."""
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: self
 
 
 def build_parser(command=None):
-    """The command line. Given the command word of this argv, only that command's options
-    are declared; the others keep their name and help, all that the command list shows
-    (declaring every command's options was a tenth of a `--help`)."""
+    """The command line. Given the command word of this argv ("" if it has none), only that
+    command gets a parser; the others keep their name and help, all that the command list
+    shows (a parser for every command was a tenth of a `--help`: argparse searches the disk
+    for translations of each one's messages)."""
     p = _ArgumentParser(prog=PROG, description="zrepl, the ZFS snapshot and replication "
                                                "daemon, in one Python file.")
     p.add_argument("--config", metavar="PATH",
                    help="configuration file (default: $ZREPL_CONFIG, /etc/zrepl/zrepl.yml, "
                         "/usr/local/etc/zrepl/zrepl.yml)")
     p.add_argument("--debug", action="store_true", help="log every zfs command on stderr")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    chosen = []
+
+    def parser_for(**kwargs):
+        return _ArgumentParser(**kwargs) if chosen[-1] else _Undeclared()
+
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=parser_for)
     sub.required = True
 
     def add(name, help):
-        parser = sub.add_parser(name, help=help)
-        return parser if command in (None, name) else _Undeclared()
+        chosen.append(command in (None, name))
+        return sub.add_parser(name, help=help)
 
     v = add("version", help="show versions and this host's ZFS capabilities")
     v.add_argument("--json", action="store_true", help="one JSON document on stdout")
@@ -12365,12 +12372,13 @@ def build_parser(command=None):
 
 
 def _command_word(argv):
-    """The command of an argv that did not parse (a monitoring plugin's usage error is
+    """The command word of an argv, as argparse will find it (only that command gets a
+    parser), also of one that does not parse (a monitoring plugin's usage error is
     UNKNOWN, 3, not 2 = CRITICAL)."""
     rest = list(argv)
     while rest:
         word = rest.pop(0)
-        if word == "--config":
+        if len(word) > 2 and "--config".startswith(word):   # argparse takes --conf for it
             rest = rest[1:]
         elif not word.startswith("-"):
             return word
@@ -12382,7 +12390,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     out = sys.stdout
     try:
-        args = build_parser(_command_word(argv)).parse_args(argv)
+        args = build_parser(_command_word(argv) or "").parse_args(argv)
     except UsageError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         if _command_word(argv) == "monitor":

@@ -214,8 +214,10 @@ def test_every_command_is_in_the_table():
 def test_the_parser_of_one_command_parses_and_helps_as_the_whole(argv, capsys):
     """main() declares only its command's options (start-up): that command's parse, its
     --help and the command list read exactly as with every command declared."""
-    word = zrepl._command_word(["--config", "x.yml", "--debug"] + argv)
-    assert word == argv[0]
+    for before in (["--config", "x.yml", "--debug"], ["--conf", "x.yml"], ["--config=x.yml"],
+                   ["--deb", "--"]):
+        assert zrepl._command_word(before + argv) == argv[0], before
+    word = argv[0]
     whole, one = zrepl.build_parser(), zrepl.build_parser(word)
     assert vars(one.parse_args(argv)) == vars(whole.parse_args(argv))
     helps = []
@@ -225,6 +227,17 @@ def test_the_parser_of_one_command_parses_and_helps_as_the_whole(argv, capsys):
                 parser.parse_args(line + ["--help"])
         helps.append(capsys.readouterr().out)
     assert helps[0] == helps[1] and "usage: zrepl.py " + argv[0] in helps[0]
+
+
+def test_no_command_word_declares_no_options_and_helps_as_the_whole(capsys):
+    assert zrepl._command_word(["--config", "x.yml", "--debug", "--help"]) is None
+    for parser in (zrepl.build_parser(), zrepl.build_parser("")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--help"])
+        with pytest.raises(zrepl.UsageError, match="required: COMMAND"):
+            parser.parse_args([])
+    whole, none = capsys.readouterr().out.split("usage: zrepl.py [-h]")[1:]
+    assert whole == none
 
 
 def test_help_wraps_at_the_terminal_width():
