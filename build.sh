@@ -143,8 +143,8 @@ py_compile.compile(sys.argv[1], cfile=sys.argv[2], dfile="zrepl.py", doraise=Tru
     done
     "$py" - "$raw" "$PYZ.tmp" "$pycs" <<'PY' || die "rewriting __main__.py failed"
 # Copy shiv's archive member by member, swapping in the no-extraction launcher (see the top of
-# build.sh for why) and adding the bytecode. Shebang, order, timestamps and compression stay
-# as shiv made them.
+# build.sh for why) and adding the bytecode. Shebang, order and timestamps stay as shiv made
+# them; the launcher and the bytecode are stored, not deflated: nothing to inflate at start.
 import json, os, sys, zipfile
 
 LAUNCHER = b"""\
