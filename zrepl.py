@@ -6514,8 +6514,8 @@ class LocalReceiver(Receiver):
         with self._placeholder_lock:
             ds = datasets.get(target) or Dataset(target, "filesystem")
             datasets[target] = dataclass_replace(ds, placeholder_value=None if full
-                                                   else ds.placeholder_value,
-                                                   versions=ds.versions + [received])
+                                                 else ds.placeholder_value,
+                                                 versions=ds.versions + [received])
         return received
 
     def _relay(self, source, proc, path):
