@@ -10760,14 +10760,24 @@ class TCPOutlet:
                     self.cond.wait()
                 if self.closing and not self.queue:
                     break
+            if sock is None:
+                # Connect before taking the batch: lines dropped while connecting
+                # then go into the same notice, not a second one.
+                try:
+                    sock = self._connect()
+                except (OSError, ValueError):
+                    with self.cond:
+                        if self.closing:
+                            break
+                        self.cond.wait(self.retry_interval)
+                    continue
+            with self.cond:
                 batch, self.queue = self.queue, []
                 dropped, self.dropped = self.dropped, 0
                 self.inflight = len(batch)
             notice = [f"{PROG}: {dropped} log lines dropped while the collector was "
                       "unreachable\n"] if dropped else []
             try:
-                if sock is None:
-                    sock = self._connect()
                 sock.sendall("".join(notice + batch).encode("utf-8", "replace"))
                 with self.cond:
                     self.inflight = 0
