@@ -194,3 +194,41 @@ def test_tcp_outlet_reconnects_and_says_how_many_lines_it_dropped():
     finally:
         log.close()
         c.close()
+
+
+def test_lines_dropped_while_the_outlet_connects_go_into_the_same_notice():
+    # lines logged while a connect is under way (here: by the connect itself) find the
+    # queue full and are dropped; they belong in the one notice, not in a second one
+    port = _free_port()
+
+    class Outlet(zrepl.TCPOutlet):
+        late = 0
+
+        def _connect(self):
+            for _ in range(50):
+                Outlet.late += 1
+                log("info", "job", "late")
+            return super()._connect()
+
+    out = Outlet("127.0.0.1:%d" % port, "info", "logfmt", retry_interval=0.2,
+                 with_time=False)
+    log = zrepl.Logger(outlets=[out])
+    for i in range(out.QUEUE_MAX + 200):
+        log("info", "job", "n%d" % i)
+    c = Collector(port)
+    try:
+        c.lines(out.QUEUE_MAX + 1)
+        time.sleep(0.5)                          # a second notice would have come by now
+        lines = c.lines(0)
+        notices = [ln for ln in lines if "log lines dropped" in ln]
+        assert len(notices) == 1, notices
+        kept = [ln for ln in lines if ln not in notices]
+        assert len(kept) == out.QUEUE_MAX
+        emitted = out.QUEUE_MAX + 200 + Outlet.late
+        assert "%d log lines dropped" % (emitted - len(kept)) in notices[0], notices
+        ours = [ln for ln in kept if "late" not in ln]             # the oldest, in order
+        assert ours == ['level=info job="" subsystem=job msg="n%d"' % i
+                        for i in range(len(ours))]
+    finally:
+        log.close()
+        c.close()
