@@ -5494,6 +5494,11 @@ class ZFSProcess:
     def stopped(self):
         return self.cancelled
 
+    def kernel_source(self):
+        """(this process, [stop checks], [byte counters]) for relay's own splice loop, or
+        None where the kernel path is missing."""
+        return None if _SPLICE is None else (self, [self.stopped], [])
+
     # -- as the destination of a relay (`zfs receive`) --
     def write_fd(self):
         return self.inp.fileno() if self.inp and not self.inp.closed else None
@@ -5619,6 +5624,12 @@ def relay(source, sink, chunk=RELAY_CHUNK):
     for the kernel path, else `write_from(source, n)`, e.g. DATA frames) until the stream
     ends -> True, or False if the sink stopped taking it. Meters and limits live in the
     Stream wrappers, so every transport counts and throttles the same way."""
+    kernel = getattr(source, "kernel_source", None)
+    path = kernel() if kernel is not None else None
+    if path is not None:
+        done = _relay_kernel(*path, sink, chunk)
+        if done is not None:
+            return done
     while True:
         fd = sink.write_fd()
         if fd is not None:
@@ -5629,6 +5640,32 @@ def relay(source, sink, chunk=RELAY_CHUNK):
             return True
         if moved < 0:
             return False
+
+
+def _relay_kernel(proc, stops, counters, sink, chunk):
+    """relay's loop where no wrapper pays a bucket per move (no bandwidth limit): every
+    wrapper's stop check and counter called directly, not layer through layer. zfs send
+    writes a record's 312-byte header and its data apart, so a GiB is some 14,000
+    splices; on a slow CPU (the OpenZFS lane's emulated one) the layers took 2.9 s of
+    CPU beside the stream, against 0.3 s for the splices themselves. -> as relay, or
+    None where the sink has no fd (any more) and relay's own loop goes on."""
+    while True:
+        fd = sink.write_fd()
+        if fd is None:
+            return None
+        for stopped in stops:
+            if stopped():
+                return True               # as a wrapper's splice_to: the end
+        try:
+            moved = _SPLICE(proc.out.fileno(), fd, chunk)
+        except (OSError, ValueError):
+            # the end, a reader gone, a cancel, a sink that is no pipe: the process's
+            # own splice_to decides what each means, as in relay's loop
+            moved = proc.splice_to(fd, chunk)
+        if moved <= 0:
+            return moved == 0
+        for count in counters:
+            count(moved)
 
 
 ###############################################################################
@@ -5775,6 +5812,20 @@ class MeteredStream:
 
     def ready(self, n):
         return 0 if self.stopped() else self.inner.ready(self._paid(n))
+
+    def kernel_source(self):
+        """The inner stream's kernel path with this wrapper's check and counter added;
+        None where a bucket must be paid before each move."""
+        inner = getattr(self.inner, "kernel_source", None)
+        path = inner() if inner is not None and not self.buckets else None
+        if path is None:
+            return None
+        proc, stops, counters = path
+        return (proc, stops + [self._stopped_here],
+                counters + ([self.on_bytes] if self.on_bytes is not None else []))
+
+    def _stopped_here(self):
+        return self._cut or self._outside()
 
     def splice_to(self, fd, n):
         if self.stopped():

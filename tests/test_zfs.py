@@ -841,3 +841,54 @@ def test_a_relay_paused_after_the_last_chunk_still_ends_complete(adapter, pools)
     assert complete
     assert sum(pauses) > 200 << 10
     assert state(target)[target + "@p"]["guid"] == state(fs)[fs + "@p"]["guid"]
+
+
+@pytest.mark.parametrize("limited", [False, True])
+def test_the_relay_counts_every_byte_with_and_without_a_limit(adapter, pools, limited):
+    # unlimited, relay runs its own splice loop (where the OS has splice) with every
+    # wrapper's counter called directly; a bandwidth limit keeps the layered path, where
+    # each move pays the bucket first. Both count the whole stream, no byte twice.
+    from conftest import write_data
+    fs = pools.src + "/counted" + ("-limited" if limited else "")
+    make_tree(fs, [])
+    write_data(fs, 3 << 20)
+    snap(fs, "c")
+    raw = subprocess.run(["zfs", "send", fs + "@c"], stdout=subprocess.PIPE, check=True).stdout
+    target = pools.dst + fs[len(pools.src):]
+    step = zrepl.Step("full", None, _version(adapter, fs + "@c"), "guarantee_nothing")
+    send = adapter.send(fs, step)
+    recv = adapter.receive(target)
+    seen, outer = [], []
+    bucket = zrepl.TokenBucket(1 << 30, 256 << 10) if limited else None
+    stream = zrepl.MeteredStream(zrepl.MeteredStream(send, [bucket], on_bytes=seen.append),
+                                 on_bytes=outer.append)
+    assert (stream.kernel_source() is not None) == (hasattr(os, "splice") and not limited)
+    assert zrepl.relay(stream, recv)
+    recv_end, send_end = recv.finish(timeout=30), send.finish(timeout=30)
+    assert (recv_end.exit_status, send_end.exit_status) == (0, 0), (recv_end, send_end)
+    assert sum(seen) == sum(outer) == len(raw)
+    assert seen == outer
+    if limited:
+        assert max(seen) <= 256 << 10          # never more than a bucketful at once
+    assert state(target)[target + "@c"]["guid"] == state(fs)[fs + "@c"]["guid"]
+
+
+def test_a_relay_cancelled_midway_ends_and_the_receive_keeps_nothing(adapter, pools):
+    from conftest import write_data
+    fs = pools.src + "/cut"
+    make_tree(fs, [])
+    write_data(fs, 3 << 20)
+    snap(fs, "c")
+    target = pools.dst + "/cut"
+    step = zrepl.Step("full", None, _version(adapter, fs + "@c"), "guarantee_nothing")
+    send = adapter.send(fs, step)
+    recv = adapter.receive(target)
+    flag = []
+    stream = zrepl.MeteredStream(send, on_bytes=flag.append, cancelled=lambda: bool(flag))
+    assert zrepl.relay(stream, recv)            # a stopped stream ends the relay
+    assert len(flag) == 1                       # at the first move's count, no second
+    send.cancel()
+    recv.close_stdin()
+    recv_end, _ = recv.finish(timeout=30), send.finish(timeout=30)
+    assert recv_end.error is not None           # a short stream: nothing received
+    assert target not in state(pools.dst)
