@@ -816,19 +816,26 @@ def test_permission_error_is_classified(zfs_available, tmp_path):
     assert cp.stdout.split() == ["permission", "False"], cp.stderr
 
 
+def _transfer(adapter, pools, name, size, snapshot):
+    """A filesystem of `size` bytes and its snapshot, with `zfs send` of it and `zfs
+    receive` into the destination pool started, not yet connected -> (fs, target, send,
+    recv)."""
+    from conftest import write_data
+    fs = pools.src + "/" + name
+    make_tree(fs, [])
+    write_data(fs, size)
+    snap(fs, snapshot)
+    step = zrepl.Step("full", None, _version(adapter, "%s@%s" % (fs, snapshot)),
+                      "guarantee_nothing")
+    return fs, pools.dst + "/" + name, adapter.send(fs, step), adapter.receive(
+        pools.dst + "/" + name)
+
+
 def test_a_relay_paused_after_the_last_chunk_still_ends_complete(adapter, pools):
     # SPEC §8.9: a limit's pause lets `zfs receive` take the whole stream and exit, and
     # `zfs send` exit too, before the relay's next move; Linux splice then answers EPIPE
     # before it looks at the (ended) sending pipe. That is the end of a complete stream.
-    from conftest import write_data
-    fs = pools.src + "/paused"
-    make_tree(fs, [])
-    write_data(fs, 200 << 10)
-    snap(fs, "p")
-    target = pools.dst + "/paused"
-    step = zrepl.Step("full", None, _version(adapter, fs + "@p"), "guarantee_nothing")
-    send = adapter.send(fs, step)
-    recv = adapter.receive(target)
+    fs, target, send, recv = _transfer(adapter, pools, "paused", 200 << 10, "p")
     pauses = []
 
     def pause(n):
@@ -848,16 +855,8 @@ def test_the_relay_counts_every_byte_with_and_without_a_limit(adapter, pools, li
     # unlimited, relay runs its own splice loop (where the OS has splice) with every
     # wrapper's counter called directly; a bandwidth limit keeps the layered path, where
     # each move pays the bucket first. Both count the whole stream, no byte twice.
-    from conftest import write_data
-    fs = pools.src + "/counted" + ("-limited" if limited else "")
-    make_tree(fs, [])
-    write_data(fs, 3 << 20)
-    snap(fs, "c")
+    fs, target, send, recv = _transfer(adapter, pools, "counted-%s" % limited, 3 << 20, "c")
     raw = subprocess.run(["zfs", "send", fs + "@c"], stdout=subprocess.PIPE, check=True).stdout
-    target = pools.dst + fs[len(pools.src):]
-    step = zrepl.Step("full", None, _version(adapter, fs + "@c"), "guarantee_nothing")
-    send = adapter.send(fs, step)
-    recv = adapter.receive(target)
     seen, outer = [], []
     bucket = zrepl.TokenBucket(1 << 30, 256 << 10) if limited else None
     stream = zrepl.MeteredStream(zrepl.MeteredStream(send, [bucket], on_bytes=seen.append),
@@ -874,15 +873,7 @@ def test_the_relay_counts_every_byte_with_and_without_a_limit(adapter, pools, li
 
 
 def test_a_relay_cancelled_midway_ends_and_the_receive_keeps_nothing(adapter, pools):
-    from conftest import write_data
-    fs = pools.src + "/cut"
-    make_tree(fs, [])
-    write_data(fs, 3 << 20)
-    snap(fs, "c")
-    target = pools.dst + "/cut"
-    step = zrepl.Step("full", None, _version(adapter, fs + "@c"), "guarantee_nothing")
-    send = adapter.send(fs, step)
-    recv = adapter.receive(target)
+    fs, target, send, recv = _transfer(adapter, pools, "cut", 3 << 20, "c")
     flag = []
     stream = zrepl.MeteredStream(send, on_bytes=flag.append, cancelled=lambda: bool(flag))
     assert zrepl.relay(stream, recv)            # a stopped stream ends the relay
