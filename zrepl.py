@@ -4247,7 +4247,6 @@ class ZFS:
         self._seq = 0
         self._events = []
         self._binaries = {}
-        self._direct = None               # direct_pipe(), decided once
         # where the probes' verdicts are kept between processes (the CLI sets it to a
         # file in the rundir); None: probe every time; readonly: a dry run writes nothing
         self.probe_cache = None
@@ -4265,20 +4264,6 @@ class ZFS:
             raise ZFSUnavailable(f"no `{name}` command in PATH or {':'.join(ZFS_EXTRA_PATH)}",
                                  hint="install ZFS (OpenZFS, or zfs-fuse on old Debian)")
         return path
-
-    def direct_pipe(self):
-        """Can a local job hand `zfs send`'s stdout to `zfs receive` as its stdin, with no
-        relay between them? Only where the stream's bytes can still be counted (progress,
-        the watchdog, the report) without reading them: OpenZFS writes the stream from
-        the `zfs send` process's own ioctl, which Linux counts in /proc/PID/io (measured
-        in the OpenZFS lane: the count is the stream's length to the byte). zfs-fuse's
-        daemon writes it instead (the client's count stays at ~100 KiB), and FreeBSD and
-        illumos have no such count: they keep the relay. Each stream is checked again
-        (ZFSProcess.counts_its_stream): a wrapper that forks zfs keeps the relay too."""
-        if self._direct is None:
-            self._direct = self.capabilities().implementation == "openzfs" and \
-                os.path.exists(f"/proc/{os.getpid()}/io")
-        return self._direct
 
     def _begin(self, argv):
         """Every command: find the binary, count it, and note what listings it may change
@@ -5250,9 +5235,8 @@ class ZFS:
         return self.start(argv, fs=fs, stdout=True, pipeline=pipeline)
 
     def receive(self, target, *, force=False, resumable=False, inherit=(), override=None,
-                pipeline=(), feed=None):
-        """Start `zfs receive -u` into target -> ZFSProcess whose stdin takes the stream;
-        with feed (a `zfs send` ZFSProcess), whose stdin is feed's stdout itself."""
+                pipeline=()):
+        """Start `zfs receive -u` into target -> ZFSProcess whose stdin takes the stream."""
         argv = ["zfs", "receive"]
         if self.capabilities()["recv_u"]:
             argv.append("-u")
@@ -5264,8 +5248,7 @@ class ZFS:
             argv += ["-x", prop]
         for prop, value in (override or {}).items():
             argv += ["-o", f"{prop}={value}"]
-        return self.start(argv + [target], fs=target, stdin=True, pipeline=pipeline,
-                          feed=feed)
+        return self.start(argv + [target], fs=target, stdin=True, pipeline=pipeline)
 
     def receive_corrective(self, snapshot):
         """Start `zfs receive -c FS@S` (OpenZFS >= 2.2): the stream of that very snapshot
@@ -5301,19 +5284,15 @@ class ZFS:
         r = self.run(["zfs", "send", "-n", "-v", "-t", token], check=False)
         return parse_token_dump(r.stdout + "\n" + r.stderr)
 
-    def start(self, argv, *, fs=None, stdin=False, stdout=False, pipeline=(), feed=None):
+    def start(self, argv, *, fs=None, stdin=False, stdout=False, pipeline=()):
         """Start a streaming command; the caller drains or feeds it, then calls finish().
 
         pipeline: execpipe stages [argv] after a `zfs send` (stdout) or before a `zfs
         receive` (stdin), spawned without a shell, pipe to pipe; the ZFSProcess owns and
-        reaps them all. feed: a ZFSProcess whose stdout becomes this one's stdin."""
+        reaps them all."""
         stages = []
         try:
-            if feed is not None:              # zfs send -> zfs receive, nothing between
-                proc, since, ended = self._popen(argv, fs, feed.out, subprocess.DEVNULL)
-                # the receive is its only reader now: if it ends early, send sees EPIPE
-                feed.out.close()
-            elif stdin and pipeline:          # stream -> stage ... stage -> zfs receive
+            if stdin and pipeline:            # stream -> stage ... stage -> zfs receive
                 stages = self._start_stages(pipeline, None, fs)
                 proc, since, ended = self._popen(argv, fs, stages[-1].proc.stdout,
                                                  subprocess.DEVNULL)
@@ -5516,46 +5495,9 @@ class ZFSProcess:
         return self.cancelled
 
     def kernel_source(self):
-        """(this process, [stop checks], [byte counters]) for relay's own splice loop or
-        a direct pipe's watch_pipe: the stream's process seen through no bucket."""
-        return (self, [self.stopped], [])
-
-    def bytes_written(self):
-        """What the process has written so far, as Linux counts it (/proc/PID/io wchar;
-        ZFS.direct_pipe says where that is the stream's length) -> int, or None
-        once the process is reaped."""
-        try:
-            with open(f"/proc/{self.pid}/io", "rb") as f:
-                for line in f:
-                    if line.startswith(b"wchar:"):
-                        return int(line.split()[1])
-        except (OSError, ValueError):
-            pass
-        return None
-
-    def counts_its_stream(self, patience=0.1):
-        """Is this process `zfs` itself, its write count readable (bytes_written)? A
-        wrapper in PATH that execs zfs becomes it within milliseconds; one that forks it
-        (or a setuid sudo) never does, and its count would stay 0 while zfs writes: the
-        watchdog would cut a healthy stream."""
-        deadline = time.monotonic() + patience
-        while True:
-            try:
-                exe = os.path.basename(os.readlink(f"/proc/{self.pid}/exe"))
-                setuid = os.stat(f"/proc/{self.pid}/exe").st_mode & stat.S_ISUID
-            except OSError:
-                return False
-            if exe == "zfs" and not setuid:
-                return self.bytes_written() is not None
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.005)
-
-    def wait_ended(self, timeout):
-        """Wait up to timeout seconds for the process to end -> has it? Its stderr's end
-        is its exit, seen at once (Popen.wait with a timeout polls)."""
-        self._drain.join(timeout)
-        return not self._drain.is_alive()
+        """(this process, [stop checks], [byte counters]) for relay's own splice loop, or
+        None where the kernel path is missing."""
+        return None if _SPLICE is None else (self, [self.stopped], [])
 
     # -- as the destination of a relay (`zfs receive`) --
     def write_fd(self):
@@ -5683,7 +5625,7 @@ def relay(source, sink, chunk=RELAY_CHUNK):
     ends -> True, or False if the sink stopped taking it. Meters and limits live in the
     Stream wrappers, so every transport counts and throttles the same way."""
     kernel = getattr(source, "kernel_source", None)
-    path = kernel() if kernel is not None and _SPLICE is not None else None
+    path = kernel() if kernel is not None else None
     if path is not None:
         done = _relay_kernel(*path, sink, chunk)
         if done is not None:
@@ -5724,27 +5666,6 @@ def _relay_kernel(proc, stops, counters, sink, chunk):
             return moved == 0
         for count in counters:
             count(moved)
-
-
-def watch_pipe(feed, stops, counters, sink, poll=0.5):
-    """relay's counterpart where `zfs send` (feed) writes straight into `zfs receive`
-    (sink; ZFS.receive(feed=...)): nothing passes through this process, so every poll it
-    counts what feed has written and cuts the stream when a stop check says so -> True
-    once the receive has ended. Its last count, taken after the receive ended and
-    before anyone reaps feed, is the whole stream."""
-    seen = 0
-    while True:
-        ended = sink.wait_ended(poll)
-        n = feed.bytes_written()
-        if n is not None and n > seen:
-            for count in counters:
-                count(n - seen)
-            seen = n
-        if ended:
-            return True
-        if any(stopped() for stopped in stops):
-            feed.cancel()               # the receive sees the stream end, as with relay
-            return True
 
 
 ###############################################################################
@@ -5868,7 +5789,7 @@ class MeteredStream:
 
     def stopped(self):
         """Was this stream, or one it wraps, cancelled?"""
-        return self._stopped_here() or self.inner.stopped()
+        return self._cut or self._outside() or self.inner.stopped()
 
     def _paid(self, n):
         if self.buckets:
@@ -6628,13 +6549,10 @@ class LocalReceiver(Receiver):
             if err is not None:
                 raise err
         recv = self.job.recv or RecvOptions()
-        source = MeteredStream(stream, [self.bucket])
-        direct = self._direct(source, recv)
         proc = self.zfs.receive(target, force=force, resumable=self.can_resume(path),
                                 inherit=recv.properties_inherit,
-                                override=recv.properties_override, pipeline=recv.execpipe,
-                                feed=direct[0] if direct else None)
-        self._relay(source, proc, path, direct)
+                                override=recv.properties_override, pipeline=recv.execpipe)
+        self._relay(MeteredStream(stream, [self.bucket]), proc, path)
         self._checked.add(path)          # it exists now, holding `to`: no pre-check needed
         with self._placeholder_lock:
             self._receipts.setdefault(target, []).append((proc.since, step))
@@ -6651,30 +6569,11 @@ class LocalReceiver(Receiver):
                                                  versions=ds.versions + [received])
         return received
 
-    def _direct(self, source, recv):
-        """Can the stream's own `zfs send` write straight into the receive? A sender in
-        this process (a local job), no bandwidth limit or execpipe on either side, and a
-        ZFS whose sent bytes are counted for us (ZFS.direct_pipe) -> the
-        (send process, stop checks, counters) for watch_pipe, or None: the relay. In the
-        OpenZFS lane the relay's hop cost 10 % of a big full send's time (1 GiB: raw
-        `send | recv` 17.7 s, through a splice relay 19.5 s)."""
-        if recv.execpipe or not self.zfs.direct_pipe():
-            return None
-        path = source.kernel_source()
-        if path is None or not isinstance(path[0], ZFSProcess) or path[0].stages or \
-                path[0].out is None or path[0].out.closed:
-            return None
-        if not path[0].counts_its_stream():
-            self.log("debug", "repl", f"relaying the stream of {path[0].fs}: `zfs send` "
-                                      "runs under a wrapper whose writes are not its own")
-            return None
-        return path
-
-    def _relay(self, source, proc, path, direct=None):
-        """Copy the stream into `zfs receive`, or watch it flow there (direct); the
-        receiver's error wins over the sender's broken pipe (SPEC §8.9)."""
+    def _relay(self, source, proc, path):
+        """Copy the stream into `zfs receive`; the receiver's error wins over the sender's
+        broken pipe (SPEC §8.9)."""
         try:
-            complete = relay(source, proc) if direct is None else watch_pipe(*direct, proc)
+            complete = relay(source, proc)
         except ZreplError as e:
             if e.kind in ("connection", "stream-broken"):
                 # the stream broke off (a peer gone, a cut): end it as a short stream, so
@@ -11728,11 +11627,6 @@ def probe_cache_path(rundir):
     return os.path.join(rundir, "capabilities.json")
 
 
-def _local_streams(zfs):
-    """How a local job's stream gets from `zfs send` to `zfs receive` on this host."""
-    return "direct" if zfs.direct_pipe() else "relay"
-
-
 def cmd_version(args, zfs, out):
     zfs.probe_cache = probe_cache_path(DEFAULT_RUNDIR)
     caps = zfs.capabilities()
@@ -11741,9 +11635,7 @@ def cmd_version(args, zfs, out):
                "python": {"version": platform.python_version(),
                           "implementation": platform.python_implementation(),
                           "executable": sys.executable},
-               "platform": platform.platform(),
-               "zfs": dict(caps.to_json(), local_streams=_local_streams(zfs)
-                           if caps.available else None)}
+               "platform": platform.platform(), "zfs": caps.to_json()}
         out.write(json.dumps(doc, indent=2) + "\n")
         return 0
     out.write(f"{PROG} {VERSION}\n")
@@ -11755,7 +11647,6 @@ def cmd_version(args, zfs, out):
     out.write(f"zfs: {caps.implementation} {caps.version or '-'}\n")
     out.write("capabilities: " + " ".join(f"{n}={caps.word(n)}"
                                            for n in CAPABILITY_NAMES) + "\n")
-    out.write(f"local streams: {_local_streams(zfs)}\n")
     for name, why in caps.undecided.items():
         out.write(f"undecided: {name}: {why}\n")
     for pool, f in caps.pools.items():
