@@ -99,18 +99,6 @@ class Bench:
                 f.write('#!/bin/sh\necho "%s $*" >> %s\nexec %s "$@"\n' % (cmd, self.log, real))
             os.chmod(path, 0o755)
         self.wenv = dict(ENV, PATH=self.bindir + ":" + ENV["PATH"])
-        # the same wrapper that forks zfs instead of exec'ing it: zrepl.py then relays a
-        # local stream itself where it would let zfs send write into zfs receive ((a)'s
-        # side-by-side of the two ways)
-        self.forkdir = os.path.join(self.tmp, "forkbin")
-        os.mkdir(self.forkdir)
-        for cmd in ("zfs", "zpool"):
-            path = os.path.join(self.forkdir, cmd)
-            with open(path, "w") as f:
-                f.write('#!/bin/sh\necho "%s $*" >> %s\n%s "$@"\n'
-                        % (cmd, self.log, shutil.which(cmd, path=ENV["PATH"])))
-            os.chmod(path, 0o755)
-        self.forkenv = dict(ENV, PATH=self.forkdir + ":" + ENV["PATH"])
 
     # pools ------------------------------------------------------------------------------
     def make_pool(self, tag, size):
@@ -368,12 +356,12 @@ def run_rss(argv, env):
     return cp, usage.ru_maxrss / 1024.0
 
 
-def run_zrepl(bench, config, what, env=None):
+def run_zrepl(bench, config, what):
     """`zrepl.py --config CFG once --snapshot never --json` through the wrapper -> report;
     its peak RSS (MiB) is left in bench.last_rss."""
     argv = [sys.executable, bench.args.zrepl, "--config", config, "once", "--snapshot", "never",
             "--json"]
-    cp, bench.last_rss = run_rss(argv, env or bench.wenv)
+    cp, bench.last_rss = run_rss(argv, bench.wenv)
     doc = None
     try:
         doc = json.loads(cp.stdout)
@@ -503,26 +491,15 @@ def bench_bulk(bench, args):
         sh("zfs", "create", "-o", "mountpoint=none", dst + "/raw")
         sh("zfs", "create", "-o", "mountpoint=none", dst + "/zr")
         cfg = zrepl_config(bench, "bulk", [fs], dst + "/zr")
-        # the relayed runs keep their own rundir: the probe cache is keyed by the zfs
-        # program, which is another wrapper there, and one cache would re-probe each time
-        relayed_cfg = zrepl_config(bench, "bulk-relayed", [fs], dst + "/zr")
         zdst = "%s/zr/%s" % (dst, IDENTITY)
         labels = collections.OrderedDict([
             ("raw", "raw zfs send | zfs recv -u"),
             ("zrepl", "zrepl.py once"),
             ("zrepl_fixed", "  zrepl.py no-change once (fixed cost)"),
-            ("zrepl_relay", "  zrepl.py once, relayed (zfs forked)"),
             ("relay_rw", "  send | python read/write relay | recv"),
             ("relay_splice", "  send | python splice relay | recv")])
         if not hasattr(os, "splice"):
             del labels["relay_splice"]
-        # where zrepl.py's own stream is direct, its relayed run takes the place of the
-        # read/write relay in the rotation (four pipes make the Williams square)
-        pipes = ("raw", "zrepl", "zrepl_relay" if streams == "direct" else "relay_rw",
-                 "relay_splice")
-        for k in ("zrepl_relay", "relay_rw"):
-            if k not in pipes:
-                del labels[k]
         times = {k: [] for k in labels}
         counts = {}
         failed = {}
@@ -536,17 +513,15 @@ def bench_bulk(bench, args):
         except RunFailed as e:
             failed["zrepl"] = str(e)
         for k in range(rounds):
-            for tool in williams_order(pipes, k):
+            for tool in williams_order(("raw", "zrepl", "relay_rw", "relay_splice"), k):
                 if tool in failed or tool not in labels:
                     continue
                 try:
-                    if tool in ("zrepl", "zrepl_relay"):
+                    if tool == "zrepl":
                         target = ztarget
                         destroy_tree(target)
-                        env, c_ = (bench.forkenv, relayed_cfg) if tool == "zrepl_relay" \
-                            else (bench.wenv, cfg)
-                        el, c = bench.timed(lambda: run_zrepl(bench, c_,
-                                                              "(a) bulk run %d" % (k + 1), env))
+                        el, c = bench.timed(lambda: run_zrepl(bench, cfg,
+                                                              "(a) bulk run %d" % (k + 1)))
                     else:
                         target = raw_target
                         destroy_tree(target)
@@ -580,9 +555,6 @@ def bench_bulk(bench, args):
                 "%.2fx raw" % (res["raw"] / m)
             print("  %-40s %6.2f s (%s) %-15s %-9s %s"
                   % (label, m, spread(times[tool]), rate, rel, fmt_calls(counts[tool])))
-        if "zrepl_relay" in res and "zrepl" in res:
-            print("a zrepl.py's stream direct vs relayed by itself: %.2fx"
-                  % (res["zrepl_relay"] / res["zrepl"]), flush=True)
         if "raw" in res and "zrepl" in res:
             ratio = res["raw"] / res["zrepl"]
             res["ratio"] = ratio
