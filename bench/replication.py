@@ -487,6 +487,15 @@ def bench_bulk(bench, args):
         mib = nbytes / 1048576.0
         print("setup: wrote %d MiB in %.1f s; stream %.1f MiB; `zfs send > pipe` alone %.2f s = "
               "%.0f MiB/s" % (args.size_mib, t2 - t, mib, send_only, mib / send_only), flush=True)
+        # which way zrepl.py's local stream goes here: `zfs send` straight into `zfs
+        # receive`, or through zrepl.py's relay (`version` says, from the same checks)
+        v = subprocess.run([sys.executable, args.zrepl, "version", "--json"], env=bench.wenv,
+                           stdout=subprocess.PIPE, universal_newlines=True)
+        try:
+            streams = json.loads(v.stdout)["zfs"].get("local_streams") or "?"
+        except (ValueError, KeyError):
+            streams = "?"
+        print("zrepl.py's local streams here: %s" % streams, flush=True)
 
         sh("zfs", "create", "-o", "mountpoint=none", dst + "/raw")
         sh("zfs", "create", "-o", "mountpoint=none", dst + "/zr")

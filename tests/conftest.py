@@ -264,6 +264,15 @@ def snap(fs, name, recursive=False):
     return full
 
 
+def pid_alive(pid):
+    """Is process pid running (not gone, not a zombie)? Linux's /proc."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def write_data(fs, nbytes, name=None):
     """Write `nbytes` random bytes into a new file on `fs`; returns the file's name.
 

@@ -816,10 +816,10 @@ def test_permission_error_is_classified(zfs_available, tmp_path):
     assert cp.stdout.split() == ["permission", "False"], cp.stderr
 
 
-def _transfer(adapter, pools, name, size, snapshot):
+def _transfer(adapter, pools, name, size, snapshot, direct=False):
     """A filesystem of `size` bytes and its snapshot, with `zfs send` of it and `zfs
-    receive` into the destination pool started, not yet connected -> (fs, target, send,
-    recv)."""
+    receive` into the destination pool started, not yet connected (direct: the receive
+    reads the send's stdout itself) -> (fs, target, send, recv)."""
     from conftest import write_data
     fs = pools.src + "/" + name
     make_tree(fs, [])
@@ -827,8 +827,9 @@ def _transfer(adapter, pools, name, size, snapshot):
     snap(fs, snapshot)
     step = zrepl.Step("full", None, _version(adapter, "%s@%s" % (fs, snapshot)),
                       "guarantee_nothing")
-    return fs, pools.dst + "/" + name, adapter.send(fs, step), adapter.receive(
-        pools.dst + "/" + name)
+    send = adapter.send(fs, step)
+    return fs, pools.dst + "/" + name, send, adapter.receive(
+        pools.dst + "/" + name, feed=send if direct else None)
 
 
 def test_a_relay_paused_after_the_last_chunk_still_ends_complete(adapter, pools):
@@ -861,7 +862,7 @@ def test_the_relay_counts_every_byte_with_and_without_a_limit(adapter, pools, li
     bucket = zrepl.TokenBucket(1 << 30, 256 << 10) if limited else None
     stream = zrepl.MeteredStream(zrepl.MeteredStream(send, [bucket], on_bytes=seen.append),
                                  on_bytes=outer.append)
-    assert (stream.kernel_source() is not None) == (hasattr(os, "splice") and not limited)
+    assert (stream.kernel_source() is not None) == (not limited)
     assert zrepl.relay(stream, recv)
     recv_end, send_end = recv.finish(timeout=30), send.finish(timeout=30)
     assert (recv_end.exit_status, send_end.exit_status) == (0, 0), (recv_end, send_end)
@@ -870,6 +871,127 @@ def test_the_relay_counts_every_byte_with_and_without_a_limit(adapter, pools, li
     if limited:
         assert max(seen) <= 256 << 10          # never more than a bucketful at once
     assert state(target)[target + "@c"]["guid"] == state(fs)[fs + "@c"]["guid"]
+
+
+def test_a_direct_pipe_is_chosen_exactly_where_the_send_counts_its_stream(adapter, pools):
+    # the pipe itself works on every ZFS; what decides is the count: where direct_pipe()
+    # says yes, `zfs send`'s own write count is the stream's length (progress, watchdog,
+    # report); where it says no (zfs-fuse's daemon writes the stream), the count is not
+    fs, target, send, recv = _transfer(adapter, pools, "direct", 3 << 20, "d", direct=True)
+    raw = subprocess.run(["zfs", "send", fs + "@d"], stdout=subprocess.PIPE, check=True).stdout
+    counted = []
+    assert zrepl.watch_pipe(send, [send.stopped], [counted.append], recv, poll=0.05)
+    recv_end, send_end = recv.finish(timeout=30), send.finish(timeout=30)
+    assert (recv_end.exit_status, send_end.exit_status) == (0, 0), (recv_end, send_end)
+    assert state(target)[target + "@d"]["guid"] == state(fs)[fs + "@d"]["guid"]
+    assert (sum(counted) == len(raw)) == adapter.direct_pipe(), (sum(counted), len(raw))
+    setpriv = shutil.which("setpriv")
+    guard = setpriv is not None and b"--pdeathsig" in subprocess.run(
+        [setpriv, "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout
+    assert adapter.direct_pipe() == (adapter.capabilities().implementation == "openzfs" and
+                                     sys.platform.startswith("linux") and guard)
+
+
+def test_a_direct_pipe_cut_midway_ends_and_the_receive_keeps_nothing(adapter, pools):
+    if not adapter.direct_pipe():
+        # measured: zfs-fuse's daemon holds the pipe and writes the whole stream for a
+        # killed `zfs send`, so nothing can cut it but a relay that stops taking it
+        pytest.skip("the direct pipe is not used on this ZFS (%s)"
+                    % adapter.capabilities().implementation)
+    fs, target, send, recv = _transfer(adapter, pools, "direct-cut", 8 << 20, "c",
+                                       direct=True)
+    assert zrepl.watch_pipe(send, [lambda: True], [], recv, poll=0)
+    recv_end, send_end = recv.finish(timeout=30), send.finish(timeout=30)
+    assert send_end.aborted and recv_end.error is not None       # a short stream
+    assert target not in state(pools.dst)
+
+
+def test_a_direct_pipe_whose_receive_fails_ends_the_send_too(adapter, pools):
+    # this process holds no end of the pipe: a receive that gives up is the send's EPIPE,
+    # not a send blocked for ever on a full pipe (finish's timeout would cancel it)
+    fs, target, send, recv = _transfer(adapter, pools, "direct-refused", 3 << 20, "r")
+    assert zrepl.relay(send, recv)              # the first one fills the target
+    assert (recv.finish(timeout=30).exit_status, send.finish(timeout=30).exit_status) == (0, 0)
+    step = zrepl.Step("full", None, _version(adapter, fs + "@r"), "guarantee_nothing")
+    send = adapter.send(fs, step)
+    recv = adapter.receive(target, feed=send)   # it exists: refused
+    assert zrepl.watch_pipe(send, [send.stopped], [], recv, poll=0.05)
+    recv_end, send_end = recv.finish(timeout=30), send.finish(timeout=30)
+    assert recv_end.error is not None and recv_end.error.kind == "receiver-exists", recv_end
+    assert send_end.exit_status != 0 and not send_end.aborted, send_end
+
+
+_ORPHAN = """
+import os, signal, subprocess, sys, time
+sys.path.insert(0, %r)
+import zrepl
+z = zrepl.ZFS()
+fs, guarded = sys.argv[1], sys.argv[2] == "guarded"
+send = z.start(["zfs", "send", fs + "@o"], fs=fs, stdout=True,
+               guard=z._send_guard() if guarded else None)
+# a reader that never reads, as a receive would hold the pipe: the send blocks on it
+reader = subprocess.Popen(["sleep", "120"], stdin=send.proc.stdout)
+send.proc.stdout.close()
+print(send.pid, reader.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_a_direct_pipes_send_dies_with_zrepl(adapter, pools, guarded):
+    # a direct pipe has no relay whose death would end the stream: the send itself must
+    # die with zrepl.py, or a kill -9 leaves `zfs send | zfs receive` running as orphans
+    # (the unguarded send is the control: it does outlive its parent)
+    if not adapter.direct_pipe():
+        pytest.skip("the direct pipe is not used on this ZFS (%s)"
+                    % adapter.capabilities().implementation)
+    from conftest import pid_alive, write_data
+    fs = pools.src + "/orphan-%s" % guarded
+    make_tree(fs, [])
+    write_data(fs, 8 << 20)
+    snap(fs, "o")
+    child = subprocess.Popen([sys.executable, "-c", _ORPHAN % str(REPO), fs,
+                              "guarded" if guarded else "bare"], stdout=subprocess.PIPE)
+    send_pid, reader_pid = map(int, child.stdout.readline().split())
+    try:
+        time.sleep(0.5)
+        assert pid_alive(send_pid)                  # blocked on the full pipe
+        child.kill()
+        child.wait()
+        deadline = time.monotonic() + 10
+        while pid_alive(send_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid_alive(send_pid) != guarded
+    finally:
+        for pid in (send_pid, reader_pid):
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("execs", [True, False])
+def test_only_a_send_that_is_zfs_itself_counts_its_stream(pools, tmp_path, execs):
+    # a `zfs` wrapper first in PATH that execs zfs becomes it; one that forks it stays a
+    # shell whose own write count is 0 while the stream flows: that one keeps the relay
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc/PID/exe and /proc/PID/io are Linux's")
+    real = shutil.which("zfs", path=zrepl.ZFS().env["PATH"])
+    wrapper = tmp_path / "zfs"
+    wrapper.write_text('#!/bin/sh\n%s%s "$@"\n' % ("exec " if execs else "", real))
+    wrapper.chmod(0o755)
+    wrapped = zrepl.ZFS()
+    wrapped.env["PATH"] = "%s:%s" % (tmp_path, wrapped.env["PATH"])
+    fs = pools.src + "/wrapped-%s" % execs
+    make_tree(fs, [])
+    snap(fs, "w")
+    step = zrepl.Step("full", None, _version(wrapped, fs + "@w"), "guarantee_nothing")
+    send = wrapped.send(fs, step)
+    try:
+        assert send.counts_its_stream(patience=2.0) == execs
+    finally:
+        send.cancel()
+        send.finish(timeout=30)
 
 
 def test_a_relay_cancelled_midway_ends_and_the_receive_keeps_nothing(adapter, pools):
