@@ -273,6 +273,13 @@ def pid_alive(pid):
         return False
 
 
+def setpriv_pdeathsig():
+    """Has this host util-linux's `setpriv --pdeathsig` (the direct pipe's send guard)?"""
+    path = shutil.which("setpriv")
+    return path is not None and b"--pdeathsig" in subprocess.run(
+        [path, "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout
+
+
 def write_data(fs, nbytes, name=None):
     """Write `nbytes` random bytes into a new file on `fs`; returns the file's name.
 

@@ -2,13 +2,11 @@
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, assert_no_traceback, make_tree, run_cli, zfs
+from conftest import REPO, assert_no_traceback, make_tree, run_cli, setpriv_pdeathsig, zfs
 
 sys.path.insert(0, str(REPO))
 import zrepl  # noqa: E402
@@ -32,12 +30,6 @@ jobs:
 
 # --- version -------------------------------------------------------------------------------
 
-def _setpriv_pdeathsig():
-    path = shutil.which("setpriv")
-    return path is not None and b"--pdeathsig" in subprocess.run(
-        [path, "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout
-
-
 def test_version_text(zfs_available):
     cp = run_cli("version")
     assert cp.returncode == 0, cp.stderr
@@ -52,7 +44,7 @@ def test_version_text(zfs_available):
     # counted without reading them (OpenZFS on Linux); a "relay" there would be a quiet loss
     # (and only where util-linux's setpriv can make the send die with zrepl.py)
     direct = lines[2].startswith("zfs: openzfs ") and sys.platform.startswith("linux") \
-        and _setpriv_pdeathsig()
+        and setpriv_pdeathsig()
     assert lines[4] == "local streams: direct" if direct else \
         lines[4].startswith("local streams: relay")
     assert all(ln.startswith("pool ") for ln in lines[5:])
@@ -72,7 +64,7 @@ def test_version_json_under_empty_environment_from_readonly_dir(zfs_available, t
     assert doc["zfs"]["available"] is True
     assert doc["zfs"]["local_streams"] == (
         "direct" if doc["zfs"]["implementation"] == "openzfs" and
-        sys.platform.startswith("linux") and _setpriv_pdeathsig() else "relay")
+        sys.platform.startswith("linux") and setpriv_pdeathsig() else "relay")
     if doc["zfs"]["implementation"] == "zfs-fuse":   # SPEC §13 acceptance 5
         for name in ("list_p", "bookmarks", "holds_list", "multi_snapshot", "comma_destroy"):
             assert doc["zfs"]["capabilities"][name] is False

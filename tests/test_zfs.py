@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import REPO, hold, make_tree, release, snap, state, zfs
+from conftest import REPO, hold, make_tree, pid_alive, release, setpriv_pdeathsig, snap, state, zfs
 
 sys.path.insert(0, str(REPO))
 import zrepl  # noqa: E402
@@ -885,11 +885,8 @@ def test_a_direct_pipe_is_chosen_exactly_where_the_send_counts_its_stream(adapte
     assert (recv_end.exit_status, send_end.exit_status) == (0, 0), (recv_end, send_end)
     assert state(target)[target + "@d"]["guid"] == state(fs)[fs + "@d"]["guid"]
     assert (sum(counted) == len(raw)) == adapter.direct_pipe(), (sum(counted), len(raw))
-    setpriv = shutil.which("setpriv")
-    guard = setpriv is not None and b"--pdeathsig" in subprocess.run(
-        [setpriv, "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout
     assert adapter.direct_pipe() == (adapter.capabilities().implementation == "openzfs" and
-                                     sys.platform.startswith("linux") and guard)
+                                     sys.platform.startswith("linux") and setpriv_pdeathsig())
 
 
 def test_a_direct_pipe_cut_midway_ends_and_the_receive_keeps_nothing(adapter, pools):
@@ -922,7 +919,7 @@ def test_a_direct_pipe_whose_receive_fails_ends_the_send_too(adapter, pools):
 
 
 _ORPHAN = """
-import os, signal, subprocess, sys, time
+import subprocess, sys, time
 sys.path.insert(0, %r)
 import zrepl
 z = zrepl.ZFS()
@@ -945,7 +942,7 @@ def test_a_direct_pipes_send_dies_with_zrepl(adapter, pools, guarded):
     if not adapter.direct_pipe():
         pytest.skip("the direct pipe is not used on this ZFS (%s)"
                     % adapter.capabilities().implementation)
-    from conftest import pid_alive, write_data
+    from conftest import write_data
     fs = pools.src + "/orphan-%s" % guarded
     make_tree(fs, [])
     write_data(fs, 8 << 20)
