@@ -4146,7 +4146,8 @@ class Capabilities:
     implementation: Optional[str] = None
     version: Optional[str] = None
     flags: dict = field(default_factory=dict)        # capability name -> bool
-    pools: dict = field(default_factory=dict)        # pool -> {bookmarks, resume, encryption}
+    # pool -> {bookmarks, resume, encryption}, or a Later of it (read beside the listings)
+    pool_features: object = field(default_factory=dict)
     # name -> why its probe could not decide; such a capability is not used (flags says
     # False) and every report says so: a quiet "no" would hide a lost feature
     undecided: dict = field(default_factory=dict)
@@ -4159,6 +4160,14 @@ class Capabilities:
 
     def word(self, name):
         return "unknown" if name in self.undecided else "yes" if self[name] else "no"
+
+    @property
+    def pools(self):
+        """pool -> {bookmarks, resume, encryption}; raises ZFSError where ZFS could not
+        say (only where the probes came from the cache: else the probe raised)."""
+        if isinstance(self.pool_features, Later):
+            self.pool_features = self.pool_features.result()
+        return self.pool_features
 
     @property
     def receive_checks_target(self):
@@ -4224,6 +4233,28 @@ def both_sides(first, second):
     return mine, box[0]
 
 
+class Later:
+    """fn() on a helper thread from now on; result() waits for it -> its value, or raises
+    what it raised (each time it is asked)."""
+
+    def __init__(self, fn):
+        self._box = []
+        self._thread = start_thread(self._run, fn)
+
+    def _run(self, fn):
+        try:
+            self._box.append((True, fn()))
+        except BaseException as e:        # re-raised in the asking thread
+            self._box.append((False, e))
+
+    def result(self):
+        self._thread.join()
+        ok, value = self._box[0]
+        if not ok:
+            raise value
+        return value
+
+
 class ZFS:
     """Runs zfs and zpool: argv lists, per-call timeouts, parsed results, classified errors.
 
@@ -4247,7 +4278,7 @@ class ZFS:
         self._seq = 0
         self._events = []
         self._binaries = {}
-        self._direct = None               # direct_pipe(), decided once
+        self._direct = None               # local_streams(), decided once
         self._guard = None                # _send_guard(), decided once
         # where the probes' verdicts are kept between processes (the CLI sets it to a
         # file in the rundir); None: probe every time; readonly: a dry run writes nothing
@@ -4269,20 +4300,32 @@ class ZFS:
 
     def direct_pipe(self):
         """Can a local job hand `zfs send`'s stdout to `zfs receive` as its stdin, with no
-        relay between them? Only where the stream's bytes can still be counted (progress,
-        the watchdog, the report) without reading them: OpenZFS writes the stream from
-        the `zfs send` process's own ioctl, which Linux counts in /proc/PID/io (measured
-        in the OpenZFS lane: the count is the stream's length to the byte). zfs-fuse's
-        daemon writes it instead (the client's count stays at ~100 KiB), and FreeBSD and
-        illumos have no such count: they keep the relay. Each stream is checked again
+        relay between them? -> bool (local_streams says why not)."""
+        return self.local_streams()[0] == "direct"
+
+    def local_streams(self):
+        """How a local job's stream gets from `zfs send` to `zfs receive` here -> ("direct",
+        None), or ("relay", why not direct, or None where nothing could do better).
+        Direct only where the stream's bytes can still be counted (progress, the watchdog,
+        the report) without reading them: OpenZFS writes the stream from the `zfs send`
+        process's own ioctl, which Linux counts in /proc/PID/io (measured in the OpenZFS
+        lane: the count is the stream's length to the byte). zfs-fuse's daemon writes it
+        instead (the client's count stays at ~100 KiB), and FreeBSD and illumos have no
+        such count: they keep the relay. Each stream is checked again
         (ZFSProcess.counts_its_stream): a wrapper that forks zfs keeps the relay too.
         And only where the send dies with this process (_send_guard): a relay's death
         ends its stream, which the receive keeps as a resumable partial state (SPEC
         §8.9); an unguarded `zfs send | zfs receive` would run on as orphans, and the
         next run would meet a receive still under way."""
         if self._direct is None:
-            self._direct = self.capabilities().implementation == "openzfs" and \
-                os.path.exists(f"/proc/{os.getpid()}/io") and self._send_guard() is not None
+            if self.capabilities().implementation != "openzfs" or \
+                    not os.path.exists(f"/proc/{os.getpid()}/io"):
+                self._direct = ("relay", None)
+            elif self._send_guard() is None:
+                self._direct = ("relay", "no `setpriv --pdeathsig` in PATH to end a send "
+                                "with zrepl.py: install util-linux >= 2.33 for the direct pipe")
+            else:
+                self._direct = ("direct", None)
         return self._direct
 
     def _send_guard(self):
@@ -4519,14 +4562,20 @@ class ZFS:
         return results
 
     # -- capabilities --
-    def capabilities(self, refresh=False):
-        """Probe once per process (SPEC §4.2); never raises: unavailability is reported."""
-        if self._caps is not None and not refresh:
-            return self._caps
-        try:
-            self._caps = self._probe()
-        except ZFSError as e:
-            self._caps = Capabilities(False, error=str(e))
+    def capabilities(self, refresh=False, settled=False):
+        """Probe once per process (SPEC §4.2); never raises: unavailability is reported.
+        settled: with the pools' features read, so that a ZFS that cannot answer now is
+        reported here even where the probes' verdicts came from the cache."""
+        if self._caps is None or refresh:
+            try:
+                self._caps = self._probe()
+            except ZFSError as e:
+                self._caps = Capabilities(False, error=str(e))
+        if settled and self._caps.available:
+            try:
+                self._caps.pools
+            except ZFSError as e:
+                self._caps = Capabilities(False, error=str(e))
         return self._caps
 
     # The ~26 probes are a third of a no-change run's start-up; their verdicts depend
@@ -4588,8 +4637,12 @@ class ZFS:
         if cached is not None:
             impl, version, flags, undecided = cached
             self._warn_undecided(undecided)
+            # nothing was run yet: the pools' features are read beside what the caller
+            # does next (a job's listings), not before it; where ZFS cannot answer, the
+            # first to ask for them is told (and the listings fail the same way)
             return Capabilities(True, implementation=impl, version=version, flags=flags,
-                                pools=self._pool_features(flags), undecided=undecided)
+                                pool_features=Later(lambda: self._pool_features(flags)),
+                                undecided=undecided)
         self.run(["zpool", "list", "-H", "-o", "name"])   # raises if ZFS cannot answer
         bogus = f"zreplpy-probe-{os.getpid()}/x"
         argvs = [["zfs", "destroy"]] + [[a.replace("{X}", bogus) for a in t]
@@ -4621,7 +4674,18 @@ class ZFS:
         if key is not None and not self.probe_cache_readonly:
             self._store_probe(key, impl, version, flags, undecided)
         return Capabilities(True, implementation=impl, version=version, flags=flags,
-                            pools=self._pool_features(flags), undecided=undecided)
+                            pool_features=self._pool_features(flags), undecided=undecided)
+
+    def finish_reads(self):
+        """Wait for what was read ahead and never asked for (the pools' features of a run
+        that needed none), so that no zpool process outlives this one; a failure there is
+        nobody's to report any more."""
+        caps = self._caps
+        if caps is not None and isinstance(caps.pool_features, Later):
+            try:
+                caps.pools
+            except ZFSError:
+                pass
 
     def _warn_undecided(self, undecided):
         for name, why in undecided.items():
@@ -7930,15 +7994,17 @@ class RemoteReceiver(Receiver):
 
 # --- who serves: the one server-side construction -----------------------------------------
 
-def serve_endpoint(config, job, identity, mode, zfs, log, snapshot_round=None):
+def serve_endpoint(config, job, identity, mode, zfs, log, snapshot_round=None, hello=True):
     """The endpoint a client of `identity` gets from passive `job` (SPEC §9.8)
-    -> (endpoint, role, HELLO answer). A sink confines the identity to root_fs/<identity>;
-    a source serves what its filter accepts; restore mode only lists and sends."""
+    -> (endpoint, role, HELLO answer, or None unless `hello`: a local client reads none,
+    and its pools' features are then read beside its listings, not before them). A sink
+    confines the identity to root_fs/<identity>; a source serves what its filter accepts;
+    restore mode only lists and sends."""
     why = component_problem(identity) if isinstance(identity, str) else "not a string"
     if why or identity.startswith("-"):
         raise EndpointError(f"invalid client identity {identity!r}: {why or 'leading -'}")
-    hello = {"job": job.name, "job_type": job.type, "identity": identity,
-             "capabilities": zfs.capabilities().to_json()}
+    answer = {"job": job.name, "job_type": job.type, "identity": identity,
+              "capabilities": zfs.capabilities(settled=True).to_json()} if hello else None
     if job.type == "sink":
         root = f"{job.root_fs}/{identity}"
         if dataset_name_problem(root):
@@ -7946,18 +8012,20 @@ def serve_endpoint(config, job, identity, mode, zfs, log, snapshot_round=None):
                                 f"{root!r}")
         receiver = LocalReceiver(zfs, job, root, log)
         limit = (job.recv or RecvOptions()).bandwidth_limit
-        hello.update(root=root, resumable=receiver.can_resume(""),
-                     bandwidth_limit={"max": limit.max, "bucket_capacity": limit.bucket_capacity})
-        return receiver, "sink-restore" if mode == "restore" else "sink", hello
+        if hello:
+            answer.update(root=root, resumable=receiver.can_resume(""), bandwidth_limit={
+                "max": limit.max, "bucket_capacity": limit.bucket_capacity})
+        return receiver, "sink-restore" if mode == "restore" else "sink", answer
     if job.type == "source":
         if mode == "restore":
             raise EndpointError(f"source job {job.name} has nothing to restore from; restore "
                                 "from the pull job's root_fs")
         limit = (job.send or SendOptions()).bandwidth_limit
-        hello.update(bandwidth_limit={"max": limit.max,
-                                      "bucket_capacity": limit.bucket_capacity})
+        if hello:
+            answer.update(bandwidth_limit={"max": limit.max,
+                                           "bucket_capacity": limit.bucket_capacity})
         return (LocalSender(zfs, job, log, config.global_.rundir, snapshot_round), "source",
-                hello)
+                answer)
     raise EndpointError(f"job {job.name} (type {job.type}) serves nothing")
 
 
@@ -8490,7 +8558,7 @@ def connect(config, job, zfs, log, rundir, *, snapshot_round=None, mode="replica
                              f" listener {c.listener_name}, which is served by {peer.type} job "
                              f"{peer.name}, not a {want}", kind="config")
         far, _, _ = serve_endpoint(config, peer, c.client_identity, mode, zfs, log,
-                                   snapshot_round)
+                                   snapshot_round, hello=False)
     else:
         dialer = SSHDialer(c, log) if c.type == "ssh+stdinserver" else TCPDialer(c, log)
         client = Client(dialer, job, mode, log)
@@ -11763,19 +11831,14 @@ def probe_cache_path(rundir):
 
 def _local_streams(zfs, why=False):
     """How a local job's stream gets from `zfs send` to `zfs receive` on this host; why:
-    with the reason where an OpenZFS on Linux still relays (nothing else could do better)."""
-    if zfs.direct_pipe():
-        return "direct"
-    if why and zfs.capabilities().implementation == "openzfs" and \
-            sys.platform.startswith("linux") and zfs._send_guard() is None:
-        return "relay (no `setpriv --pdeathsig` in PATH to end a send with zrepl.py: " \
-               "install util-linux >= 2.33 for the direct pipe)"
-    return "relay"
+    with the reason where it could be direct but is relayed."""
+    way, reason = zfs.local_streams()
+    return f"{way} ({reason})" if why and reason else way
 
 
 def cmd_version(args, zfs, out):
     zfs.probe_cache = probe_cache_path(DEFAULT_RUNDIR)
-    caps = zfs.capabilities()
+    caps = zfs.capabilities(settled=True)
     if args.json:
         doc = {"schema": "zrepl.py/version/1", "version": VERSION,
                "python": {"version": platform.python_version(),
@@ -11806,7 +11869,7 @@ def cmd_version(args, zfs, out):
 
 def _host_problems(config, zfs, log):
     """configcheck's checks against this host's ZFS; skipped (with a warning) without ZFS."""
-    caps = zfs.capabilities()
+    caps = zfs.capabilities(settled=True)
     if not caps.available:
         log("warn", "meta", f"ZFS capabilities could not be probed ({caps.error}); host "
                             "capability checks skipped")
@@ -12654,6 +12717,7 @@ def main(argv=None):
     except BrokenPipeError:
         return 1
     finally:
+        zfs.finish_reads()
         log.close()
 
 

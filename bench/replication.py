@@ -218,6 +218,19 @@ def destroy_tree(ds):
     raise RuntimeError("cannot destroy %s: %s" % (ds, tail(r.stderr)))
 
 
+def settle(pool):
+    """Wait until pool has freed what destroys left it (OpenZFS frees in the background):
+    else the next run would compete with that freeing, or find the pool still full."""
+    sh("zpool", "sync", pool, check=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        r = sh("zpool", "get", "-Hp", "-o", "value", "freeing", pool, check=False)
+        if r.returncode != 0 or r.stdout.strip() in ("0", "-", ""):
+            return                      # done, or a ZFS that frees at once (zfs-fuse)
+        time.sleep(0.2)
+    raise RuntimeError("pool %s still freeing after 300 s" % pool)
+
+
 def snapshot_guids(root):
     """{path relative to root + @snap: guid} for every snapshot under root."""
     r = sh("zfs", "get", "-Hp", "-r", "-o", "name,value", "guid", root, check=False)
@@ -356,12 +369,12 @@ def run_rss(argv, env):
     return cp, usage.ru_maxrss / 1024.0
 
 
-def run_zrepl(bench, config, what):
-    """`zrepl.py --config CFG once --snapshot never --json` through the wrapper -> report;
-    its peak RSS (MiB) is left in bench.last_rss."""
+def run_zrepl(bench, config, what, env=None):
+    """`zrepl.py --config CFG once --snapshot never --json` through the wrapper (or in env)
+    -> report; its peak RSS (MiB) is left in bench.last_rss."""
     argv = [sys.executable, bench.args.zrepl, "--config", config, "once", "--snapshot", "never",
             "--json"]
-    cp, bench.last_rss = run_rss(argv, bench.wenv)
+    cp, bench.last_rss = run_rss(argv, bench.wenv if env is None else env)
     doc = None
     try:
         doc = json.loads(cp.stdout)
@@ -515,10 +528,14 @@ def bench_bulk(bench, args):
         send = ["zfs", "send", fs + "@s"]
         raw_target = dst + "/raw/bulk"
         ztarget = "%s/%s" % (zdst, fs)
+        # every pipe is timed with the real zfs in PATH: the counting wrapper costs each
+        # zfs process a shell's start (35 ms under the OpenZFS lane's emulation), which
+        # would weigh on zrepl.py's dozen processes, not on a pipe's two; zrepl.py's
+        # calls are counted in one more, untimed pass through the wrapper at the end
         # raw receives into a parent that exists; so does zrepl.py: one untimed run makes
         # its placeholders above the target, and each timed run destroys just the target
         try:
-            run_zrepl(bench, cfg, "(a) placeholders")
+            run_zrepl(bench, cfg, "(a) placeholders", env=ENV)
         except RunFailed as e:
             failed["zrepl"] = str(e)
         for k in range(rounds):
@@ -529,29 +546,46 @@ def bench_bulk(bench, args):
                     if tool == "zrepl":
                         target = ztarget
                         destroy_tree(target)
-                        el, c = bench.timed(lambda: run_zrepl(bench, cfg,
-                                                              "(a) bulk run %d" % (k + 1)))
+                        el, c = bench.timed(lambda: run_zrepl(
+                            bench, cfg, "(a) bulk run %d" % (k + 1), env=ENV))
                     else:
                         target = raw_target
                         destroy_tree(target)
                         recv = ["zfs", "recv", "-u", target]
                         if tool == "raw":
-                            el, c = bench.timed(lambda: raw_pipe(send, recv, bench.wenv))
+                            el, c = bench.timed(lambda: raw_pipe(send, recv, ENV))
                         else:
                             code = RELAY_RW if tool == "relay_rw" else RELAY_SPLICE
-                            el, c = bench.timed(lambda: relay_pipe(send, code, recv, bench.wenv))
+                            el, c = bench.timed(lambda: relay_pipe(send, code, recv, ENV))
                     verify(fs, target, 1)
                     times[tool].append(el)
-                    counts[tool] = c
                     if tool == "zrepl":
-                        el, c = bench.timed(lambda: run_zrepl(bench, cfg, "(a) no-change run"))
+                        el, c = bench.timed(lambda: run_zrepl(bench, cfg, "(a) no-change run",
+                                                              env=ENV))
                         times["zrepl_fixed"].append(el)
-                        counts["zrepl_fixed"] = c
                 except (RunFailed, RuntimeError) as e:
                     failed[tool] = str(e)
                     print("  %s run %d FAILED: %s" % (tool, k + 1, e), flush=True)
                 destroy_tree(raw_target)
                 destroy_tree(ztarget)
+                settle(dst)
+        # the calls: a pipe's are its two; zrepl.py's through the wrapper (a first run
+        # there probes, as the wrapper is another zfs program to the probes' cache)
+        counts.update(raw=collections.Counter({"zfs send": 1, "zfs recv": 1}))
+        counts.update(relay_rw=counts["raw"], relay_splice=counts["raw"])
+        if "zrepl" not in failed:
+            try:
+                run_zrepl(bench, cfg, "(a) counted, warm-up")
+                destroy_tree(ztarget)
+                settle(dst)
+                bench.reset_calls()
+                run_zrepl(bench, cfg, "(a) counted run")
+                counts["zrepl"] = bench.calls()
+                run_zrepl(bench, cfg, "(a) counted no-change run")
+                counts["zrepl_fixed"] = bench.calls()
+            except RunFailed as e:
+                print("  zrepl.py's counted run FAILED: %s" % e, flush=True)
+            destroy_tree(ztarget)
         res = {"mib": mib}
         for tool, label in labels.items():
             if not times[tool]:
@@ -563,7 +597,8 @@ def bench_bulk(bench, args):
             rel = "" if tool in ("raw", "zrepl_fixed") or "raw" not in res else \
                 "%.2fx raw" % (res["raw"] / m)
             print("  %-40s %6.2f s (%s) %-15s %-9s %s"
-                  % (label, m, spread(times[tool]), rate, rel, fmt_calls(counts[tool])))
+                  % (label, m, spread(times[tool]), rate, rel,
+                     fmt_calls(counts.get(tool, collections.Counter()))))
         if "raw" in res and "zrepl" in res:
             ratio = res["raw"] / res["zrepl"]
             res["ratio"] = ratio

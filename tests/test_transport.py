@@ -317,6 +317,32 @@ def test_crafted_requests_are_refused_and_change_nothing(bed, via):
     assert outcomes.get("closed", 0) > 0 and outcomes.get("error", 0) > 0, outcomes
 
 
+def test_a_local_client_gets_its_endpoint_without_waiting_for_a_hello(bed, tmp_path):
+    # over a wire the HELLO carries the server's capabilities and the sink's resumability;
+    # a local client reads none of it, so the pools' features (read beside a job's
+    # listings where the probes come from the cache) are not waited for
+    config = zrepl.load_config(str(bed.cfg))
+    log = zrepl.Logger(io.StringIO(), "error")
+    cache = tmp_path / "capabilities.json"
+    zfs = zrepl.ZFS()
+    zfs.probe_cache = str(cache)
+    zfs.capabilities()                          # probed: the next process is served by the cache
+    zfs = zrepl.ZFS()
+    zfs.probe_cache = str(cache)
+    caps = zfs.capabilities()                   # as `once` checks the host first
+    endpoint, role, answer = zrepl.serve_endpoint(config, config.job("sink"), "host1",
+                                                  "replicate", zfs, log, hello=False)
+    assert (role, answer) == ("sink", None) and endpoint.root == bed.sink + "/host1"
+    assert isinstance(caps.pool_features, zrepl.Later)
+    _, _, answer = zrepl.serve_endpoint(config, config.job("sink"), "host1", "replicate",
+                                        zfs, log)
+    assert answer["root"] == bed.sink + "/host1" and answer["resumable"] in (True, False)
+    assert answer["capabilities"]["pools"] == zfs.capabilities().pools != {}
+    with pytest.raises(zrepl.EndpointError):     # the identity is checked all the same
+        zrepl.serve_endpoint(config, config.job("sink"), "-x", "replicate", zfs, log,
+                             hello=False)
+
+
 def test_an_identity_nobody_serves_and_restore_of_a_source_are_refused(bed):
     before = bed.trees()
     cp = subprocess.run([sys.executable, str(ZREPL_PY), "--config", str(bed.cfg),

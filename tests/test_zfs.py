@@ -327,11 +327,19 @@ def test_probe_verdicts_are_kept_per_host_and_an_upgrade_probes_again(zfs_availa
     assert calls_first >= 20 and cache.exists()
     again, calls_again = probed()
     assert calls_again <= 3, calls_again            # zpool list + pool features
+    # those two run beside the caller's next step (a job's listings), asked for by the
+    # first that needs the pools; a settled answer has them read already
+    assert isinstance(again.pool_features, zrepl.Later)
     assert again.flags == first.flags and again.undecided == first.undecided
     assert (again.implementation, again.version) == (first.implementation, first.version)
     pools_now = set(subprocess.run(["zpool", "list", "-H", "-o", "name"], env=zrepl._zfs_env(),
                                    stdout=subprocess.PIPE, text=True).stdout.split())
     assert set(again.pools) == pools_now          # asked again, not remembered
+    assert again.pools == first.pools and not isinstance(again.pool_features, zrepl.Later)
+    z = zrepl.ZFS()
+    z.probe_cache = str(cache)
+    settled = z.capabilities(settled=True)
+    assert z.calls == 2 and settled.available and settled.pool_features == first.pools
     # another zfs program (an upgrade, here a wrapper first in PATH): probed again
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -885,8 +893,13 @@ def test_a_direct_pipe_is_chosen_exactly_where_the_send_counts_its_stream(adapte
     assert (recv_end.exit_status, send_end.exit_status) == (0, 0), (recv_end, send_end)
     assert state(target)[target + "@d"]["guid"] == state(fs)[fs + "@d"]["guid"]
     assert (sum(counted) == len(raw)) == adapter.direct_pipe(), (sum(counted), len(raw))
-    assert adapter.direct_pipe() == (adapter.capabilities().implementation == "openzfs" and
-                                     sys.platform.startswith("linux") and setpriv_pdeathsig())
+    openzfs_linux = adapter.capabilities().implementation == "openzfs" and \
+        sys.platform.startswith("linux")
+    assert adapter.direct_pipe() == bool(openzfs_linux and setpriv_pdeathsig())
+    # a relay is explained exactly where the direct pipe was possible but for the guard
+    way, reason = adapter.local_streams()
+    assert way == ("direct" if adapter.direct_pipe() else "relay")
+    assert (reason is not None) == bool(openzfs_linux and not setpriv_pdeathsig()), reason
 
 
 def test_a_direct_pipe_cut_midway_ends_and_the_receive_keeps_nothing(adapter, pools):
