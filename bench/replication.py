@@ -538,6 +538,10 @@ def bench_bulk(bench, args):
             run_zrepl(bench, cfg, "(a) placeholders", env=ENV)
         except RunFailed as e:
             failed["zrepl"] = str(e)
+        # that run received the payload too: with it beside the next pipe's copy the
+        # destination pool (2.5 x the payload) was full (stop 29's raw "out of space")
+        destroy_tree(ztarget)
+        settle(dst)
         for k in range(rounds):
             for tool in williams_order(("raw", "zrepl", "relay_rw", "relay_splice"), k):
                 if tool in failed or tool not in labels:
