@@ -3,9 +3,9 @@
 
   a  bulk: one dataset holding SIZE MiB of incompressible data, full replication by
      `zrepl.py once` (push -> sink over the `local` transport) vs a raw
-     `zfs send fs@s | zfs recv -u dst`; MiB/s of both and the ratio. Diagnostics: zrepl.py's
-     fixed cost (a no-change run) and raw send|recv with a Python relay in between (zrepl.py's
-     read/write loop, and os.splice with 1 MiB pipes).
+     `zfs send fs@s | zfs recv -u dst` and the same with a Python relay in between (a
+     read/write loop; os.splice with 1 MiB pipes); MiB/s of each, zrepl.py against the best
+     of those pipes, and zrepl.py's fixed cost (a no-change run).
   b  20 filesystems (a root + 19 children) x 10 snapshots: the initial replication (all 200
      snapshots) and a no-change incremental (one new snapshot on all 20), for
      zrepl.py with batch_incrementals true and false, raw `zfs send -R` (the lower bound),
@@ -550,21 +550,21 @@ def bench_bulk(bench, args):
                     if tool == "zrepl":
                         target = ztarget
                         destroy_tree(target)
-                        el, c = bench.timed(lambda: run_zrepl(
+                        el, _ = bench.timed(lambda: run_zrepl(
                             bench, cfg, "(a) bulk run %d" % (k + 1), env=ENV))
                     else:
                         target = raw_target
                         destroy_tree(target)
                         recv = ["zfs", "recv", "-u", target]
                         if tool == "raw":
-                            el, c = bench.timed(lambda: raw_pipe(send, recv, ENV))
+                            el, _ = bench.timed(lambda: raw_pipe(send, recv, ENV))
                         else:
                             code = RELAY_RW if tool == "relay_rw" else RELAY_SPLICE
-                            el, c = bench.timed(lambda: relay_pipe(send, code, recv, ENV))
+                            el, _ = bench.timed(lambda: relay_pipe(send, code, recv, ENV))
                     verify(fs, target, 1)
                     times[tool].append(el)
                     if tool == "zrepl":
-                        el, c = bench.timed(lambda: run_zrepl(bench, cfg, "(a) no-change run",
+                        el, _ = bench.timed(lambda: run_zrepl(bench, cfg, "(a) no-change run",
                                                               env=ENV))
                         times["zrepl_fixed"].append(el)
                 except (RunFailed, RuntimeError) as e:
@@ -603,12 +603,15 @@ def bench_bulk(bench, args):
             print("  %-40s %6.2f s (%s) %-15s %-9s %s"
                   % (label, m, spread(times[tool]), rate, rel,
                      fmt_calls(counts.get(tool, collections.Counter()))))
-        if "raw" in res and "zrepl" in res:
-            ratio = res["raw"] / res["zrepl"]
-            res["ratio"] = ratio
-            print("a bulk %.0f MiB full: zrepl.py %.0f MiB/s vs raw %.0f MiB/s = %.2fx raw "
-                  "throughput (goal >= 0.95x: %s)"
-                  % (mib, mib / res["zrepl"], mib / res["raw"], ratio,
+        pipes = [t for t in ("raw", "relay_rw", "relay_splice") if t in res]
+        if pipes and "zrepl" in res:
+            # the goal: zrepl.py against the best pipe measured in this run
+            best = min(pipes, key=res.get)
+            ratio = res[best] / res["zrepl"]
+            res.update(ratio=ratio, best=labels[best].strip())
+            print("a bulk %.0f MiB full: zrepl.py %.0f MiB/s vs the best pipe (%s) %.0f MiB/s "
+                  "= %.2fx (goal >= 0.95x: %s)"
+                  % (mib, mib / res["zrepl"], labels[best].strip(), mib / res[best], ratio,
                      "MET" if ratio >= 0.95 else "MISSED"), flush=True)
         return res
     finally:
@@ -957,12 +960,8 @@ def goals(a, b, c, d=None):
     print("== goals")
     out = []
     if a and "ratio" in a:
-        out.append(("a  zrepl.py bulk throughput >= 0.95x raw", a["ratio"] >= 0.95,
-                    "%.2fx" % a["ratio"]))
-    if a and "zrepl" in a and "relay_splice" in a:
-        best = a["relay_splice"] / a["zrepl"]   # the bar: the best pipe of the run
-        out.append(("a  zrepl.py bulk >= 0.95x the best pipe (splice)", best >= 0.95,
-                    "%.2fx" % best))
+        out.append(("a  zrepl.py bulk >= 0.95x the best pipe (%s)" % a["best"],
+                    a["ratio"] >= 0.95, "%.2fx" % a["ratio"]))
     if b:
         res = b[0]
         for tool in ("zrepl_batch", "zrepl_single"):
