@@ -622,7 +622,7 @@ def bench_bulk(bench, args):
             res.update(ratio=ratio, best=labels[best].strip())
             print("a bulk %.0f MiB full: zrepl.py %.0f MiB/s vs the best pipe (%s) %.0f MiB/s "
                   "= %.2fx (goal >= 0.95x: %s)"
-                  % (mib, mib / res["zrepl"], labels[best].strip(), mib / res[best], ratio,
+                  % (mib, mib / res["zrepl"], res["best"], mib / res[best], ratio,
                      "MET" if ratio >= 0.95 else "MISSED"), flush=True)
         return res
     finally:
